@@ -1,0 +1,27 @@
+//! pos-hub: store firmware for point-of-sale systems.
+//!
+//! The crate is split by concern; lower layers never import upper ones:
+//!
+//! * [`config`]   settings from env / `.env` / realms file, validated at start
+//! * [`log`]      the durable event log (SQLite) and its single writer per realm
+//! * [`auth`]     cluster tokens (JWT) verified offline against configured keys
+//! * [`realm`]    the registry of realms: log writer, live devices, fan-out
+//! * [`realtime`] Socket.IO handlers: connect, event/events, sync, catch-up
+//! * [`http`]     axum routes: /healthz, /status
+//! * [`serve`]    wires everything together; graceful shutdown
+//! * [`init`]     PID 1 duties when the hub boots the appliance
+//! * [`cli`]      subcommands, each a short function calling the owning module
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod init;
+pub mod log;
+pub mod realm;
+pub mod realtime;
+pub mod serve;
+pub mod util;
+
+/// The hub's version, as reported by `/status` and `pos-hub --version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
