@@ -1,0 +1,211 @@
+//! The `pos-hub` command line: each subcommand is a short function calling the
+//! module that owns the work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::keys::SigningKey;
+use crate::auth::token::{mint, Claims};
+use crate::config::{Config, Settings};
+use crate::util::now_secs;
+
+#[derive(Parser)]
+#[command(name = "pos-hub", version = crate::VERSION, about = "Store hub for point-of-sale devices")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub.
+    Serve(ServeArgs),
+    /// Cluster tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Development mode: data in ./data, a generated dev key, realm t-dev:s-dev,
+    /// a dev device token printed and written to <data-dir>/dev-token.txt.
+    #[arg(long)]
+    dev: bool,
+    /// A .env file with the hub's settings (the environment overrides it).
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+    /// Where databases and keys live (DATA_DIR; /data on the device).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// A realms file (JSON array) or directory of realm JSON files (REALMS_FILE).
+    #[arg(long, value_name = "PATH")]
+    realms: Option<PathBuf>,
+    /// The port for HTTP and Socket.IO (PORT, default 4001).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Sign a device token (for tests, and for operators standing in for the cloud).
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    /// Private key, PKCS#8 PEM (Ed25519, EC P-256 or RSA).
+    #[arg(long, value_name = "PEM")]
+    key: PathBuf,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    store: String,
+    #[arg(long)]
+    device: String,
+    #[arg(long, default_value = "till")]
+    role: String,
+    /// Lifetime, e.g. 1h, 30d; a negative value (--ttl=-1h) makes an expired token.
+    #[arg(long, default_value = "1h", allow_hyphen_values = true)]
+    ttl: String,
+    /// Key id to put in the header (for JWKS key rotation).
+    #[arg(long)]
+    kid: Option<String>,
+    #[arg(long)]
+    iss: Option<String>,
+    #[arg(long)]
+    aud: Option<String>,
+    /// Not valid before now + this duration (e.g. 10m).
+    #[arg(long)]
+    nbf_in: Option<String>,
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into())))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Token { cmd: TokenCmd::Mint(a) } => match token_mint(a) {
+            Ok(t) => {
+                println!("{t}");
+                0
+            }
+            Err(e) => {
+                eprintln!("pos-hub token mint: {e}");
+                2
+            }
+        },
+    }
+}
+
+fn serve(a: ServeArgs) -> i32 {
+    init_logging();
+    let mut settings = match Settings::load(a.env_file.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pos-hub: configuration error: {e}");
+            return 78; // EX_CONFIG
+        }
+    };
+    let data_dir = a
+        .data_dir
+        .clone()
+        .or_else(|| settings.get("DATA_DIR").map(PathBuf::from))
+        .or_else(|| a.dev.then(|| PathBuf::from("./data")));
+    if a.dev {
+        let dir = data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
+        match crate::serve::prepare_dev(&dir, &mut settings) {
+            Ok(token) => {
+                eprintln!(
+                    "pos-hub --dev: realm {}:{}; device token (also in {}):\n{token}",
+                    crate::serve::DEV_TENANT,
+                    crate::serve::DEV_STORE,
+                    dir.join("dev-token.txt").display()
+                );
+            }
+            Err(e) => {
+                eprintln!("pos-hub: {e}");
+                return 1;
+            }
+        }
+    }
+    let cfg = match Config::from_settings(&settings, data_dir, a.realms.clone(), a.port) {
+        Ok(mut c) => {
+            c.dev = a.dev;
+            c
+        }
+        Err(e) => {
+            eprintln!("pos-hub: configuration error: {e}");
+            return 78;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pos-hub: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::serve::run(cfg)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pos-hub: {e}");
+            tracing::error!(error = %e, "hub stopped");
+            1
+        }
+    }
+}
+
+fn parse_signed_duration(s: &str) -> Result<i64, String> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s),
+    };
+    let d = humantime::parse_duration(body).map_err(|e| format!("{s:?} is not a duration like 1h or 30d ({e})"))?;
+    let secs = d.as_secs() as i64;
+    Ok(if neg { -secs } else { secs })
+}
+
+fn token_mint(a: MintArgs) -> Result<String, String> {
+    let key = SigningKey::from_file(&a.key).map_err(|e| format!("{}: {e}", a.key.display()))?;
+    let ttl = parse_signed_duration(&a.ttl)?;
+    for (name, v) in [("--tenant", &a.tenant), ("--store", &a.store)] {
+        if !crate::config::valid_realm_part(v) {
+            return Err(format!("{name} {v:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"));
+        }
+    }
+    if a.device.is_empty() || a.role.is_empty() {
+        return Err("--device and --role must not be empty".into());
+    }
+    let now = now_secs();
+    let nbf = match &a.nbf_in {
+        Some(v) => Some(now + parse_signed_duration(v)?),
+        None => None,
+    };
+    let claims = Claims {
+        tenant_id: a.tenant,
+        store_id: a.store,
+        device_id: a.device,
+        role: a.role,
+        exp: now + ttl,
+        iat: now,
+        nbf,
+        iss: a.iss,
+        aud: a.aud,
+    };
+    mint(&key, &claims, a.kid)
+}

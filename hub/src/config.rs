@@ -1,0 +1,534 @@
+//! Settings: the old Docker hub's `.env` keys, from the process environment and an
+//! optional env file (the environment wins), plus an optional realms file or
+//! directory for several realms on one box. Everything is validated at start; every
+//! bad value stops start-up with one message naming the key and what is wrong.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::auth::{KeySet, Policy};
+use crate::auth::keys::VerifyKey;
+
+/// A bad setting. Printed as `KEY: what is wrong (what to do)`.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The update channel a box follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateChannel {
+    Stable,
+    Canary,
+    Pinned(String),
+}
+
+impl UpdateChannel {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stable" => Some(Self::Stable),
+            "canary" => Some(Self::Canary),
+            v => {
+                let v = v.strip_prefix('v').unwrap_or(v);
+                let ok = !v.is_empty()
+                    && v.split('.').count() <= 4
+                    && v.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                    && v.starts_with(|c: char| c.is_ascii_digit());
+                ok.then(|| Self::Pinned(v.to_string()))
+            }
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Stable => "stable",
+            Self::Canary => "canary",
+            Self::Pinned(v) => v,
+        }
+    }
+}
+
+/// One realm `{tenantId, storeId}` with the keys its devices' tokens are checked against.
+#[derive(Debug, Clone)]
+pub struct RealmConfig {
+    pub tenant_id: String,
+    pub store_id: String,
+    pub keys: Arc<KeySet>,
+    pub cloud_bridge_url: Option<String>,
+    pub cloud_bridge_token: Option<String>,
+}
+
+impl RealmConfig {
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.tenant_id, self.store_id)
+    }
+}
+
+/// Everything `pos-hub serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub bind: IpAddr,
+    pub port: u16,
+    pub realms: Vec<RealmConfig>,
+    pub token_offline_grace: Duration,
+    pub token_policy: Policy,
+    pub update_channel: UpdateChannel,
+    pub mdns: bool,
+    pub dev: bool,
+    /// The most events one transaction may carry (group commit).
+    pub group_commit_max: usize,
+    /// Per-socket outgoing queue, in packets; a device that falls this far behind is
+    /// disconnected and resumes from its cursor.
+    pub socket_buffer: usize,
+}
+
+/// Raw key/value settings: the env file overlaid by the process environment.
+#[derive(Debug, Default, Clone)]
+pub struct Settings {
+    map: HashMap<String, String>,
+}
+
+impl Settings {
+    /// Reads `env_file` (if any), then the process environment on top.
+    pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut s = Settings::default();
+        if let Some(path) = env_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err("--env-file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            s.map = parse_env_file(&text).map_err(|(line, m)| {
+                err("--env-file", format!("{} line {line}: {m}", path.display()))
+            })?;
+        }
+        for (k, v) in std::env::vars() {
+            s.map.insert(k, v);
+        }
+        Ok(s)
+    }
+
+    pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        Settings {
+            map: pairs.into_iter().collect(),
+        }
+    }
+
+    /// A value, treating an empty string as unset.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(|s| s.as_str()).filter(|s| !s.is_empty())
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.map.insert(key.to_string(), value.to_string());
+    }
+}
+
+/// Parses `KEY=VALUE` lines (`#` comments, optional `export `, single or double quotes).
+pub fn parse_env_file(text: &str) -> Result<HashMap<String, String>, (usize, String)> {
+    let mut map = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err((i + 1, format!("expected KEY=VALUE, found {:?}", truncate(line, 40))));
+        };
+        let k = k.trim();
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err((i + 1, format!("bad key name {:?}", truncate(k, 40))));
+        }
+        let v = v.trim();
+        let v = if v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
+        {
+            &v[1..v.len() - 1]
+        } else {
+            // Unquoted: drop a trailing ` # comment`.
+            v.split(" #").next().unwrap_or(v).trim()
+        };
+        map.insert(k.to_string(), v.to_string());
+    }
+    Ok(map)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Checks a tenant or store id: 1-64 chars of `[A-Za-z0-9._-]`, not `.`/`..`
+/// (they name directories under the data dir).
+pub fn valid_realm_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+        return Err(err(key, format!("{url:?} is not an http(s) URL")));
+    }
+    Ok(())
+}
+
+fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v)
+        .map_err(|e| err(key, format!("{v:?} is not a duration like 72h or 30m ({e})")))
+}
+
+/// A realm as written in a realms file.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RealmEntry {
+    tenant_id: String,
+    store_id: String,
+    #[serde(default)]
+    public_key_pem: Option<String>,
+    #[serde(default)]
+    public_key_base64: Option<String>,
+    #[serde(default)]
+    public_key_file: Option<PathBuf>,
+    #[serde(default)]
+    jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    cloud_bridge_url: Option<String>,
+    #[serde(default)]
+    cloud_bridge_token: Option<String>,
+}
+
+fn keys_from_pem(key: &str, pem: &str) -> Result<Arc<KeySet>, ConfigError> {
+    VerifyKey::from_pem(pem, None)
+        .map(|k| Arc::new(KeySet::single(k)))
+        .map_err(|e| err(key, e.to_string()))
+}
+
+fn keys_from_base64(key: &str, b64: &str) -> Result<Arc<KeySet>, ConfigError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| err(key, format!("not valid base64 ({e}); encode the PEM public key with `base64 -w0 key.pub.pem`")))?;
+    let pem = String::from_utf8(bytes).map_err(|_| err(key, "decodes to bytes that are not PEM text"))?;
+    keys_from_pem(key, &pem)
+}
+
+impl RealmEntry {
+    fn into_config(self, base: &Path, origin: &str) -> Result<RealmConfig, ConfigError> {
+        let key = |field: &str| format!("{origin} realm {}:{} {field}", self.tenant_id, self.store_id);
+        if !valid_realm_part(&self.tenant_id) {
+            return Err(err(&format!("{origin} tenantId"), format!("{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -", self.tenant_id)));
+        }
+        if !valid_realm_part(&self.store_id) {
+            return Err(err(&format!("{origin} storeId"), format!("{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -", self.store_id)));
+        }
+        let sources = [
+            self.public_key_pem.is_some(),
+            self.public_key_base64.is_some(),
+            self.public_key_file.is_some(),
+            self.jwks_file.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if sources != 1 {
+            return Err(err(
+                &key("key"),
+                "give exactly one of publicKeyPem, publicKeyBase64, publicKeyFile, jwksFile",
+            ));
+        }
+        let keys = if let Some(pem) = &self.public_key_pem {
+            keys_from_pem(&key("publicKeyPem"), pem)?
+        } else if let Some(b64) = &self.public_key_base64 {
+            keys_from_base64(&key("publicKeyBase64"), b64)?
+        } else if let Some(f) = &self.public_key_file {
+            let p = base.join(f);
+            let pem = std::fs::read_to_string(&p)
+                .map_err(|e| err(&key("publicKeyFile"), format!("cannot read {}: {e}", p.display())))?;
+            keys_from_pem(&key("publicKeyFile"), &pem)?
+        } else {
+            let p = base.join(self.jwks_file.as_ref().map(|p| p.as_path()).unwrap_or(Path::new("")));
+            Arc::new(KeySet::from_jwks_file(&p).map_err(|e| err(&key("jwksFile"), e.to_string()))?)
+        };
+        if let Some(u) = &self.cloud_bridge_url {
+            check_url(&key("cloudBridgeUrl"), u)?;
+        }
+        Ok(RealmConfig {
+            tenant_id: self.tenant_id,
+            store_id: self.store_id,
+            keys,
+            cloud_bridge_url: self.cloud_bridge_url,
+            cloud_bridge_token: self.cloud_bridge_token,
+        })
+    }
+}
+
+/// Loads realms from a JSON file (an array of realm objects) or a directory of
+/// `*.json` files (one realm object each).
+pub fn load_realms(path: &Path) -> Result<Vec<RealmConfig>, ConfigError> {
+    let key = "REALMS_FILE";
+    let meta = std::fs::metadata(path).map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    if meta.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| err(key, format!("cannot list {}: {e}", path.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(|e| err(key, format!("cannot read {}: {e}", f.display())))?;
+            let entry: RealmEntry = serde_json::from_str(&text)
+                .map_err(|e| err(key, format!("{}: {e}", f.display())))?;
+            out.push(entry.into_config(path, &f.display().to_string())?);
+        }
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
+        let entries: Vec<RealmEntry> = serde_json::from_str(&text)
+            .map_err(|e| err(key, format!("{}: {e} (expected a JSON array of realms)", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for e in entries {
+            out.push(e.into_config(base, &path.display().to_string())?);
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Builds and validates the configuration. `realms_file` comes from `--realms`
+    /// or REALMS_FILE; `data_dir` from `--data-dir` or DATA_DIR.
+    pub fn from_settings(
+        s: &Settings,
+        data_dir: Option<PathBuf>,
+        realms_file: Option<PathBuf>,
+        port: Option<u16>,
+    ) -> Result<Self, ConfigError> {
+        let port = match port {
+            Some(p) => p,
+            None => match s.get("PORT") {
+                None => 4001,
+                Some(v) => v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| err("PORT", format!("{v:?} is not a TCP port (1-65535)")))?,
+            },
+        };
+        let bind = match s.get("BIND") {
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(v) => v.parse().map_err(|_| err("BIND", format!("{v:?} is not an IP address")))?,
+        };
+        let data_dir = data_dir
+            .or_else(|| s.get("DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/data"));
+        let token_offline_grace = match s.get("TOKEN_OFFLINE_GRACE") {
+            None => Duration::from_secs(72 * 3600),
+            Some(v) => parse_duration("TOKEN_OFFLINE_GRACE", v)?,
+        };
+        let leeway_secs = match s.get("TOKEN_LEEWAY") {
+            None => 60,
+            Some(v) => parse_duration("TOKEN_LEEWAY", v)?.as_secs() as i64,
+        };
+        let update_channel = match s.get("UPDATE_CHANNEL") {
+            None => UpdateChannel::Stable,
+            Some(v) => UpdateChannel::parse(v).ok_or_else(|| {
+                err("UPDATE_CHANNEL", format!("{v:?} is not stable, canary or a version like 1.4.2"))
+            })?,
+        };
+        let mdns = match s.get("MDNS").map(|v| v.to_ascii_lowercase()) {
+            None => true,
+            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
+            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
+            Some(v) => return Err(err("MDNS", format!("{v:?} is not on or off"))),
+        };
+        let num = |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ConfigError> {
+            match s.get(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (min..=max).contains(n))
+                    .ok_or_else(|| err(key, format!("{v:?} is not a number from {min} to {max}"))),
+            }
+        };
+        let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
+        let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
+        let token_policy = Policy {
+            issuer: s.get("TOKEN_ISSUER").map(String::from),
+            audience: s.get("TOKEN_AUDIENCE").map(String::from),
+            leeway_secs,
+        };
+
+        let mut realms = Vec::new();
+        let realms_file = realms_file.or_else(|| s.get("REALMS_FILE").map(PathBuf::from));
+        if let Some(f) = &realms_file {
+            realms.extend(load_realms(f)?);
+        }
+        // The single realm of the old `.env`.
+        let tenant = s.get("TENANT_ID");
+        let store = s.get("STORE_ID");
+        if tenant.is_some() || store.is_some() || realms.is_empty() {
+            let tenant = tenant.ok_or_else(|| err("TENANT_ID", "is not set (or give --realms FILE, or run with --dev)"))?;
+            let store = store.ok_or_else(|| err("STORE_ID", "is not set"))?;
+            if !valid_realm_part(tenant) {
+                return Err(err("TENANT_ID", format!("{tenant:?} must be 1-64 chars of A-Z a-z 0-9 . _ -")));
+            }
+            if !valid_realm_part(store) {
+                return Err(err("STORE_ID", format!("{store:?} must be 1-64 chars of A-Z a-z 0-9 . _ -")));
+            }
+            let keys = match (s.get("CLUSTER_PUBLIC_KEY_BASE64"), s.get("CLUSTER_JWKS_FILE")) {
+                (Some(b64), None) => keys_from_base64("CLUSTER_PUBLIC_KEY_BASE64", b64)?,
+                (None, Some(f)) => Arc::new(
+                    KeySet::from_jwks_file(Path::new(f)).map_err(|e| err("CLUSTER_JWKS_FILE", e.to_string()))?,
+                ),
+                (Some(_), Some(_)) => {
+                    return Err(err("CLUSTER_JWKS_FILE", "set either it or CLUSTER_PUBLIC_KEY_BASE64, not both"))
+                }
+                (None, None) => {
+                    return Err(err(
+                        "CLUSTER_PUBLIC_KEY_BASE64",
+                        "is not set: the hub needs the cloud's public key to check device tokens",
+                    ))
+                }
+            };
+            let url = s.get("CLOUD_BRIDGE_URL").map(String::from);
+            if let Some(u) = &url {
+                check_url("CLOUD_BRIDGE_URL", u)?;
+                if s.get("CLOUD_BRIDGE_TOKEN").is_none() {
+                    return Err(err("CLOUD_BRIDGE_TOKEN", "is not set but CLOUD_BRIDGE_URL is"));
+                }
+            }
+            realms.push(RealmConfig {
+                tenant_id: tenant.to_string(),
+                store_id: store.to_string(),
+                keys,
+                cloud_bridge_url: url,
+                cloud_bridge_token: s.get("CLOUD_BRIDGE_TOKEN").map(String::from),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &realms {
+            if !seen.insert(r.key()) {
+                return Err(err("realms", format!("realm {} is configured twice", r.key())));
+            }
+        }
+        Ok(Config {
+            data_dir,
+            bind,
+            port,
+            realms,
+            token_offline_grace,
+            token_policy,
+            update_channel,
+            mdns,
+            dev: false,
+            group_commit_max,
+            socket_buffer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pub_b64() -> String {
+        let (_, public) = crate::auth::keys::generate_ed25519().unwrap();
+        base64::engine::general_purpose::STANDARD.encode(public)
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        Settings::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn env_file_parsing() {
+        let m = parse_env_file("# c\nexport A=1\nB=\"two words\"\nC='x'\nD=plain # note\n\n").unwrap();
+        assert_eq!(m["A"], "1");
+        assert_eq!(m["B"], "two words");
+        assert_eq!(m["C"], "x");
+        assert_eq!(m["D"], "plain");
+        assert_eq!(parse_env_file("ok=1\nnonsense line\n").unwrap_err().0, 2);
+    }
+
+    #[test]
+    fn single_realm_from_env() {
+        let b64 = pub_b64();
+        let c = Config::from_settings(
+            &settings(&[("TENANT_ID", "t-abc"), ("STORE_ID", "s-001"), ("CLUSTER_PUBLIC_KEY_BASE64", &b64)]),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.port, 4001);
+        assert_eq!(c.realms[0].key(), "t-abc:s-001");
+        assert_eq!(c.token_offline_grace, Duration::from_secs(72 * 3600));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let b64 = pub_b64();
+        let base = [("TENANT_ID", "t"), ("STORE_ID", "s"), ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str())];
+        let cases: &[(&str, &str)] = &[
+            ("PORT", "99999"),
+            ("PORT", "abc"),
+            ("TENANT_ID", "../etc"),
+            ("STORE_ID", "a b"),
+            ("CLUSTER_PUBLIC_KEY_BASE64", "!!!"),
+            ("CLUSTER_PUBLIC_KEY_BASE64", "aGVsbG8="),
+            ("UPDATE_CHANNEL", "nightly!"),
+            ("TOKEN_OFFLINE_GRACE", "forever"),
+            ("MDNS", "maybe"),
+            ("CLOUD_BRIDGE_URL", "ftp://x"),
+            ("GROUP_COMMIT_MAX", "0"),
+        ];
+        for (k, v) in cases {
+            let mut s = settings(&base);
+            s.set(k, v);
+            let e = Config::from_settings(&s, None, None, None).unwrap_err();
+            assert_eq!(&e.key, k, "{e}");
+        }
+        let e = Config::from_settings(&settings(&[]), None, None, None).unwrap_err();
+        assert_eq!(e.key, "TENANT_ID");
+    }
+
+    #[test]
+    fn realms_file_with_two_realms() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = crate::auth::keys::generate_ed25519().unwrap();
+        std::fs::write(dir.path().join("k.pem"), &public).unwrap();
+        let json = serde_json::json!([
+            {"tenantId": "t1", "storeId": "s1", "publicKeyFile": "k.pem"},
+            {"tenantId": "t2", "storeId": "s2", "publicKeyPem": public},
+        ]);
+        let f = dir.path().join("realms.json");
+        std::fs::write(&f, json.to_string()).unwrap();
+        let c = Config::from_settings(&settings(&[]), None, Some(f.clone()), None).unwrap();
+        assert_eq!(c.realms.len(), 2);
+        std::fs::write(&f, r#"[{"tenantId":"t1","storeId":"s1"}]"#).unwrap();
+        let e = Config::from_settings(&settings(&[]), None, Some(f), None).unwrap_err();
+        assert!(e.message.contains("exactly one"), "{e}");
+    }
+
+    #[test]
+    fn update_channels() {
+        assert_eq!(UpdateChannel::parse("stable"), Some(UpdateChannel::Stable));
+        assert_eq!(UpdateChannel::parse("v1.4.2"), Some(UpdateChannel::Pinned("1.4.2".into())));
+        assert_eq!(UpdateChannel::parse("latest"), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! HTTP routes beside Socket.IO: `/healthz` for monitors and the old runbook's
+//! `curl`, `/status` for operators. Never any event contents.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::auth::token;
+use crate::auth::Policy;
+use crate::realm::{DeviceEntry, Realms};
+use crate::util::now_secs;
+
+/// Shared state of the HTTP routes.
+pub struct Web {
+    pub realms: Arc<Realms>,
+    pub policy: Policy,
+    pub started: Instant,
+}
+
+pub fn router(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .with_state(web)
+}
+
+/// 200 `ok` when every realm's database answers a write check; 503 with the reason.
+async fn healthz(State(web): State<Arc<Web>>) -> Response {
+    let mut problems = Vec::new();
+    for r in web.realms.iter() {
+        if let Err(e) = r.check().await {
+            problems.push(format!("realm {}: {e}", r.key()));
+        }
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("{}\n", problems.join("\n")),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    version: &'static str,
+    uptime_secs: u64,
+    detail: &'static str,
+    realms: Vec<RealmStatus>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RealmStatus {
+    tenant_id: String,
+    store_id: String,
+    last_seq: u64,
+    outbox_depth: u64,
+    pushed_cursor: u64,
+    cloud_cursor: Option<String>,
+    bridge: &'static str,
+    healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    device_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    devices: Option<Vec<DeviceEntry>>,
+}
+
+/// Which realms the caller may see in full: all from localhost, a realm for a
+/// valid admin token of that realm.
+fn full_detail_for(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> (bool, Option<String>) {
+    if addr.ip().is_loopback() {
+        return (true, None);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = bearer {
+        if let Ok((tenant, store)) = token::peek_realm(t) {
+            if let Some(r) = web.realms.get(&tenant, &store) {
+                if let Ok(v) = token::verify(&r.cfg.keys, t, now_secs(), &web.policy) {
+                    if v.expired_by.is_none() && v.claims.role == "admin" {
+                        return (false, Some(r.key()));
+                    }
+                }
+            }
+        }
+    }
+    (false, None)
+}
+
+async fn status(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Json<Status> {
+    let (all, one) = full_detail_for(&web, &addr, &headers);
+    let realms = web
+        .realms
+        .iter()
+        .map(|r| {
+            let full = all || one.as_deref() == Some(r.key().as_str());
+            let devices = r.devices();
+            RealmStatus {
+                tenant_id: r.cfg.tenant_id.clone(),
+                store_id: r.cfg.store_id.clone(),
+                last_seq: r.stats.last_seq.load(Ordering::Relaxed),
+                outbox_depth: r.stats.lan_events.load(Ordering::Relaxed),
+                pushed_cursor: 0,
+                cloud_cursor: None,
+                bridge: if r.cfg.cloud_bridge_url.is_some() {
+                    "not_implemented"
+                } else {
+                    "not_configured"
+                },
+                healthy: r.stats.healthy.load(Ordering::Relaxed),
+                last_error: if full { r.stats.last_error.lock().clone() } else { None },
+                device_count: devices.len(),
+                devices: full.then_some(devices),
+            }
+        })
+        .collect();
+    Json(Status {
+        version: crate::VERSION,
+        uptime_secs: web.started.elapsed().as_secs(),
+        detail: if all { "full" } else if one.is_some() { "realm" } else { "summary" },
+        realms,
+    })
+}

@@ -1,0 +1,296 @@
+//! One event: what a device sends, how it is checked, and its wire JSON.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The largest payload accepted, in bytes of JSON.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// The most events in one `events` batch.
+pub const MAX_BATCH: usize = 500;
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Lan = 0,
+    Cloud = 1,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Lan => "lan",
+            Origin::Cloud => "cloud",
+        }
+    }
+    pub fn from_i64(v: i64) -> Self {
+        if v == 1 {
+            Origin::Cloud
+        } else {
+            Origin::Lan
+        }
+    }
+}
+
+/// Why one event was refused. `code()` is the stable string in `{ok:false, error}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("an event must be a JSON object {{id, type, payload, ts?}}")]
+    Invalid,
+    #[error("id must be 1-64 characters of A-Z a-z 0-9 . _ : -")]
+    BadId,
+    #[error("type must be a string of 1-64 characters")]
+    BadType,
+    #[error("payload is required (any JSON value)")]
+    MissingPayload,
+    #[error("payload is larger than 64 KiB")]
+    PayloadTooLarge,
+    #[error("ts must be a number or a string of at most 64 characters")]
+    BadTs,
+    #[error("events takes an array of 1 to 500 events")]
+    TooMany,
+    #[error("binary attachments are not accepted; send JSON")]
+    Binary,
+    #[error("the hub is busy; retry shortly")]
+    Busy,
+    #[error("the hub is shutting down; retry after it restarts")]
+    ShuttingDown,
+    #[error("the event log could not be written: {0}")]
+    Storage(String),
+}
+
+impl EventError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            EventError::Invalid => "invalid_event",
+            EventError::BadId => "invalid_id",
+            EventError::BadType => "invalid_type",
+            EventError::MissingPayload => "invalid_payload",
+            EventError::PayloadTooLarge => "payload_too_large",
+            EventError::BadTs => "invalid_ts",
+            EventError::TooMany => "too_many_events",
+            EventError::Binary => "binary_not_supported",
+            EventError::Busy => "busy",
+            EventError::ShuttingDown => "shutting_down",
+            EventError::Storage(_) => "storage_error",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EventIn<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    typ: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ts: Option<&'a RawValue>,
+}
+
+/// Keeps an explicit `null` as `Some("null")` (only an absent field is `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A checked event waiting to be stored. Its four text fields live in one buffer
+/// (one allocation per event on the hot path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    buf: String,
+    id_end: u32,
+    type_end: u32,
+    payload_end: u32,
+}
+
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+impl NewEvent {
+    /// Builds an event from its parts, checking each.
+    pub fn new(id: &str, typ: &str, payload: &str, ts: Option<&str>) -> Result<Self, EventError> {
+        if !valid_id(id) {
+            return Err(EventError::BadId);
+        }
+        if typ.is_empty() || typ.chars().count() > 64 {
+            return Err(EventError::BadType);
+        }
+        if payload.len() > MAX_PAYLOAD {
+            return Err(EventError::PayloadTooLarge);
+        }
+        let ts = match ts {
+            None | Some("null") => "",
+            Some(t) => {
+                let ok = (t.starts_with('"') && t.len() <= 66)
+                    || (t.len() <= 32 && t.parse::<f64>().is_ok());
+                if !ok {
+                    return Err(EventError::BadTs);
+                }
+                t
+            }
+        };
+        let mut buf = String::with_capacity(id.len() + typ.len() + payload.len() + ts.len());
+        buf.push_str(id);
+        buf.push_str(typ);
+        buf.push_str(payload);
+        buf.push_str(ts);
+        Ok(Self {
+            id_end: id.len() as u32,
+            type_end: (id.len() + typ.len()) as u32,
+            payload_end: (id.len() + typ.len() + payload.len()) as u32,
+            buf,
+        })
+    }
+
+    /// Parses one event object as a device sends it.
+    pub fn from_json(raw: &str) -> Result<Self, EventError> {
+        let e: EventIn = serde_json::from_str(raw).map_err(|_| EventError::Invalid)?;
+        let id = e.id.filter(|i| valid_id(i)).ok_or(EventError::BadId)?;
+        let typ = e.typ.ok_or(EventError::BadType)?;
+        let payload = e.payload.ok_or(EventError::MissingPayload)?;
+        Self::new(&id, &typ, payload.get(), e.ts.map(|t| t.get()))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.buf[..self.id_end as usize]
+    }
+    pub fn typ(&self) -> &str {
+        &self.buf[self.id_end as usize..self.type_end as usize]
+    }
+    /// The payload as JSON text.
+    pub fn payload(&self) -> &str {
+        &self.buf[self.type_end as usize..self.payload_end as usize]
+    }
+    /// The device's timestamp as JSON text (number or string), if it gave one.
+    pub fn ts(&self) -> Option<&str> {
+        let t = &self.buf[self.payload_end as usize..];
+        (!t.is_empty()).then_some(t)
+    }
+}
+
+/// Parses the arguments of an `event` packet: `["event", {..}]`.
+pub fn parse_event_packet(packet: &str) -> Result<NewEvent, EventError> {
+    let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
+    match args.get(1) {
+        Some(raw) => NewEvent::from_json(raw.get()),
+        None => Err(EventError::Invalid),
+    }
+}
+
+/// Parses the arguments of an `events` packet: `["events", [{..}, ..]]`. The outer
+/// error refuses the whole batch; inner errors refuse single events.
+pub fn parse_batch_packet(packet: &str) -> Result<Vec<Result<NewEvent, EventError>>, EventError> {
+    let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
+    let list = args.get(1).ok_or(EventError::TooMany)?;
+    let items: Vec<&RawValue> = serde_json::from_str(list.get()).map_err(|_| EventError::TooMany)?;
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(EventError::TooMany);
+    }
+    Ok(items.into_iter().map(|r| NewEvent::from_json(r.get())).collect())
+}
+
+/// Writes `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// The one JSON shape of a stored event, as devices receive it:
+/// `{seq, id, type, payload, deviceId, ts, hubTs, origin}`.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_stored(
+    seq: u64,
+    id: &str,
+    typ: &str,
+    payload: &str,
+    device_id: &str,
+    ts: Option<&str>,
+    hub_ts: i64,
+    origin: Origin,
+) -> String {
+    let mut out = String::with_capacity(96 + id.len() + typ.len() + payload.len() + device_id.len());
+    let _ = write!(out, "{{\"seq\":{seq},\"id\":");
+    push_json_str(&mut out, id);
+    out.push_str(",\"type\":");
+    push_json_str(&mut out, typ);
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push_str(",\"deviceId\":");
+    push_json_str(&mut out, device_id);
+    out.push_str(",\"ts\":");
+    out.push_str(ts.unwrap_or("null"));
+    let _ = write!(out, ",\"hubTs\":{hub_ts},\"origin\":\"{}\"}}", origin.as_str());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_checks() {
+        let e = parse_event_packet(r#"["event",{"id":"a-1","type":"order.created","payload":{"x":[1,2]},"ts":17}]"#).unwrap();
+        assert_eq!((e.id(), e.typ(), e.payload(), e.ts()), ("a-1", "order.created", r#"{"x":[1,2]}"#, Some("17")));
+        let e = parse_event_packet(r#"["event",{"id":"a","type":"t","payload":null}]"#).unwrap();
+        assert_eq!((e.payload(), e.ts()), ("null", None));
+        let bad = |p: &str| parse_event_packet(p).unwrap_err();
+        assert_eq!(bad(r#"["event","str"]"#), EventError::Invalid);
+        assert_eq!(bad(r#"["event"]"#), EventError::Invalid);
+        assert_eq!(bad(r#"["event",{"id":"a b","type":"t","payload":1}]"#), EventError::BadId);
+        assert_eq!(bad(r#"["event",{"id":"","type":"t","payload":1}]"#), EventError::BadId);
+        assert_eq!(bad(r#"["event",{"type":"t","payload":1}]"#), EventError::BadId);
+        assert_eq!(bad(r#"["event",{"id":"a","type":"","payload":1}]"#), EventError::BadType);
+        assert_eq!(bad(r#"["event",{"id":"a","type":7,"payload":1}]"#), EventError::Invalid);
+        assert_eq!(bad(r#"["event",{"id":"a","type":"t"}]"#), EventError::MissingPayload);
+        assert_eq!(bad(r#"["event",{"id":"a","type":"t","payload":1,"ts":{}}]"#), EventError::BadTs);
+        let big = format!(r#"["event",{{"id":"a","type":"t","payload":"{}"}}]"#, "x".repeat(MAX_PAYLOAD));
+        assert_eq!(bad(&big), EventError::PayloadTooLarge);
+        assert_eq!(bad("garbage"), EventError::Invalid);
+    }
+
+    #[test]
+    fn batches() {
+        let b = parse_batch_packet(r#"["events",[{"id":"a","type":"t","payload":1},{"id":"??"}]]"#).unwrap();
+        assert!(b[0].is_ok());
+        assert_eq!(b[1], Err(EventError::BadId));
+        assert_eq!(parse_batch_packet(r#"["events",[]]"#).unwrap_err(), EventError::TooMany);
+        let many = format!(r#"["events",[{}]]"#, vec![r#"{"id":"a","type":"t","payload":1}"#; 501].join(","));
+        assert_eq!(parse_batch_packet(&many).unwrap_err(), EventError::TooMany);
+    }
+
+    #[test]
+    fn encoding_is_valid_json() {
+        let s = encode_stored(7, "a", "t\"q", r#"{"k":1}"#, "dev\n1", Some("12"), 99, Origin::Lan);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["type"], "t\"q");
+        assert_eq!(v["deviceId"], "dev\n1");
+        assert_eq!(v["payload"]["k"], 1);
+        assert_eq!(v["ts"], 12);
+        assert_eq!(v["origin"], "lan");
+        let s = encode_stored(1, "a", "t", "1", "d", None, 5, Origin::Cloud);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert!(v["ts"].is_null());
+    }
+}

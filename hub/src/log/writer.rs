@@ -1,0 +1,323 @@
+//! The one thread that writes a realm's log.
+//!
+//! Requests arrive on a queue in the order devices sent them. The writer takes
+//! everything queued (up to `max_batch` events), writes it in ONE transaction,
+//! commits (one fsync for the lot: group commit), and only then answers each
+//! request and hands the stored events, in seq order, to the fan-out. While it
+//! waits for the disk, new requests pile up and form the next batch, so the batch
+//! size follows the load by itself.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
+
+use super::event::{EventError, NewEvent, Origin};
+use super::store::{LogError, Store};
+use crate::util::now_ms;
+
+/// The result for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stored(u64),
+    Duplicate(u64),
+    Rejected(EventError),
+}
+
+/// How a request is answered once its batch is durable (an ack to a socket, a
+/// channel in tests and the bridge).
+pub trait Reply: Send + 'static {
+    fn one(self, outcome: &Outcome);
+    fn many(self, outcomes: &[Outcome]);
+}
+
+/// What to append: one event (the common case, no extra allocation) or a batch
+/// whose entries may already have failed validation.
+pub enum Appended {
+    One(NewEvent),
+    Many(Vec<Result<NewEvent, EventError>>),
+}
+
+/// A request to the writer. `T` tags the sender (the fan-out skips it).
+pub enum WriteReq<R, T> {
+    Append {
+        events: Appended,
+        device: Arc<str>,
+        origin: Origin,
+        tag: T,
+        reply: R,
+    },
+    /// Remember that a device was admitted (offline grace).
+    Admit {
+        device_id: String,
+        role: String,
+        token_exp: i64,
+    },
+    /// Set a durable key/value (cursors), in order with the appends around it.
+    Meta { key: String, value: String },
+    /// Check that the database is writable; answered in queue order.
+    Check(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Finish what is queued, checkpoint, close. Later requests are refused.
+    Close,
+}
+
+/// An event that is durable, on its way to the fan-out.
+pub struct Committed<T> {
+    pub seq: u64,
+    pub hub_ts: i64,
+    pub event: NewEvent,
+    pub device: Arc<str>,
+    pub origin: Origin,
+    pub tag: T,
+}
+
+/// Where committed batches go, in commit order (the realm's fan-out).
+pub type CommitSink<T> = Box<dyn FnMut(Vec<Committed<T>>) + Send>;
+
+/// Figures the writer keeps current for `/status` and `/healthz`.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    pub last_seq: AtomicU64,
+    pub lan_events: AtomicU64,
+    pub batches: AtomicU64,
+    pub healthy: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The writer's state; run it with [`Writer::run`] on its own thread.
+pub struct Writer<R, T> {
+    store: Store,
+    next_seq: u64,
+    rx: Receiver<WriteReq<R, T>>,
+    out: CommitSink<T>,
+    max_batch: usize,
+    stats: Arc<LogStats>,
+}
+
+struct Pending<R> {
+    reply: R,
+    many: bool,
+    start: usize,
+    n: usize,
+}
+
+impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
+    pub fn new(
+        store: Store,
+        rx: Receiver<WriteReq<R, T>>,
+        out: CommitSink<T>,
+        max_batch: usize,
+        stats: Arc<LogStats>,
+    ) -> Result<Self, LogError> {
+        let last = store.last_seq()?;
+        stats.last_seq.store(last, Ordering::Relaxed);
+        stats.healthy.store(true, Ordering::Relaxed);
+        Ok(Self {
+            store,
+            next_seq: last + 1,
+            rx,
+            out,
+            max_batch: max_batch.max(1),
+            stats,
+        })
+    }
+
+    /// Runs until `Close` (or until every sender is gone). Returns the store so the
+    /// caller can close it.
+    pub fn run(mut self) -> Store {
+        let mut reqs: Vec<WriteReq<R, T>> = Vec::with_capacity(1024);
+        loop {
+            let first = match self.rx.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            reqs.push(first);
+            let mut n = count(&reqs[0]);
+            let mut closing = matches!(reqs[0], WriteReq::Close);
+            while n < self.max_batch && !closing {
+                match self.rx.try_recv() {
+                    Ok(r) => {
+                        n += count(&r);
+                        closing = matches!(r, WriteReq::Close);
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(&mut reqs);
+            if closing {
+                // Refuse whatever raced past the shutting-down flag.
+                while let Ok(r) = self.rx.try_recv() {
+                    refuse(r, EventError::ShuttingDown);
+                }
+                break;
+            }
+        }
+        if let Err(e) = self.store.checkpoint() {
+            tracing::warn!(path = %self.store.path().display(), error = %e, "checkpoint at close failed");
+        }
+        self.store
+    }
+
+    fn process(&mut self, reqs: &mut Vec<WriteReq<R, T>>) {
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(reqs.len());
+        let mut pending: Vec<Pending<R>> = Vec::with_capacity(reqs.len());
+        let mut committed: Vec<Committed<T>> = Vec::with_capacity(reqs.len());
+        let mut checks = Vec::new();
+        let mut leftovers = Vec::new();
+        let first_seq = self.next_seq;
+        let hub_ts = now_ms();
+        let mut lan_added = 0u64;
+
+        let mut failed: Option<LogError> = self.store.begin().err();
+        for req in reqs.drain(..) {
+            if failed.is_some() {
+                leftovers.push(req);
+                continue;
+            }
+            match req {
+                WriteReq::Append {
+                    events,
+                    device,
+                    origin,
+                    tag,
+                    reply,
+                } => {
+                    let start = outcomes.len();
+                    let (many, n) = match &events {
+                        Appended::One(_) => (false, 1),
+                        Appended::Many(v) => (true, v.len()),
+                    };
+                    let mut step = |item: Result<NewEvent, EventError>| -> Result<(), LogError> {
+                        let ev = match item {
+                            Err(e) => {
+                                outcomes.push(Outcome::Rejected(e));
+                                return Ok(());
+                            }
+                            Ok(ev) => ev,
+                        };
+                        match self.store.insert(self.next_seq, &ev, &device, hub_ts, origin)? {
+                            Some(orig) => outcomes.push(Outcome::Duplicate(orig)),
+                            None => {
+                                outcomes.push(Outcome::Stored(self.next_seq));
+                                if origin == Origin::Lan {
+                                    lan_added += 1;
+                                }
+                                committed.push(Committed {
+                                    seq: self.next_seq,
+                                    hub_ts,
+                                    event: ev,
+                                    device: device.clone(),
+                                    origin,
+                                    tag: tag.clone(),
+                                });
+                                self.next_seq += 1;
+                            }
+                        }
+                        Ok(())
+                    };
+                    let r = match events {
+                        Appended::One(e) => step(Ok(e)),
+                        Appended::Many(v) => v.into_iter().try_for_each(&mut step),
+                    };
+                    if let Err(e) = r {
+                        failed = Some(e);
+                    }
+                    pending.push(Pending {
+                        reply,
+                        many,
+                        start,
+                        n,
+                    });
+                }
+                WriteReq::Admit {
+                    device_id,
+                    role,
+                    token_exp,
+                } => failed = self.store.admit(&device_id, &role, token_exp, hub_ts / 1000).err(),
+                WriteReq::Meta { key, value } => failed = self.store.meta_set(&key, &value).err(),
+                WriteReq::Check(tx) => checks.push(tx),
+                WriteReq::Close => {}
+            }
+        }
+        if failed.is_none() {
+            failed = self.store.commit().err();
+        }
+
+        match failed {
+            None => {
+                self.stats.last_seq.store(self.next_seq - 1, Ordering::Release);
+                self.stats.lan_events.fetch_add(lan_added, Ordering::Relaxed);
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                if !self.stats.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(path = %self.store.path().display(), "event log writable again");
+                }
+                for p in pending {
+                    let o = &outcomes[p.start..p.start + p.n];
+                    if p.many {
+                        p.reply.many(o);
+                    } else {
+                        p.reply.one(&o[0]);
+                    }
+                }
+                for c in checks {
+                    let _ = c.send(Ok(()));
+                }
+                if !committed.is_empty() {
+                    (self.out)(committed);
+                }
+            }
+            Some(e) => {
+                self.store.rollback();
+                self.next_seq = first_seq;
+                let msg = e.to_string();
+                tracing::error!(path = %self.store.path().display(), error = %msg, "event log write failed; batch refused");
+                self.stats.healthy.store(false, Ordering::Relaxed);
+                *self.stats.last_error.lock() = Some(msg.clone());
+                let refused = EventError::Storage(msg.clone());
+                for p in pending {
+                    let all = vec![Outcome::Rejected(refused.clone()); p.n];
+                    if p.many {
+                        p.reply.many(&all);
+                    } else {
+                        p.reply.one(&all[0]);
+                    }
+                }
+                for r in leftovers {
+                    refuse(r, refused.clone());
+                }
+                for c in checks {
+                    let _ = c.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn count<R, T>(r: &WriteReq<R, T>) -> usize {
+    match r {
+        WriteReq::Append {
+            events: Appended::Many(v),
+            ..
+        } => v.len(),
+        _ => 1,
+    }
+}
+
+/// Answers a request that will not be written (busy, shutting down).
+pub fn refuse<R: Reply, T>(r: WriteReq<R, T>, e: EventError) {
+    match r {
+        WriteReq::Append { events, reply, .. } => {
+            let o = Outcome::Rejected(e);
+            match events {
+                Appended::One(_) => reply.one(&o),
+                Appended::Many(v) => reply.many(&vec![o; v.len()]),
+            }
+        }
+        WriteReq::Check(tx) => {
+            let _ = tx.send(Err("shutting down".into()));
+        }
+        _ => {}
+    }
+}

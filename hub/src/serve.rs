@@ -1,0 +1,163 @@
+//! `pos-hub serve`: opens the realms, wires Socket.IO and HTTP onto one port, and
+//! shuts down in order on SIGTERM/SIGINT: stop taking events (devices get
+//! `shutting_down`), commit what is queued, close the databases, exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::auth::keys::{generate_ed25519, SigningKey};
+use crate::auth::token::{mint, Claims};
+use crate::config::{Config, ConfigError, Settings};
+use crate::http::{self, Web};
+use crate::realm::Realms;
+use crate::realtime::{self, Gate};
+use crate::util::{now_secs, raise_fd_limit, write_atomic};
+
+/// Why the hub could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Log(#[from] crate::log::LogError),
+    #[error("cannot listen on {addr}: {source} (is another hub or program using the port? set PORT)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("dev setup in {dir}: {message}")]
+    Dev { dir: PathBuf, message: String },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The realm `--dev` runs.
+pub const DEV_TENANT: &str = "t-dev";
+pub const DEV_STORE: &str = "s-dev";
+
+/// Prepares `--dev`: a persistent Ed25519 key pair in `<data>/dev/`, the dev realm
+/// in `settings`, and dev tokens in `<data>/dev-token.txt` and
+/// `<data>/dev-admin-token.txt`. Returns the device token.
+pub fn prepare_dev(data_dir: &Path, settings: &mut Settings) -> Result<String, ServeError> {
+    let dev = |message: String| ServeError::Dev {
+        dir: data_dir.to_path_buf(),
+        message,
+    };
+    let key_path = data_dir.join("dev/cluster-key.pem");
+    let pub_path = data_dir.join("dev/cluster-key.pub.pem");
+    if !key_path.exists() || !pub_path.exists() {
+        let (private, public) = generate_ed25519().map_err(|e| dev(e.to_string()))?;
+        write_atomic(&key_path, private.as_bytes(), 0o600).map_err(|e| dev(format!("writing {}: {e}", key_path.display())))?;
+        write_atomic(&pub_path, public.as_bytes(), 0o644).map_err(|e| dev(format!("writing {}: {e}", pub_path.display())))?;
+    }
+    let public = std::fs::read_to_string(&pub_path).map_err(|e| dev(format!("reading {}: {e}", pub_path.display())))?;
+    let key = SigningKey::from_file(&key_path).map_err(|e| dev(e.to_string()))?;
+    settings.set("TENANT_ID", DEV_TENANT);
+    settings.set("STORE_ID", DEV_STORE);
+    settings.set(
+        "CLUSTER_PUBLIC_KEY_BASE64",
+        &base64::engine::general_purpose::STANDARD.encode(public.as_bytes()),
+    );
+    let now = now_secs();
+    let mut claims = Claims {
+        tenant_id: DEV_TENANT.into(),
+        store_id: DEV_STORE.into(),
+        device_id: "dev-till-1".into(),
+        role: "till".into(),
+        exp: now + 30 * 24 * 3600,
+        iat: now,
+        nbf: None,
+        iss: None,
+        aud: None,
+    };
+    let token = mint(&key, &claims, None).map_err(dev)?;
+    write_atomic(&data_dir.join("dev-token.txt"), format!("{token}\n").as_bytes(), 0o600)
+        .map_err(|e| dev(e.to_string()))?;
+    claims.device_id = "dev-admin".into();
+    claims.role = "admin".into();
+    let admin = mint(&key, &claims, None).map_err(dev)?;
+    write_atomic(&data_dir.join("dev-admin-token.txt"), format!("{admin}\n").as_bytes(), 0o600)
+        .map_err(|e| dev(e.to_string()))?;
+    Ok(token)
+}
+
+/// Runs the hub until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), ServeError> {
+    let fds = raise_fd_limit();
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServeError::Dev {
+        dir: cfg.data_dir.clone(),
+        message: format!("cannot create the data directory: {e}"),
+    })?;
+    let realms = Arc::new(Realms::open(&cfg.realms, &cfg.data_dir, cfg.group_commit_max)?);
+    let gate = Arc::new(Gate {
+        realms: realms.clone(),
+        policy: cfg.token_policy.clone(),
+        grace_secs: cfg.token_offline_grace.as_secs() as i64,
+    });
+    let (layer, io) = realtime::build(gate, cfg.socket_buffer);
+    let web = Arc::new(Web {
+        realms: realms.clone(),
+        policy: cfg.token_policy.clone(),
+        started: Instant::now(),
+    });
+    let app = http::router(web).layer(layer);
+
+    let addr = SocketAddr::new(cfg.bind, cfg.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(
+        %addr,
+        realms = %cfg.realms.iter().map(|r| r.key()).collect::<Vec<_>>().join(","),
+        data_dir = %cfg.data_dir.display(),
+        fd_limit = fds,
+        mdns = cfg.mdns,
+        version = crate::VERSION,
+        "pos-hub listening (http and ws on one port)"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "shutting down: no new events, committing what is queued");
+    // 1. Stop taking events and commit what is queued (devices get their acks).
+    let r = realms.clone();
+    let _ = tokio::task::spawn_blocking(move || r.close_all()).await;
+    // 2. Tell devices goodbye, stop the server.
+    let _ = tokio::time::timeout(Duration::from_secs(3), io.close()).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(3), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
+        Err(_) => tracing::warn!("connections did not close within 3 s; exiting anyway"),
+        _ => {}
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C will stop the hub");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
