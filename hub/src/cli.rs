@@ -85,12 +85,15 @@ struct MintArgs {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into())))
+        .or_else(|_| {
+            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+        })
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -99,7 +102,9 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
-        Cmd::Token { cmd: TokenCmd::Mint(a) } => match token_mint(a) {
+        Cmd::Token {
+            cmd: TokenCmd::Mint(a),
+        } => match token_mint(a) {
             Ok(t) => {
                 println!("{t}");
                 0
@@ -153,7 +158,10 @@ fn serve(a: ServeArgs) -> i32 {
             return 78;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pos-hub: cannot start the runtime: {e}");
@@ -175,7 +183,8 @@ fn parse_signed_duration(s: &str) -> Result<i64, String> {
         Some(b) => (true, b),
         None => (false, s),
     };
-    let d = humantime::parse_duration(body).map_err(|e| format!("{s:?} is not a duration like 1h or 30d ({e})"))?;
+    let d = humantime::parse_duration(body)
+        .map_err(|e| format!("{s:?} is not a duration like 1h or 30d ({e})"))?;
     let secs = d.as_secs() as i64;
     Ok(if neg { -secs } else { secs })
 }
@@ -185,7 +194,9 @@ fn token_mint(a: MintArgs) -> Result<String, String> {
     let ttl = parse_signed_duration(&a.ttl)?;
     for (name, v) in [("--tenant", &a.tenant), ("--store", &a.store)] {
         if !crate::config::valid_realm_part(v) {
-            return Err(format!("{name} {v:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"));
+            return Err(format!(
+                "{name} {v:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"
+            ));
         }
     }
     if a.device.is_empty() || a.role.is_empty() {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::auth::{KeySet, Policy};
 use crate::auth::keys::VerifyKey;
+use crate::auth::{KeySet, Policy};
 
 /// A bad setting. Printed as `KEY: what is wrong (what to do)`.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,9 @@ impl UpdateChannel {
                 let v = v.strip_prefix('v').unwrap_or(v);
                 let ok = !v.is_empty()
                     && v.split('.').count() <= 4
-                    && v.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                    && v.split('.').all(|p| {
+                        !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    })
                     && v.starts_with(|c: char| c.is_ascii_digit());
                 ok.then(|| Self::Pinned(v.to_string()))
             }
@@ -108,9 +110,8 @@ impl Settings {
     pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut s = Settings::default();
         if let Some(path) = env_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                err("--env-file", format!("cannot read {}: {e}", path.display()))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err("--env-file", format!("cannot read {}: {e}", path.display())))?;
             s.map = parse_env_file(&text).map_err(|(line, m)| {
                 err("--env-file", format!("{} line {line}: {m}", path.display()))
             })?;
@@ -129,7 +130,10 @@ impl Settings {
 
     /// A value, treating an empty string as unset.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.map.get(key).map(|s| s.as_str()).filter(|s| !s.is_empty())
+        self.map
+            .get(key)
+            .map(|s| s.as_str())
+            .filter(|s| !s.is_empty())
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -147,7 +151,10 @@ pub fn parse_env_file(text: &str) -> Result<HashMap<String, String>, (usize, Str
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
         let Some((k, v)) = line.split_once('=') else {
-            return Err((i + 1, format!("expected KEY=VALUE, found {:?}", truncate(line, 40))));
+            return Err((
+                i + 1,
+                format!("expected KEY=VALUE, found {:?}", truncate(line, 40)),
+            ));
         };
         let k = k.trim();
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -155,7 +162,8 @@ pub fn parse_env_file(text: &str) -> Result<HashMap<String, String>, (usize, Str
         }
         let v = v.trim();
         let v = if v.len() >= 2
-            && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
         {
             &v[1..v.len() - 1]
         } else {
@@ -178,7 +186,8 @@ pub fn valid_realm_part(s: &str) -> bool {
         && s.len() <= 64
         && s != "."
         && s != ".."
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
@@ -189,8 +198,12 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v)
-        .map_err(|e| err(key, format!("{v:?} is not a duration like 72h or 30m ({e})")))
+    humantime::parse_duration(v).map_err(|e| {
+        err(
+            key,
+            format!("{v:?} is not a duration like 72h or 30m ({e})"),
+        )
+    })
 }
 
 /// A realm as written in a realms file.
@@ -223,18 +236,36 @@ fn keys_from_base64(key: &str, b64: &str) -> Result<Arc<KeySet>, ConfigError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| err(key, format!("not valid base64 ({e}); encode the PEM public key with `base64 -w0 key.pub.pem`")))?;
-    let pem = String::from_utf8(bytes).map_err(|_| err(key, "decodes to bytes that are not PEM text"))?;
+    let pem =
+        String::from_utf8(bytes).map_err(|_| err(key, "decodes to bytes that are not PEM text"))?;
     keys_from_pem(key, &pem)
 }
 
 impl RealmEntry {
     fn into_config(self, base: &Path, origin: &str) -> Result<RealmConfig, ConfigError> {
-        let key = |field: &str| format!("{origin} realm {}:{} {field}", self.tenant_id, self.store_id);
+        let key = |field: &str| {
+            format!(
+                "{origin} realm {}:{} {field}",
+                self.tenant_id, self.store_id
+            )
+        };
         if !valid_realm_part(&self.tenant_id) {
-            return Err(err(&format!("{origin} tenantId"), format!("{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -", self.tenant_id)));
+            return Err(err(
+                &format!("{origin} tenantId"),
+                format!(
+                    "{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -",
+                    self.tenant_id
+                ),
+            ));
         }
         if !valid_realm_part(&self.store_id) {
-            return Err(err(&format!("{origin} storeId"), format!("{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -", self.store_id)));
+            return Err(err(
+                &format!("{origin} storeId"),
+                format!(
+                    "{:?} must be 1-64 chars of A-Z a-z 0-9 . _ -",
+                    self.store_id
+                ),
+            ));
         }
         let sources = [
             self.public_key_pem.is_some(),
@@ -257,11 +288,20 @@ impl RealmEntry {
             keys_from_base64(&key("publicKeyBase64"), b64)?
         } else if let Some(f) = &self.public_key_file {
             let p = base.join(f);
-            let pem = std::fs::read_to_string(&p)
-                .map_err(|e| err(&key("publicKeyFile"), format!("cannot read {}: {e}", p.display())))?;
+            let pem = std::fs::read_to_string(&p).map_err(|e| {
+                err(
+                    &key("publicKeyFile"),
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
             keys_from_pem(&key("publicKeyFile"), &pem)?
         } else {
-            let p = base.join(self.jwks_file.as_ref().map(|p| p.as_path()).unwrap_or(Path::new("")));
+            let p = base.join(
+                self.jwks_file
+                    .as_ref()
+                    .map(|p| p.as_path())
+                    .unwrap_or(Path::new("")),
+            );
             Arc::new(KeySet::from_jwks_file(&p).map_err(|e| err(&key("jwksFile"), e.to_string()))?)
         };
         if let Some(u) = &self.cloud_bridge_url {
@@ -281,7 +321,8 @@ impl RealmEntry {
 /// `*.json` files (one realm object each).
 pub fn load_realms(path: &Path) -> Result<Vec<RealmConfig>, ConfigError> {
     let key = "REALMS_FILE";
-    let meta = std::fs::metadata(path).map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
     let mut out = Vec::new();
     if meta.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)
@@ -291,15 +332,21 @@ pub fn load_realms(path: &Path) -> Result<Vec<RealmConfig>, ConfigError> {
             .collect();
         files.sort();
         for f in files {
-            let text = std::fs::read_to_string(&f).map_err(|e| err(key, format!("cannot read {}: {e}", f.display())))?;
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| err(key, format!("cannot read {}: {e}", f.display())))?;
             let entry: RealmEntry = serde_json::from_str(&text)
                 .map_err(|e| err(key, format!("{}: {e}", f.display())))?;
             out.push(entry.into_config(path, &f.display().to_string())?);
         }
     } else {
-        let text = std::fs::read_to_string(path).map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
-        let entries: Vec<RealmEntry> = serde_json::from_str(&text)
-            .map_err(|e| err(key, format!("{}: {e} (expected a JSON array of realms)", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
+        let entries: Vec<RealmEntry> = serde_json::from_str(&text).map_err(|e| {
+            err(
+                key,
+                format!("{}: {e} (expected a JSON array of realms)", path.display()),
+            )
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for e in entries {
             out.push(e.into_config(base, &path.display().to_string())?);
@@ -330,7 +377,9 @@ impl Config {
         };
         let bind = match s.get("BIND") {
             None => IpAddr::from([0, 0, 0, 0]),
-            Some(v) => v.parse().map_err(|_| err("BIND", format!("{v:?} is not an IP address")))?,
+            Some(v) => v
+                .parse()
+                .map_err(|_| err("BIND", format!("{v:?} is not an IP address")))?,
         };
         let data_dir = data_dir
             .or_else(|| s.get("DATA_DIR").map(PathBuf::from))
@@ -346,7 +395,10 @@ impl Config {
         let update_channel = match s.get("UPDATE_CHANNEL") {
             None => UpdateChannel::Stable,
             Some(v) => UpdateChannel::parse(v).ok_or_else(|| {
-                err("UPDATE_CHANNEL", format!("{v:?} is not stable, canary or a version like 1.4.2"))
+                err(
+                    "UPDATE_CHANNEL",
+                    format!("{v:?} is not stable, canary or a version like 1.4.2"),
+                )
             })?,
         };
         let mdns = match s.get("MDNS").map(|v| v.to_ascii_lowercase()) {
@@ -355,16 +407,19 @@ impl Config {
             Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
             Some(v) => return Err(err("MDNS", format!("{v:?} is not on or off"))),
         };
-        let num = |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ConfigError> {
-            match s.get(key) {
-                None => Ok(default),
-                Some(v) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (min..=max).contains(n))
-                    .ok_or_else(|| err(key, format!("{v:?} is not a number from {min} to {max}"))),
-            }
-        };
+        let num =
+            |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ConfigError> {
+                match s.get(key) {
+                    None => Ok(default),
+                    Some(v) => v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (min..=max).contains(n))
+                        .ok_or_else(|| {
+                            err(key, format!("{v:?} is not a number from {min} to {max}"))
+                        }),
+                }
+            };
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -382,34 +437,54 @@ impl Config {
         let tenant = s.get("TENANT_ID");
         let store = s.get("STORE_ID");
         if tenant.is_some() || store.is_some() || realms.is_empty() {
-            let tenant = tenant.ok_or_else(|| err("TENANT_ID", "is not set (or give --realms FILE, or run with --dev)"))?;
+            let tenant = tenant.ok_or_else(|| {
+                err(
+                    "TENANT_ID",
+                    "is not set (or give --realms FILE, or run with --dev)",
+                )
+            })?;
             let store = store.ok_or_else(|| err("STORE_ID", "is not set"))?;
             if !valid_realm_part(tenant) {
-                return Err(err("TENANT_ID", format!("{tenant:?} must be 1-64 chars of A-Z a-z 0-9 . _ -")));
+                return Err(err(
+                    "TENANT_ID",
+                    format!("{tenant:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"),
+                ));
             }
             if !valid_realm_part(store) {
-                return Err(err("STORE_ID", format!("{store:?} must be 1-64 chars of A-Z a-z 0-9 . _ -")));
+                return Err(err(
+                    "STORE_ID",
+                    format!("{store:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"),
+                ));
             }
-            let keys = match (s.get("CLUSTER_PUBLIC_KEY_BASE64"), s.get("CLUSTER_JWKS_FILE")) {
-                (Some(b64), None) => keys_from_base64("CLUSTER_PUBLIC_KEY_BASE64", b64)?,
-                (None, Some(f)) => Arc::new(
-                    KeySet::from_jwks_file(Path::new(f)).map_err(|e| err("CLUSTER_JWKS_FILE", e.to_string()))?,
-                ),
-                (Some(_), Some(_)) => {
-                    return Err(err("CLUSTER_JWKS_FILE", "set either it or CLUSTER_PUBLIC_KEY_BASE64, not both"))
-                }
-                (None, None) => {
-                    return Err(err(
+            let keys =
+                match (
+                    s.get("CLUSTER_PUBLIC_KEY_BASE64"),
+                    s.get("CLUSTER_JWKS_FILE"),
+                ) {
+                    (Some(b64), None) => keys_from_base64("CLUSTER_PUBLIC_KEY_BASE64", b64)?,
+                    (None, Some(f)) => Arc::new(
+                        KeySet::from_jwks_file(Path::new(f))
+                            .map_err(|e| err("CLUSTER_JWKS_FILE", e.to_string()))?,
+                    ),
+                    (Some(_), Some(_)) => {
+                        return Err(err(
+                            "CLUSTER_JWKS_FILE",
+                            "set either it or CLUSTER_PUBLIC_KEY_BASE64, not both",
+                        ))
+                    }
+                    (None, None) => return Err(err(
                         "CLUSTER_PUBLIC_KEY_BASE64",
                         "is not set: the hub needs the cloud's public key to check device tokens",
-                    ))
-                }
-            };
+                    )),
+                };
             let url = s.get("CLOUD_BRIDGE_URL").map(String::from);
             if let Some(u) = &url {
                 check_url("CLOUD_BRIDGE_URL", u)?;
                 if s.get("CLOUD_BRIDGE_TOKEN").is_none() {
-                    return Err(err("CLOUD_BRIDGE_TOKEN", "is not set but CLOUD_BRIDGE_URL is"));
+                    return Err(err(
+                        "CLOUD_BRIDGE_TOKEN",
+                        "is not set but CLOUD_BRIDGE_URL is",
+                    ));
                 }
             }
             realms.push(RealmConfig {
@@ -423,7 +498,10 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for r in &realms {
             if !seen.insert(r.key()) {
-                return Err(err("realms", format!("realm {} is configured twice", r.key())));
+                return Err(err(
+                    "realms",
+                    format!("realm {} is configured twice", r.key()),
+                ));
             }
         }
         Ok(Config {
@@ -457,7 +535,8 @@ mod tests {
 
     #[test]
     fn env_file_parsing() {
-        let m = parse_env_file("# c\nexport A=1\nB=\"two words\"\nC='x'\nD=plain # note\n\n").unwrap();
+        let m =
+            parse_env_file("# c\nexport A=1\nB=\"two words\"\nC='x'\nD=plain # note\n\n").unwrap();
         assert_eq!(m["A"], "1");
         assert_eq!(m["B"], "two words");
         assert_eq!(m["C"], "x");
@@ -469,7 +548,11 @@ mod tests {
     fn single_realm_from_env() {
         let b64 = pub_b64();
         let c = Config::from_settings(
-            &settings(&[("TENANT_ID", "t-abc"), ("STORE_ID", "s-001"), ("CLUSTER_PUBLIC_KEY_BASE64", &b64)]),
+            &settings(&[
+                ("TENANT_ID", "t-abc"),
+                ("STORE_ID", "s-001"),
+                ("CLUSTER_PUBLIC_KEY_BASE64", &b64),
+            ]),
             None,
             None,
             None,
@@ -483,7 +566,11 @@ mod tests {
     #[test]
     fn every_bad_value_names_its_key() {
         let b64 = pub_b64();
-        let base = [("TENANT_ID", "t"), ("STORE_ID", "s"), ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str())];
+        let base = [
+            ("TENANT_ID", "t"),
+            ("STORE_ID", "s"),
+            ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str()),
+        ];
         let cases: &[(&str, &str)] = &[
             ("PORT", "99999"),
             ("PORT", "abc"),
@@ -528,7 +615,10 @@ mod tests {
     #[test]
     fn update_channels() {
         assert_eq!(UpdateChannel::parse("stable"), Some(UpdateChannel::Stable));
-        assert_eq!(UpdateChannel::parse("v1.4.2"), Some(UpdateChannel::Pinned("1.4.2".into())));
+        assert_eq!(
+            UpdateChannel::parse("v1.4.2"),
+            Some(UpdateChannel::Pinned("1.4.2".into()))
+        );
         assert_eq!(UpdateChannel::parse("latest"), None);
     }
 }

@@ -41,7 +41,12 @@ async fn healthz(State(web): State<Arc<Web>>) -> Response {
         }
     }
     if problems.is_empty() {
-        (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response()
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "ok\n",
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -128,7 +133,11 @@ async fn status(
                     "not_configured"
                 },
                 healthy: r.stats.healthy.load(Ordering::Relaxed),
-                last_error: if full { r.stats.last_error.lock().clone() } else { None },
+                last_error: if full {
+                    r.stats.last_error.lock().clone()
+                } else {
+                    None
+                },
                 device_count: devices.len(),
                 devices: full.then_some(devices),
             }
@@ -137,7 +146,13 @@ async fn status(
     Json(Status {
         version: crate::VERSION,
         uptime_secs: web.started.elapsed().as_secs(),
-        detail: if all { "full" } else if one.is_some() { "realm" } else { "summary" },
+        detail: if all {
+            "full"
+        } else if one.is_some() {
+            "realm"
+        } else {
+            "summary"
+        },
         realms,
     })
 }

@@ -34,8 +34,13 @@ pub struct RawJson<'a>(pub &'a str);
 
 impl Serialize for RawJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // serde_json's raw-value token: its serializer writes the string verbatim.
-        s.serialize_newtype_struct("$serde_json::private::RawValue", self.0)
+        // serde_json's raw-value protocol: a struct with this token as its name and
+        // one field writes the field's string verbatim (what `RawValue` does).
+        use serde::ser::SerializeStruct;
+        const TOKEN: &str = "$serde_json::private::RawValue";
+        let mut st = s.serialize_struct(TOKEN, 1)?;
+        st.serialize_field(TOKEN, self.0)?;
+        st.end()
     }
 }
 
@@ -153,10 +158,16 @@ enum Fan {
     Batch(Vec<Committed<Tag>>),
     /// Admit `sock` to the live set: first send it what it has not seen up to the
     /// current seq (from `after`; `None` = live only), then `synced`.
-    Join { sock: Sock, after: Option<u64> },
+    Join {
+        sock: Sock,
+        after: Option<u64>,
+    },
     Leave(Sid),
     /// A hub notice to every device (e.g. `hub.power`).
-    Notice { event: &'static str, json: String },
+    Notice {
+        event: &'static str,
+        json: String,
+    },
     Close,
 }
 
@@ -195,7 +206,11 @@ const QUEUE: usize = 65_536;
 
 impl Realm {
     /// Opens the realm's database and starts its writer and fan-out threads.
-    pub fn open(cfg: RealmConfig, data_dir: &std::path::Path, max_batch: usize) -> Result<Arc<Self>, LogError> {
+    pub fn open(
+        cfg: RealmConfig,
+        data_dir: &std::path::Path,
+        max_batch: usize,
+    ) -> Result<Arc<Self>, LogError> {
         let db_path = data_dir
             .join("realms")
             .join(&cfg.tenant_id)
@@ -357,7 +372,8 @@ impl Realm {
                 break;
             }
             let realm = self.clone();
-            let page = match tokio::task::spawn_blocking(move || realm.read_page(after, PAGE)).await {
+            let page = match tokio::task::spawn_blocking(move || realm.read_page(after, PAGE)).await
+            {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     tracing::error!(realm = %self.key(), error = %e, "replay read failed; disconnecting device");
@@ -554,7 +570,11 @@ pub struct Realms {
 
 impl Realms {
     /// Opens every configured realm; the first failure stops start-up.
-    pub fn open(cfgs: &[RealmConfig], data_dir: &std::path::Path, max_batch: usize) -> Result<Self, LogError> {
+    pub fn open(
+        cfgs: &[RealmConfig],
+        data_dir: &std::path::Path,
+        max_batch: usize,
+    ) -> Result<Self, LogError> {
         let mut list = Vec::new();
         let mut by_key = HashMap::new();
         for c in cfgs {
@@ -586,5 +606,21 @@ impl Realms {
         for r in &self.list {
             r.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_json_goes_through_socketio_encoding_verbatim() {
+        let s = serde_json::to_string(&(RawJson(r#"{"a":1}"#),)).unwrap();
+        assert_eq!(s, r#"[{"a":1}]"#);
+        use socketioxide_core::parser::Parse;
+        let v = socketioxide_parser_common::CommonParser
+            .encode_value(&RawJson(r#"{"a":[1,"x"]}"#), Some("event"))
+            .unwrap();
+        assert_eq!(v.as_str().unwrap().as_str(), r#"["event",{"a":[1,"x"]}]"#);
     }
 }

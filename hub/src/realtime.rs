@@ -21,7 +21,9 @@ use socketioxide_core::Value;
 
 use crate::auth::token::{self, TokenError};
 use crate::auth::Policy;
-use crate::log::event::{parse_batch_packet, parse_event_packet, push_json_str, EventError, MAX_BATCH};
+use crate::log::event::{
+    parse_batch_packet, parse_event_packet, push_json_str, EventError, MAX_BATCH,
+};
 use crate::log::{Appended, Origin, WriteReq};
 use crate::realm::{AckErr, AckReply, DeviceEntry, RawJson, Realm, Realms, PAGE};
 use crate::util::{now_ms, now_secs};
@@ -38,7 +40,10 @@ pub struct Gate {
 pub const MAX_MESSAGE: usize = 8 << 20;
 
 /// Builds the Socket.IO layer for `/socket.io/`.
-pub fn build(gate: Arc<Gate>, socket_buffer: usize) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
+pub fn build(
+    gate: Arc<Gate>,
+    socket_buffer: usize,
+) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
     let mut config = SocketIoConfig::default();
     config.engine_config.max_buffer_size = socket_buffer;
     let (layer, io) = SocketIo::builder()
@@ -85,7 +90,10 @@ fn parse_since(v: Option<&serde_json::Value>) -> Result<Option<u64>, Refused> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::Number(n)) => n.as_u64().map(Some).ok_or(Refused("invalid_since")),
-        Some(serde_json::Value::String(s)) => s.parse::<u64>().map(Some).map_err(|_| Refused("invalid_since")),
+        Some(serde_json::Value::String(s)) => s
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| Refused("invalid_since")),
         Some(_) => Err(Refused("invalid_since")),
     }
 }
@@ -200,7 +208,11 @@ pub struct SubmitOne;
 
 impl FromMessageParts<LocalAdapter> for SubmitOne {
     type Error = Infallible;
-    fn from_message_parts(s: &Sock, v: &mut Value, ack_id: &Option<i64>) -> Result<Self, Infallible> {
+    fn from_message_parts(
+        s: &Sock,
+        v: &mut Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
         let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
             return Ok(SubmitOne);
         };
@@ -224,7 +236,11 @@ pub struct SubmitMany;
 
 impl FromMessageParts<LocalAdapter> for SubmitMany {
     type Error = Infallible;
-    fn from_message_parts(s: &Sock, v: &mut Value, ack_id: &Option<i64>) -> Result<Self, Infallible> {
+    fn from_message_parts(
+        s: &Sock,
+        v: &mut Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
         let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
             return Ok(SubmitMany);
         };

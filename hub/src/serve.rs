@@ -24,7 +24,9 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Log(#[from] crate::log::LogError),
-    #[error("cannot listen on {addr}: {source} (is another hub or program using the port? set PORT)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another hub or program using the port? set PORT)"
+    )]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -51,10 +53,13 @@ pub fn prepare_dev(data_dir: &Path, settings: &mut Settings) -> Result<String, S
     let pub_path = data_dir.join("dev/cluster-key.pub.pem");
     if !key_path.exists() || !pub_path.exists() {
         let (private, public) = generate_ed25519().map_err(|e| dev(e.to_string()))?;
-        write_atomic(&key_path, private.as_bytes(), 0o600).map_err(|e| dev(format!("writing {}: {e}", key_path.display())))?;
-        write_atomic(&pub_path, public.as_bytes(), 0o644).map_err(|e| dev(format!("writing {}: {e}", pub_path.display())))?;
+        write_atomic(&key_path, private.as_bytes(), 0o600)
+            .map_err(|e| dev(format!("writing {}: {e}", key_path.display())))?;
+        write_atomic(&pub_path, public.as_bytes(), 0o644)
+            .map_err(|e| dev(format!("writing {}: {e}", pub_path.display())))?;
     }
-    let public = std::fs::read_to_string(&pub_path).map_err(|e| dev(format!("reading {}: {e}", pub_path.display())))?;
+    let public = std::fs::read_to_string(&pub_path)
+        .map_err(|e| dev(format!("reading {}: {e}", pub_path.display())))?;
     let key = SigningKey::from_file(&key_path).map_err(|e| dev(e.to_string()))?;
     settings.set("TENANT_ID", DEV_TENANT);
     settings.set("STORE_ID", DEV_STORE);
@@ -75,13 +80,21 @@ pub fn prepare_dev(data_dir: &Path, settings: &mut Settings) -> Result<String, S
         aud: None,
     };
     let token = mint(&key, &claims, None).map_err(dev)?;
-    write_atomic(&data_dir.join("dev-token.txt"), format!("{token}\n").as_bytes(), 0o600)
-        .map_err(|e| dev(e.to_string()))?;
+    write_atomic(
+        &data_dir.join("dev-token.txt"),
+        format!("{token}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| dev(e.to_string()))?;
     claims.device_id = "dev-admin".into();
     claims.role = "admin".into();
     let admin = mint(&key, &claims, None).map_err(dev)?;
-    write_atomic(&data_dir.join("dev-admin-token.txt"), format!("{admin}\n").as_bytes(), 0o600)
-        .map_err(|e| dev(e.to_string()))?;
+    write_atomic(
+        &data_dir.join("dev-admin-token.txt"),
+        format!("{admin}\n").as_bytes(),
+        0o600,
+    )
+    .map_err(|e| dev(e.to_string()))?;
     Ok(token)
 }
 
@@ -92,7 +105,11 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         dir: cfg.data_dir.clone(),
         message: format!("cannot create the data directory: {e}"),
     })?;
-    let realms = Arc::new(Realms::open(&cfg.realms, &cfg.data_dir, cfg.group_commit_max)?);
+    let realms = Arc::new(Realms::open(
+        &cfg.realms,
+        &cfg.data_dir,
+        cfg.group_commit_max,
+    )?);
     let gate = Arc::new(Gate {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),
@@ -122,15 +139,21 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
 
     let signal = wait_for_signal().await;
-    tracing::info!(signal, "shutting down: no new events, committing what is queued");
+    tracing::info!(
+        signal,
+        "shutting down: no new events, committing what is queued"
+    );
     // 1. Stop taking events and commit what is queued (devices get their acks).
     let r = realms.clone();
     let _ = tokio::task::spawn_blocking(move || r.close_all()).await;

@@ -45,7 +45,9 @@ fn detect_alg(der: &[u8]) -> Result<Algorithm, KeyError> {
         if contains(head, OID_P256) {
             Ok(Algorithm::ES256)
         } else {
-            Err(KeyError::Unsupported("EC key on a curve other than P-256".into()))
+            Err(KeyError::Unsupported(
+                "EC key on a curve other than P-256".into(),
+            ))
         }
     } else if contains(head, OID_RSA) {
         Ok(Algorithm::RS256)
@@ -91,12 +93,10 @@ impl VerifyKey {
                 DecodingKey::from_rsa_pem(pem_text.trim().as_bytes())
                     .map_err(|e| KeyError::Invalid(e.to_string()))?,
             ),
-            other if other.contains("PRIVATE") => {
-                return Err(KeyError::Invalid(
-                    "this is a PRIVATE key; the hub needs only the PUBLIC half (openssl pkey -pubout)"
-                        .into(),
-                ))
-            }
+            other if other.contains("PRIVATE") => return Err(KeyError::Invalid(
+                "this is a PRIVATE key; the hub needs only the PUBLIC half (openssl pkey -pubout)"
+                    .into(),
+            )),
             other => return Err(KeyError::NotPem(format!("PEM label '{other}'"))),
         };
         Ok(Self { kid, alg, key })
@@ -124,7 +124,9 @@ impl KeySet {
                 jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
                 jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p) => {
                     if p.curve != jsonwebtoken::jwk::EllipticCurve::P256 {
-                        return Err(KeyError::Unsupported(format!("JWKS key {kid:?}: EC curve other than P-256")));
+                        return Err(KeyError::Unsupported(format!(
+                            "JWKS key {kid:?}: EC curve other than P-256"
+                        )));
                     }
                     Algorithm::ES256
                 }
@@ -210,7 +212,9 @@ pub fn generate_ed25519() -> Result<(String, String), KeyError> {
         .map_err(|_| KeyError::Invalid("the system random generator failed".into()))?;
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
         .map_err(|e| KeyError::Invalid(e.to_string()))?;
-    let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
     spki.extend_from_slice(pair.public_key().as_ref());
     let private = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
     let public = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
@@ -224,8 +228,14 @@ mod tests {
     #[test]
     fn generated_ed25519_round_trips() {
         let (private, public) = generate_ed25519().unwrap();
-        assert_eq!(SigningKey::from_pem(&private).unwrap().alg, Algorithm::EdDSA);
-        assert_eq!(VerifyKey::from_pem(&public, None).unwrap().alg, Algorithm::EdDSA);
+        assert_eq!(
+            SigningKey::from_pem(&private).unwrap().alg,
+            Algorithm::EdDSA
+        );
+        assert_eq!(
+            VerifyKey::from_pem(&public, None).unwrap().alg,
+            Algorithm::EdDSA
+        );
     }
 
     #[test]

@@ -111,7 +111,12 @@ pub struct Verified {
 
 /// Verifies `token` against `keys`: signature, required claims, issuer and audience,
 /// `nbf`. Expiry is reported in [`Verified::expired_by`], not as an error.
-pub fn verify(keys: &KeySet, token: &str, now: i64, policy: &Policy) -> Result<Verified, TokenError> {
+pub fn verify(
+    keys: &KeySet,
+    token: &str,
+    now: i64,
+    policy: &Policy,
+) -> Result<Verified, TokenError> {
     if token.is_empty() {
         return Err(TokenError::MissingToken);
     }
@@ -120,7 +125,10 @@ pub fn verify(keys: &KeySet, token: &str, now: i64, policy: &Policy) -> Result<V
         Some(kid) => keys
             .keys()
             .iter()
-            .filter(|k| k.kid.as_deref() == Some(kid.as_str()) || (k.kid.is_none() && keys.keys().len() == 1))
+            .filter(|k| {
+                k.kid.as_deref() == Some(kid.as_str())
+                    || (k.kid.is_none() && keys.keys().len() == 1)
+            })
             .collect(),
         None => keys.keys().iter().collect(),
     };
@@ -141,10 +149,13 @@ pub fn verify(keys: &KeySet, token: &str, now: i64, policy: &Policy) -> Result<V
             Err(e) => {
                 use jsonwebtoken::errors::ErrorKind as K;
                 last = match e.kind() {
-                    K::InvalidSignature | K::InvalidAlgorithm | K::InvalidEcdsaKey | K::InvalidRsaKey(_) => {
-                        TokenError::BadSignature
-                    }
-                    K::Json(_) => TokenError::MissingClaims("claims are not a JSON object of the expected shape".into()),
+                    K::InvalidSignature
+                    | K::InvalidAlgorithm
+                    | K::InvalidEcdsaKey
+                    | K::InvalidRsaKey(_) => TokenError::BadSignature,
+                    K::Json(_) => TokenError::MissingClaims(
+                        "claims are not a JSON object of the expected shape".into(),
+                    ),
                     _ => TokenError::Malformed,
                 };
                 if last != TokenError::BadSignature {
@@ -229,7 +240,9 @@ fn check_claims(raw: RawClaims, now: i64, policy: &Policy) -> Result<Verified, T
 pub fn peek_realm(token: &str) -> Result<(String, String), TokenError> {
     use base64::Engine as _;
     let mut parts = token.split('.');
-    let (Some(_), Some(body), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(_), Some(body), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(TokenError::Malformed);
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -342,7 +355,9 @@ mod tests {
         }
         let t = encode(&Header::new(sk.alg), &Partial { exp: 5000 }, &sk.key).unwrap();
         match verify(&keys, &t, 2000, &Policy::default()).unwrap_err() {
-            TokenError::MissingClaims(m) => assert!(m.contains("tenantId") && m.contains("iat"), "{m}"),
+            TokenError::MissingClaims(m) => {
+                assert!(m.contains("tenantId") && m.contains("iat"), "{m}")
+            }
             e => panic!("unexpected {e:?}"),
         }
     }
@@ -384,7 +399,10 @@ mod tests {
         c.iss = Some("cloud".into());
         c.aud = Some("other".into());
         let t = mint(&sk, &c, None).unwrap();
-        assert_eq!(verify(&keys, &t, 2000, &policy).unwrap_err(), TokenError::BadAudience);
+        assert_eq!(
+            verify(&keys, &t, 2000, &policy).unwrap_err(),
+            TokenError::BadAudience
+        );
     }
 
     #[test]
@@ -403,6 +421,9 @@ mod tests {
         let t = mint(&sk, &claims(5000), Some("k1".into())).unwrap();
         assert!(verify(&keys, &t, 2000, &Policy::default()).is_ok());
         let t = mint(&sk, &claims(5000), Some("k9".into())).unwrap();
-        assert_eq!(verify(&keys, &t, 2000, &Policy::default()).unwrap_err(), TokenError::UnknownKey);
+        assert_eq!(
+            verify(&keys, &t, 2000, &Policy::default()).unwrap_err(),
+            TokenError::UnknownKey
+        );
     }
 }

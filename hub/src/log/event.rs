@@ -190,11 +190,15 @@ pub fn parse_event_packet(packet: &str) -> Result<NewEvent, EventError> {
 pub fn parse_batch_packet(packet: &str) -> Result<Vec<Result<NewEvent, EventError>>, EventError> {
     let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
     let list = args.get(1).ok_or(EventError::TooMany)?;
-    let items: Vec<&RawValue> = serde_json::from_str(list.get()).map_err(|_| EventError::TooMany)?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(list.get()).map_err(|_| EventError::TooMany)?;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(EventError::TooMany);
     }
-    Ok(items.into_iter().map(|r| NewEvent::from_json(r.get())).collect())
+    Ok(items
+        .into_iter()
+        .map(|r| NewEvent::from_json(r.get()))
+        .collect())
 }
 
 /// Writes `s` as a JSON string literal.
@@ -229,7 +233,8 @@ pub fn encode_stored(
     hub_ts: i64,
     origin: Origin,
 ) -> String {
-    let mut out = String::with_capacity(96 + id.len() + typ.len() + payload.len() + device_id.len());
+    let mut out =
+        String::with_capacity(96 + id.len() + typ.len() + payload.len() + device_id.len());
     let _ = write!(out, "{{\"seq\":{seq},\"id\":");
     push_json_str(&mut out, id);
     out.push_str(",\"type\":");
@@ -240,7 +245,11 @@ pub fn encode_stored(
     push_json_str(&mut out, device_id);
     out.push_str(",\"ts\":");
     out.push_str(ts.unwrap_or("null"));
-    let _ = write!(out, ",\"hubTs\":{hub_ts},\"origin\":\"{}\"}}", origin.as_str());
+    let _ = write!(
+        out,
+        ",\"hubTs\":{hub_ts},\"origin\":\"{}\"}}",
+        origin.as_str()
+    );
     out
 }
 
@@ -250,38 +259,84 @@ mod tests {
 
     #[test]
     fn parses_and_checks() {
-        let e = parse_event_packet(r#"["event",{"id":"a-1","type":"order.created","payload":{"x":[1,2]},"ts":17}]"#).unwrap();
-        assert_eq!((e.id(), e.typ(), e.payload(), e.ts()), ("a-1", "order.created", r#"{"x":[1,2]}"#, Some("17")));
+        let e = parse_event_packet(
+            r#"["event",{"id":"a-1","type":"order.created","payload":{"x":[1,2]},"ts":17}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.id(), e.typ(), e.payload(), e.ts()),
+            ("a-1", "order.created", r#"{"x":[1,2]}"#, Some("17"))
+        );
         let e = parse_event_packet(r#"["event",{"id":"a","type":"t","payload":null}]"#).unwrap();
         assert_eq!((e.payload(), e.ts()), ("null", None));
         let bad = |p: &str| parse_event_packet(p).unwrap_err();
         assert_eq!(bad(r#"["event","str"]"#), EventError::Invalid);
         assert_eq!(bad(r#"["event"]"#), EventError::Invalid);
-        assert_eq!(bad(r#"["event",{"id":"a b","type":"t","payload":1}]"#), EventError::BadId);
-        assert_eq!(bad(r#"["event",{"id":"","type":"t","payload":1}]"#), EventError::BadId);
-        assert_eq!(bad(r#"["event",{"type":"t","payload":1}]"#), EventError::BadId);
-        assert_eq!(bad(r#"["event",{"id":"a","type":"","payload":1}]"#), EventError::BadType);
-        assert_eq!(bad(r#"["event",{"id":"a","type":7,"payload":1}]"#), EventError::Invalid);
-        assert_eq!(bad(r#"["event",{"id":"a","type":"t"}]"#), EventError::MissingPayload);
-        assert_eq!(bad(r#"["event",{"id":"a","type":"t","payload":1,"ts":{}}]"#), EventError::BadTs);
-        let big = format!(r#"["event",{{"id":"a","type":"t","payload":"{}"}}]"#, "x".repeat(MAX_PAYLOAD));
+        assert_eq!(
+            bad(r#"["event",{"id":"a b","type":"t","payload":1}]"#),
+            EventError::BadId
+        );
+        assert_eq!(
+            bad(r#"["event",{"id":"","type":"t","payload":1}]"#),
+            EventError::BadId
+        );
+        assert_eq!(
+            bad(r#"["event",{"type":"t","payload":1}]"#),
+            EventError::BadId
+        );
+        assert_eq!(
+            bad(r#"["event",{"id":"a","type":"","payload":1}]"#),
+            EventError::BadType
+        );
+        assert_eq!(
+            bad(r#"["event",{"id":"a","type":7,"payload":1}]"#),
+            EventError::Invalid
+        );
+        assert_eq!(
+            bad(r#"["event",{"id":"a","type":"t"}]"#),
+            EventError::MissingPayload
+        );
+        assert_eq!(
+            bad(r#"["event",{"id":"a","type":"t","payload":1,"ts":{}}]"#),
+            EventError::BadTs
+        );
+        let big = format!(
+            r#"["event",{{"id":"a","type":"t","payload":"{}"}}]"#,
+            "x".repeat(MAX_PAYLOAD)
+        );
         assert_eq!(bad(&big), EventError::PayloadTooLarge);
         assert_eq!(bad("garbage"), EventError::Invalid);
     }
 
     #[test]
     fn batches() {
-        let b = parse_batch_packet(r#"["events",[{"id":"a","type":"t","payload":1},{"id":"??"}]]"#).unwrap();
+        let b = parse_batch_packet(r#"["events",[{"id":"a","type":"t","payload":1},{"id":"??"}]]"#)
+            .unwrap();
         assert!(b[0].is_ok());
         assert_eq!(b[1], Err(EventError::BadId));
-        assert_eq!(parse_batch_packet(r#"["events",[]]"#).unwrap_err(), EventError::TooMany);
-        let many = format!(r#"["events",[{}]]"#, vec![r#"{"id":"a","type":"t","payload":1}"#; 501].join(","));
+        assert_eq!(
+            parse_batch_packet(r#"["events",[]]"#).unwrap_err(),
+            EventError::TooMany
+        );
+        let many = format!(
+            r#"["events",[{}]]"#,
+            vec![r#"{"id":"a","type":"t","payload":1}"#; 501].join(",")
+        );
         assert_eq!(parse_batch_packet(&many).unwrap_err(), EventError::TooMany);
     }
 
     #[test]
     fn encoding_is_valid_json() {
-        let s = encode_stored(7, "a", "t\"q", r#"{"k":1}"#, "dev\n1", Some("12"), 99, Origin::Lan);
+        let s = encode_stored(
+            7,
+            "a",
+            "t\"q",
+            r#"{"k":1}"#,
+            "dev\n1",
+            Some("12"),
+            99,
+            Origin::Lan,
+        );
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["seq"], 7);
         assert_eq!(v["type"], "t\"q");

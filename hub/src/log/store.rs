@@ -83,13 +83,19 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
-        conn.pragma_update(None, "foreign_keys", "OFF").map_err(corrupt)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(corrupt)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
-        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(corrupt)?;
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(corrupt)?;
         if v < SCHEMA_VERSION {
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(corrupt)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(corrupt)?;
         }
         Ok(Self {
             conn,
@@ -120,7 +126,9 @@ impl Store {
     pub fn last_seq(&self) -> Result<u64, LogError> {
         Ok(self
             .conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, i64>(0))? as u64)
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 
     /// Counts LAN events after `seq` (the outbox depth behind a cursor).
@@ -175,15 +183,22 @@ impl Store {
         if n == 1 {
             return Ok(None);
         }
-        let mut st = self.conn.prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
         let orig: i64 = st.query_row([ev.id()], |r| r.get(0))?;
         Ok(Some(orig as u64))
     }
 
     /// The seq of the event with `id`, if stored.
     pub fn seq_of(&self, id: &str) -> Result<Option<u64>, LogError> {
-        let mut st = self.conn.prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
-        Ok(st.query_row([id], |r| r.get::<_, i64>(0)).optional()?.map(|s| s as u64))
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
+        Ok(st
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|s| s as u64))
     }
 
     /// Calls `f` for each event with `after < seq <= upto`, in seq order, at most
@@ -199,7 +214,11 @@ impl Store {
             "SELECT seq, id, type, payload, device_id, ts, hub_ts, origin FROM events
              WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let mut rows = st.query(params![after as i64, upto.min(i64::MAX as u64) as i64, limit as i64])?;
+        let mut rows = st.query(params![
+            after as i64,
+            upto.min(i64::MAX as u64) as i64,
+            limit as i64
+        ])?;
         let mut n = 0;
         while let Some(r) = rows.next()? {
             let seq = r.get::<_, i64>(0)? as u64;
@@ -236,7 +255,13 @@ impl Store {
     }
 
     /// Records that a device was admitted (for offline grace after its token expires).
-    pub fn admit(&mut self, device_id: &str, role: &str, token_exp: i64, now: i64) -> Result<(), LogError> {
+    pub fn admit(
+        &mut self,
+        device_id: &str,
+        role: &str,
+        token_exp: i64,
+        now: i64,
+    ) -> Result<(), LogError> {
         self.conn
             .prepare_cached(
                 "INSERT INTO devices(device_id, role, first_seen, last_seen, token_exp) VALUES (?1, ?2, ?3, ?3, ?4)
@@ -250,7 +275,9 @@ impl Store {
     /// Every admitted device id.
     pub fn admitted(&self) -> Result<Vec<String>, LogError> {
         let mut st = self.conn.prepare("SELECT device_id FROM devices")?;
-        let v = st.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let v = st
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         Ok(v)
     }
 
@@ -283,16 +310,21 @@ mod tests {
         s.begin().unwrap();
         assert_eq!(s.insert(1, &ev("a"), "d1", 10, Origin::Lan).unwrap(), None);
         assert_eq!(s.insert(2, &ev("b"), "d1", 10, Origin::Lan).unwrap(), None);
-        assert_eq!(s.insert(3, &ev("a"), "d2", 11, Origin::Lan).unwrap(), Some(1));
+        assert_eq!(
+            s.insert(3, &ev("a"), "d2", 11, Origin::Lan).unwrap(),
+            Some(1)
+        );
         s.commit().unwrap();
         assert_eq!(s.last_seq().unwrap(), 2);
         let r = Store::open_reader(&p).unwrap();
         let mut got = vec![];
-        r.read_page(0, u64::MAX, 10, |seq, json| got.push((seq, json))).unwrap();
+        r.read_page(0, u64::MAX, 10, |seq, json| got.push((seq, json)))
+            .unwrap();
         assert_eq!(got.len(), 2);
         assert!(got[0].1.contains(r#""deviceId":"d1""#));
         let mut got = vec![];
-        r.read_page(1, u64::MAX, 10, |seq, _| got.push(seq)).unwrap();
+        r.read_page(1, u64::MAX, 10, |seq, _| got.push(seq))
+            .unwrap();
         assert_eq!(got, vec![2]);
         let mut got = vec![];
         r.read_page(0, 1, 10, |seq, _| got.push(seq)).unwrap();

@@ -197,7 +197,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                             }
                             Ok(ev) => ev,
                         };
-                        match self.store.insert(self.next_seq, &ev, &device, hub_ts, origin)? {
+                        match self
+                            .store
+                            .insert(self.next_seq, &ev, &device, hub_ts, origin)?
+                        {
                             Some(orig) => outcomes.push(Outcome::Duplicate(orig)),
                             None => {
                                 outcomes.push(Outcome::Stored(self.next_seq));
@@ -235,7 +238,12 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     device_id,
                     role,
                     token_exp,
-                } => failed = self.store.admit(&device_id, &role, token_exp, hub_ts / 1000).err(),
+                } => {
+                    failed = self
+                        .store
+                        .admit(&device_id, &role, token_exp, hub_ts / 1000)
+                        .err()
+                }
                 WriteReq::Meta { key, value } => failed = self.store.meta_set(&key, &value).err(),
                 WriteReq::Check(tx) => checks.push(tx),
                 WriteReq::Close => {}
@@ -247,8 +255,12 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
 
         match failed {
             None => {
-                self.stats.last_seq.store(self.next_seq - 1, Ordering::Release);
-                self.stats.lan_events.fetch_add(lan_added, Ordering::Relaxed);
+                self.stats
+                    .last_seq
+                    .store(self.next_seq - 1, Ordering::Release);
+                self.stats
+                    .lan_events
+                    .fetch_add(lan_added, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 if !self.stats.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(path = %self.store.path().display(), "event log writable again");
