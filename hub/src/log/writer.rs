@@ -333,3 +333,127 @@ pub fn refuse<R: Reply, T>(r: WriteReq<R, T>, e: EventError) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::{bounded, unbounded};
+    use std::sync::mpsc;
+
+    struct Chan(mpsc::Sender<Vec<Outcome>>);
+    impl Reply for Chan {
+        fn one(self, o: &Outcome) {
+            let _ = self.0.send(vec![o.clone()]);
+        }
+        fn many(self, o: &[Outcome]) {
+            let _ = self.0.send(o.to_vec());
+        }
+    }
+
+    fn ev(id: &str) -> NewEvent {
+        NewEvent::new(id, "t", "1", None).unwrap()
+    }
+
+    fn append(id: &str, tx: &mpsc::Sender<Vec<Outcome>>) -> WriteReq<Chan, u32> {
+        WriteReq::Append {
+            events: Appended::One(ev(id)),
+            device: Arc::from("d"),
+            origin: Origin::Lan,
+            tag: 7,
+            reply: Chan(tx.clone()),
+        }
+    }
+
+    /// Everything queued before the writer starts goes into one transaction, in
+    /// queue order; duplicates get the original seq; replies come after commit.
+    #[test]
+    fn group_commit_keeps_order_and_dedupes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.db")).unwrap();
+        let (tx, rx) = bounded(1000);
+        let (btx, brx) = unbounded();
+        let stats = Arc::new(LogStats::default());
+        let w = Writer::new(
+            store,
+            rx,
+            Box::new(move |b| btx.send(b).unwrap()),
+            1000,
+            stats.clone(),
+        )
+        .unwrap();
+        let (rtx, rrx) = mpsc::channel();
+        for i in 0..100 {
+            tx.send(append(&format!("e{i}"), &rtx)).unwrap();
+        }
+        tx.send(append("e5", &rtx)).unwrap();
+        tx.send(WriteReq::Append {
+            events: Appended::Many(vec![Ok(ev("m1")), Err(EventError::BadId), Ok(ev("e1"))]),
+            device: Arc::from("d"),
+            origin: Origin::Lan,
+            tag: 7,
+            reply: Chan(rtx.clone()),
+        })
+        .unwrap();
+        tx.send(WriteReq::Close).unwrap();
+        tx.send(append("late", &rtx)).unwrap();
+        let store = w.run();
+        let got: Vec<Vec<Outcome>> = rrx.try_iter().collect();
+        assert_eq!(got.len(), 103);
+        for (i, o) in got.iter().take(100).enumerate() {
+            assert_eq!(o, &vec![Outcome::Stored(i as u64 + 1)]);
+        }
+        assert_eq!(got[100], vec![Outcome::Duplicate(6)]);
+        assert_eq!(
+            got[101],
+            vec![
+                Outcome::Stored(101),
+                Outcome::Rejected(EventError::BadId),
+                Outcome::Duplicate(2)
+            ]
+        );
+        assert_eq!(got[102], vec![Outcome::Rejected(EventError::ShuttingDown)]);
+        // One batch (one transaction) carried all 101 stored events, in seq order.
+        let batches: Vec<_> = brx.try_iter().collect();
+        assert_eq!(batches.len(), 1);
+        let seqs: Vec<u64> = batches[0].iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (1..=101).collect::<Vec<_>>());
+        assert_eq!(stats.last_seq.load(Ordering::Relaxed), 101);
+        assert_eq!(stats.batches.load(Ordering::Relaxed), 1);
+        assert_eq!(store.last_seq().unwrap(), 101);
+    }
+
+    /// A batch that fails to commit is refused as a whole, seqs are not burnt,
+    /// and the writer carries on.
+    #[test]
+    fn failed_commit_refuses_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let store = Store::open(&path).unwrap();
+        let (tx, rx) = bounded(100);
+        let stats = Arc::new(LogStats::default());
+        let w = Writer::new(store, rx, Box::new(|_| {}), 100, stats.clone()).unwrap();
+        // Another connection holds the write lock: BEGIN IMMEDIATE fails (busy).
+        let blocker = rusqlite::Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (rtx, rrx) = mpsc::channel();
+        tx.send(append("a", &rtx)).unwrap();
+        let h = std::thread::spawn(move || w.run());
+        let first = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert!(
+            matches!(first[0], Outcome::Rejected(EventError::Storage(_))),
+            "{first:?}"
+        );
+        assert!(!stats.healthy.load(Ordering::Relaxed));
+        blocker.execute_batch("ROLLBACK").unwrap();
+        tx.send(append("a", &rtx)).unwrap();
+        let second = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(second, vec![Outcome::Stored(1)]);
+        assert!(stats.healthy.load(Ordering::Relaxed));
+        tx.send(WriteReq::Close).unwrap();
+        h.join().unwrap();
+    }
+}
