@@ -26,6 +26,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// The store CA (created by the first `serve` with TLS on).
+    Ca {
+        /// The hub's data directory (DATA_DIR; /data on the device).
+        #[arg(long, value_name = "DIR", global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Print the store CA certificate (PEM, or DER with --der).
+    Export {
+        #[arg(long)]
+        der: bool,
+    },
+    /// Print the SHA-256 fingerprint of the store CA certificate.
+    Fingerprint,
+    /// Print a CSR for the store CA, for the tenant root to sign (the key stays here).
+    Csr,
+    /// Install the chain the tenant root signed: store CA first, then up to the root.
+    InstallChain { chain: PathBuf },
 }
 
 #[derive(Args)]
@@ -102,6 +125,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Ca { data_dir, cmd } => ca(data_dir, cmd),
         Cmd::Token {
             cmd: TokenCmd::Mint(a),
         } => match token_mint(a) {
@@ -173,6 +197,56 @@ fn serve(a: ServeArgs) -> i32 {
         Err(e) => {
             eprintln!("pos-hub: {e}");
             tracing::error!(error = %e, "hub stopped");
+            1
+        }
+    }
+}
+
+fn ca(data_dir: Option<PathBuf>, cmd: CaCmd) -> i32 {
+    use std::io::Write;
+    let dir = data_dir
+        .or_else(|| std::env::var_os("DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/data"));
+    let ca_dir = crate::tls::StoreCa::dir_in(&dir);
+    if !ca_dir.exists() {
+        eprintln!(
+            "pos-hub ca: no store CA in {} yet; it is created by the first `pos-hub serve` with TLS on (give --data-dir)",
+            ca_dir.display()
+        );
+        return 2;
+    }
+    let mut ca = match crate::tls::StoreCa::load_or_create(&dir, &[], now_secs()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pos-hub ca: {e}");
+            return 1;
+        }
+    };
+    let r = match cmd {
+        CaCmd::Export { der: true } => std::io::stdout()
+            .write_all(&ca.cert_der)
+            .map_err(|e| e.to_string()),
+        CaCmd::Export { der: false } => {
+            print!("{}", ca.cert_pem);
+            Ok(())
+        }
+        CaCmd::Fingerprint => {
+            println!("{}", ca.fingerprint());
+            Ok(())
+        }
+        CaCmd::Csr => ca
+            .csr_pem()
+            .map(|p| print!("{p}"))
+            .map_err(|e| e.to_string()),
+        CaCmd::InstallChain { chain } => std::fs::read_to_string(&chain)
+            .map_err(|e| format!("cannot read {}: {e}", chain.display()))
+            .and_then(|text| ca.install_chain(&text, &chain).map_err(|e| e.to_string()))
+            .map(|_| eprintln!("installed; restart the hub to serve the new chain")),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pos-hub ca: {e}");
             1
         }
     }

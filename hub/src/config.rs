@@ -94,6 +94,12 @@ pub struct Config {
     pub dev: bool,
     /// The most events one transaction may carry (group commit).
     pub group_commit_max: usize,
+    /// Serve TLS (HTTPS/WSS) from the store CA; `TLS=off` serves plain HTTP only
+    /// (tests, benchmarks, or behind another TLS terminator).
+    pub tls: bool,
+    /// Extra names (DNS names, IPs or CIDRs) the store CA may certify and the
+    /// leaf covers (TLS_EXTRA_NAMES, comma-separated).
+    pub tls_extra_names: Vec<String>,
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
@@ -296,12 +302,7 @@ impl RealmEntry {
             })?;
             keys_from_pem(&key("publicKeyFile"), &pem)?
         } else {
-            let p = base.join(
-                self.jwks_file
-                    .as_ref()
-                    .map(|p| p.as_path())
-                    .unwrap_or(Path::new("")),
-            );
+            let p = base.join(self.jwks_file.as_deref().unwrap_or(Path::new("")));
             Arc::new(KeySet::from_jwks_file(&p).map_err(|e| err(&key("jwksFile"), e.to_string()))?)
         };
         if let Some(u) = &self.cloud_bridge_url {
@@ -420,6 +421,38 @@ impl Config {
                         }),
                 }
             };
+        let tls = match s.get("TLS").map(|v| v.to_ascii_lowercase()) {
+            None => true,
+            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
+            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
+            Some(v) => return Err(err("TLS", format!("{v:?} is not on or off"))),
+        };
+        let mut tls_extra_names = Vec::new();
+        for n in s
+            .get("TLS_EXTRA_NAMES")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            let ok = n.parse::<IpAddr>().is_ok()
+                || n.split_once('/').is_some_and(|(a, p)| {
+                    a.parse::<IpAddr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 128)
+                })
+                || (n.len() <= 253
+                    && n.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    }));
+            if !ok {
+                return Err(err(
+                    "TLS_EXTRA_NAMES",
+                    format!("{n:?} is not a DNS name, IP address or CIDR"),
+                ));
+            }
+            tls_extra_names.push(n.to_string());
+        }
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -516,6 +549,8 @@ impl Config {
             dev: false,
             group_commit_max,
             socket_buffer,
+            tls,
+            tls_extra_names,
         })
     }
 }
@@ -583,6 +618,8 @@ mod tests {
             ("MDNS", "maybe"),
             ("CLOUD_BRIDGE_URL", "ftp://x"),
             ("GROUP_COMMIT_MAX", "0"),
+            ("TLS", "sometimes"),
+            ("TLS_EXTRA_NAMES", "bad name!"),
         ];
         for (k, v) in cases {
             let mut s = settings(&base);

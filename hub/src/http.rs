@@ -23,12 +23,16 @@ pub struct Web {
     pub realms: Arc<Realms>,
     pub policy: Policy,
     pub started: Instant,
+    /// The store CA (PEM) and its SHA-256 fingerprint, when TLS is on.
+    pub ca_pem: Option<String>,
+    pub ca_fingerprint: Option<String>,
 }
 
 pub fn router(web: Arc<Web>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/ca.crt", get(ca_crt))
         .with_state(web)
 }
 
@@ -57,11 +61,27 @@ async fn healthz(State(web): State<Arc<Web>>) -> Response {
     }
 }
 
+/// The store CA certificate, for devices to trust (check its fingerprint against
+/// `/status`, the mDNS record or the console before trusting it).
+async fn ca_crt(State(web): State<Arc<Web>>) -> Response {
+    match &web.ca_pem {
+        Some(pem) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            pem.clone(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "TLS is off on this hub (TLS=off)\n").into_response(),
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Status {
     version: &'static str,
     uptime_secs: u64,
+    ca_fingerprint: Option<String>,
+    tls: bool,
     detail: &'static str,
     realms: Vec<RealmStatus>,
 }
@@ -146,6 +166,8 @@ async fn status(
     Json(Status {
         version: crate::VERSION,
         uptime_secs: web.started.elapsed().as_secs(),
+        ca_fingerprint: web.ca_fingerprint.clone(),
+        tls: web.ca_pem.is_some(),
         detail: if all {
             "full"
         } else if one.is_some() {

@@ -7,7 +7,8 @@
 //! * [`auth`]     cluster tokens (JWT) verified offline against configured keys
 //! * [`realm`]    the registry of realms: log writer, live devices, fan-out
 //! * [`realtime`] Socket.IO handlers: connect, event/events, sync, catch-up
-//! * [`http`]     axum routes: /healthz, /status
+//! * [`http`]     axum routes: /healthz, /status, /ca.crt
+//! * [`tls`]      the store CA, leaf certificates, TLS and plain HTTP on one port
 //! * [`serve`]    wires everything together; graceful shutdown
 //! * [`init`]     PID 1 duties when the hub boots the appliance
 //! * [`cli`]      subcommands, each a short function calling the owning module
@@ -21,6 +22,7 @@ pub mod log;
 pub mod realm;
 pub mod realtime;
 pub mod serve;
+pub mod tls;
 pub mod util;
 
 /// The hub's version, as reported by `/status` and `pos-hub --version`.

@@ -15,6 +15,8 @@ use crate::config::{Config, ConfigError, Settings};
 use crate::http::{self, Web};
 use crate::realm::Realms;
 use crate::realtime::{self, Gate};
+use crate::tls::server::Tls;
+use crate::tls::StoreCa;
 use crate::util::{now_secs, raise_fd_limit, write_atomic};
 
 /// Why the hub could not start or run.
@@ -33,6 +35,8 @@ pub enum ServeError {
     },
     #[error("dev setup in {dir}: {message}")]
     Dev { dir: PathBuf, message: String },
+    #[error("store CA: {0}")]
+    Ca(#[from] crate::tls::CaError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -116,10 +120,32 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         grace_secs: cfg.token_offline_grace.as_secs() as i64,
     });
     let (layer, io) = realtime::build(gate, cfg.socket_buffer);
+    let tls = if cfg.tls {
+        let dir = cfg.data_dir.clone();
+        let extra = cfg.tls_extra_names.clone();
+        let t = tokio::task::spawn_blocking(move || {
+            let now = now_secs();
+            let ca = StoreCa::load_or_create(&dir, &extra, now)?;
+            Tls::start(ca, extra, now)
+        })
+        .await
+        .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))??;
+        tracing::info!(fingerprint = %t.fingerprint, "store CA loaded; devices trust it via GET /ca.crt");
+        tokio::spawn(crate::tls::server::renew_loop(
+            t.clone(),
+            Duration::from_secs(60),
+        ));
+        Some(t)
+    } else {
+        tracing::warn!("TLS=off: serving plain HTTP and WS only");
+        None
+    };
     let web = Arc::new(Web {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),
         started: Instant::now(),
+        ca_pem: tls.as_ref().map(|t| t.ca_pem.clone()),
+        ca_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
     });
     let app = http::router(web).layer(layer);
 
@@ -134,20 +160,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         fd_limit = fds,
         mdns = cfg.mdns,
         version = crate::VERSION,
-        "pos-hub listening (http and ws on one port)"
+        tls = cfg.tls,
+        "pos-hub listening (TLS and plain HTTP on one port)"
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::tls::server::serve(listener, app, tls, stop_rx));
 
     let signal = wait_for_signal().await;
     tracing::info!(
@@ -159,11 +177,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let _ = tokio::task::spawn_blocking(move || r.close_all()).await;
     // 2. Tell devices goodbye, stop the server.
     let _ = tokio::time::timeout(Duration::from_secs(3), io.close()).await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(3), server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server stopped with an error"),
-        Err(_) => tracing::warn!("connections did not close within 3 s; exiting anyway"),
-        _ => {}
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(3), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the listener did not stop within 3 s; exiting anyway");
     }
     tracing::info!("stopped cleanly");
     Ok(())
