@@ -85,6 +85,8 @@ impl RealmConfig {
 pub struct Config {
     pub data_dir: PathBuf,
     pub bind: IpAddr,
+    /// Whether BIND was given (otherwise the hub listens on IPv4 and IPv6).
+    pub bind_explicit: bool,
     pub port: u16,
     pub realms: Vec<RealmConfig>,
     pub token_offline_grace: Duration,
@@ -100,6 +102,8 @@ pub struct Config {
     /// Extra names (DNS names, IPs or CIDRs) the store CA may certify and the
     /// leaf covers (TLS_EXTRA_NAMES, comma-separated).
     pub tls_extra_names: Vec<String>,
+    /// How often the leaf is checked for expiry and address changes.
+    pub tls_check_interval: Duration,
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
@@ -453,6 +457,10 @@ impl Config {
             }
             tls_extra_names.push(n.to_string());
         }
+        let tls_check_interval = match s.get("TLS_CHECK_INTERVAL") {
+            None => Duration::from_secs(60),
+            Some(v) => parse_duration("TLS_CHECK_INTERVAL", v)?.max(Duration::from_secs(1)),
+        };
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -540,6 +548,7 @@ impl Config {
         Ok(Config {
             data_dir,
             bind,
+            bind_explicit: s.get("BIND").is_some(),
             port,
             realms,
             token_offline_grace,
@@ -551,6 +560,7 @@ impl Config {
             socket_buffer,
             tls,
             tls_extra_names,
+            tls_check_interval,
         })
     }
 }

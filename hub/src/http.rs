@@ -30,10 +30,27 @@ pub struct Web {
 
 pub fn router(web: Arc<Web>) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/ca.crt", get(ca_crt))
         .with_state(web)
+}
+
+/// A plain landing page (the live status page of issue 8 will replace it).
+async fn index() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        concat!(
+            "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>",
+            "<title>pos-hub</title></head><body><h1>pos-hub</h1><p>Store hub ",
+            env!("CARGO_PKG_VERSION"),
+            ".</p><ul><li><a href=/status>status</a></li><li><a href=/ca.crt>store CA certificate</a></li>",
+            "<li><a href=/healthz>health</a></li></ul></body></html>\n"
+        ),
+    )
+        .into_response()
 }
 
 /// 200 `ok` when every realm's database answers a write check; 503 with the reason.
@@ -107,7 +124,7 @@ struct RealmStatus {
 /// Which realms the caller may see in full: all from localhost, a realm for a
 /// valid admin token of that realm.
 fn full_detail_for(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> (bool, Option<String>) {
-    if addr.ip().is_loopback() {
+    if addr.ip().to_canonical().is_loopback() {
         return (true, None);
     }
     let bearer = headers

@@ -133,7 +133,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         tracing::info!(fingerprint = %t.fingerprint, "store CA loaded; devices trust it via GET /ca.crt");
         tokio::spawn(crate::tls::server::renew_loop(
             t.clone(),
-            Duration::from_secs(60),
+            cfg.tls_check_interval,
         ));
         Some(t)
     } else {
@@ -150,9 +150,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let app = http::router(web).layer(layer);
 
     let addr = SocketAddr::new(cfg.bind, cfg.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = bind(addr, cfg.bind_explicit).await?;
     tracing::info!(
         %addr,
         realms = %cfg.realms.iter().map(|r| r.key()).collect::<Vec<_>>().join(","),
@@ -186,6 +184,20 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Binds the port. Without an explicit BIND the hub listens on `[::]` (IPv4 and
+/// IPv6), falling back to `0.0.0.0` where IPv6 is off.
+async fn bind(addr: SocketAddr, explicit: bool) -> Result<tokio::net::TcpListener, ServeError> {
+    if !explicit {
+        let dual = SocketAddr::new(std::net::IpAddr::from([0u16; 8]), addr.port());
+        if let Ok(l) = tokio::net::TcpListener::bind(dual).await {
+            return Ok(l);
+        }
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
 }
 
 async fn wait_for_signal() -> &'static str {
