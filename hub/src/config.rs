@@ -72,6 +72,8 @@ pub struct RealmConfig {
     pub keys: Arc<KeySet>,
     pub cloud_bridge_url: Option<String>,
     pub cloud_bridge_token: Option<String>,
+    /// The feed URL, if not derived from the push URL.
+    pub cloud_feed_url: Option<String>,
 }
 
 impl RealmConfig {
@@ -234,6 +236,8 @@ struct RealmEntry {
     cloud_bridge_url: Option<String>,
     #[serde(default)]
     cloud_bridge_token: Option<String>,
+    #[serde(default)]
+    cloud_feed_url: Option<String>,
 }
 
 fn keys_from_pem(key: &str, pem: &str) -> Result<Arc<KeySet>, ConfigError> {
@@ -311,6 +315,15 @@ impl RealmEntry {
         };
         if let Some(u) = &self.cloud_bridge_url {
             check_url(&key("cloudBridgeUrl"), u)?;
+            if self.cloud_bridge_token.is_none() {
+                return Err(err(
+                    &key("cloudBridgeToken"),
+                    "is not set but cloudBridgeUrl is",
+                ));
+            }
+        }
+        if let Some(u) = &self.cloud_feed_url {
+            check_url(&key("cloudFeedUrl"), u)?;
         }
         Ok(RealmConfig {
             tenant_id: self.tenant_id,
@@ -318,6 +331,7 @@ impl RealmEntry {
             keys,
             cloud_bridge_url: self.cloud_bridge_url,
             cloud_bridge_token: self.cloud_bridge_token,
+            cloud_feed_url: self.cloud_feed_url,
         })
     }
 }
@@ -519,6 +533,9 @@ impl Config {
                     )),
                 };
             let url = s.get("CLOUD_BRIDGE_URL").map(String::from);
+            if let Some(f) = s.get("CLOUD_FEED_URL") {
+                check_url("CLOUD_FEED_URL", f)?;
+            }
             if let Some(u) = &url {
                 check_url("CLOUD_BRIDGE_URL", u)?;
                 if s.get("CLOUD_BRIDGE_TOKEN").is_none() {
@@ -534,6 +551,7 @@ impl Config {
                 keys,
                 cloud_bridge_url: url,
                 cloud_bridge_token: s.get("CLOUD_BRIDGE_TOKEN").map(String::from),
+                cloud_feed_url: s.get("CLOUD_FEED_URL").map(String::from),
             });
         }
         let mut seen = std::collections::HashSet::new();

@@ -112,7 +112,7 @@ struct RealmStatus {
     outbox_depth: u64,
     pushed_cursor: u64,
     cloud_cursor: Option<String>,
-    bridge: &'static str,
+    bridge: serde_json::Value,
     healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
@@ -161,13 +161,26 @@ async fn status(
                 tenant_id: r.cfg.tenant_id.clone(),
                 store_id: r.cfg.store_id.clone(),
                 last_seq: r.stats.last_seq.load(Ordering::Relaxed),
-                outbox_depth: r.stats.lan_events.load(Ordering::Relaxed),
-                pushed_cursor: 0,
-                cloud_cursor: None,
-                bridge: if r.cfg.cloud_bridge_url.is_some() {
-                    "not_implemented"
-                } else {
-                    "not_configured"
+                outbox_depth: r.stats.lan_events.load(Ordering::Relaxed).saturating_sub(
+                    r.bridge.get().map(|b| b.pushed_lan.load(Ordering::Relaxed)).unwrap_or(0),
+                ),
+                pushed_cursor: r.bridge.get().map(|b| b.pushed_cursor.load(Ordering::Relaxed)).unwrap_or(0),
+                cloud_cursor: r.bridge.get().and_then(|b| b.cloud_cursor.lock().clone()),
+                bridge: match r.bridge.get() {
+                    Some(b) => {
+                        let mut v = serde_json::to_value(b.status()).unwrap_or_default();
+                        if !full {
+                            v["lastError"] = serde_json::Value::Null;
+                        } else if b.set_aside.load(Ordering::Relaxed) > 0 {
+                            let list = r.with_reader(|s| s.set_aside_list(50)).unwrap_or_default();
+                            v["setAsideEvents"] = list
+                                .into_iter()
+                                .map(|(seq, id, reason, at)| serde_json::json!({"seq": seq, "id": id, "reason": reason, "at": at}))
+                                .collect();
+                        }
+                        v
+                    }
+                    None => serde_json::json!({"state": "not_configured"}),
                 },
                 healthy: r.stats.healthy.load(Ordering::Relaxed),
                 last_error: if full {

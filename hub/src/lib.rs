@@ -14,6 +14,7 @@
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
 pub mod auth;
+pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod http;

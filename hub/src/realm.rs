@@ -195,6 +195,10 @@ pub struct Realm {
     admitted: RwLock<HashSet<String>>,
     shutting_down: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The cloud bridge's state, when the realm has one.
+    pub bridge: std::sync::OnceLock<Arc<crate::bridge::BridgeState>>,
+    /// Woken after every commit of new events (the cloud bridge's push waits on it).
+    pub committed: Arc<tokio::sync::Notify>,
 }
 
 /// The largest page a replay or `sync` reads at once.
@@ -224,9 +228,12 @@ impl Realm {
         let (writer_tx, writer_rx) = bounded(QUEUE);
         let (fan_tx, fan_rx) = unbounded::<Fan>();
         let to_fan = fan_tx.clone();
+        let committed = Arc::new(tokio::sync::Notify::new());
+        let wake = committed.clone();
         let sink = Box::new(move |batch| {
             // The fan-out only stops after the writer; nobody else listens.
             let _ = to_fan.send(Fan::Batch(batch));
+            wake.notify_one();
         });
         let writer = Writer::new(store, writer_rx, sink, max_batch, stats.clone())?;
         let last = stats.last_seq.load(Ordering::Relaxed);
@@ -261,6 +268,8 @@ impl Realm {
             admitted: RwLock::new(admitted),
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(threads),
+            committed,
+            bridge: std::sync::OnceLock::new(),
         }))
     }
 
@@ -338,21 +347,66 @@ impl Realm {
         let _ = self.fan_tx.send(Fan::Notice { event, json });
     }
 
-    /// Reads one page of events `(after, min(upto, fanned)]` on a pooled reader.
-    pub fn read_page(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, LogError> {
-        let upto = self.fanned_seq.load(Ordering::Acquire);
+    /// Runs `f` on a pooled read-only connection (blocking: call from a blocking task).
+    pub fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
         let reader = self.readers.lock().pop();
         let reader = match reader {
             Some(r) => r,
             None => Store::open_reader(&self.db_path)?,
         };
-        let mut out = Vec::with_capacity(limit.min(PAGE));
-        let r = reader.read_page(after, upto, limit, |seq, json| out.push((seq, json)));
+        let r = f(&reader);
         let mut pool = self.readers.lock();
         if pool.len() < 4 {
             pool.push(reader);
         }
-        r.map(|_| out)
+        r
+    }
+
+    /// Reads one page of events `(after, min(upto, fanned)]` on a pooled reader.
+    pub fn read_page(&self, after: u64, limit: usize) -> Result<Vec<(u64, String)>, LogError> {
+        let upto = self.fanned_seq.load(Ordering::Acquire);
+        self.with_reader(|r| {
+            let mut out = Vec::with_capacity(limit.min(PAGE));
+            r.read_page(after, upto, limit, |seq, json| out.push((seq, json)))?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `f` in the writer's next transaction and waits for the commit.
+    pub async fn apply(&self, f: crate::log::writer::ApplyFn) -> Result<(), String> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.writer_tx
+            .try_send(WriteReq::Apply { f, done })
+            .map_err(|_| "the event log queue is full or closed".to_string())?;
+        rx.await
+            .map_err(|_| "the event log writer stopped".to_string())?
+    }
+
+    /// Appends events from outside the LAN (the cloud), setting `meta` in the same
+    /// transaction, and waits for the commit. Fan-out sends them to every device.
+    pub async fn append_from(
+        &self,
+        events: Vec<Result<crate::log::NewEvent, EventError>>,
+        device: Arc<str>,
+        origin: crate::log::Origin,
+        meta: Option<(String, String)>,
+    ) -> Result<Vec<Outcome>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer_tx
+            .try_send(WriteReq::Append {
+                events: crate::log::Appended::Many(events),
+                device,
+                origin,
+                tag: None,
+                reply: AckReply::Channel(tx),
+                meta,
+            })
+            .map_err(|_| "the event log queue is full or closed".to_string())?;
+        rx.await
+            .map_err(|_| "the event log writer stopped".to_string())
     }
 
     pub fn fanned_seq(&self) -> u64 {

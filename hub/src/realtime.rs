@@ -224,6 +224,7 @@ impl FromMessageParts<LocalAdapter> for SubmitOne {
                 origin: Origin::Lan,
                 tag: Some(s.id),
                 reply,
+                meta: None,
             }),
             Err(e) => refuse_now(reply, &e),
         }
@@ -254,6 +255,7 @@ impl FromMessageParts<LocalAdapter> for SubmitMany {
                     origin: Origin::Lan,
                     tag: Some(s.id),
                     reply,
+                    meta: None,
                 })
             }
             Err(e) => refuse_now(reply, &e),

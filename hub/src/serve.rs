@@ -114,6 +114,21 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         &cfg.data_dir,
         cfg.group_commit_max,
     )?);
+    for r in realms.iter() {
+        if let (Some(url), Some(token)) = (&r.cfg.cloud_bridge_url, &r.cfg.cloud_bridge_token) {
+            let ep = crate::bridge::Endpoints::new(url, r.cfg.cloud_feed_url.as_deref(), token);
+            let state = Arc::new(crate::bridge::BridgeState::default());
+            let _ = r.bridge.set(state.clone());
+            match crate::bridge::start(r.clone(), ep.clone(), state).await {
+                Ok(()) => {
+                    tracing::info!(realm = %r.key(), push = %ep.push_url, feed = %ep.feed_url, "cloud bridge started")
+                }
+                Err(e) => {
+                    tracing::error!(realm = %r.key(), error = %e, "cloud bridge could not start; the LAN works without it")
+                }
+            }
+        }
+    }
     let gate = Arc::new(Gate {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),

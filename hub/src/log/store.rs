@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS meta(
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS set_aside(
+    seq    INTEGER PRIMARY KEY,
+    id     TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices(
     device_id  TEXT PRIMARY KEY,
     role       TEXT NOT NULL,
@@ -237,6 +243,69 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// LAN events after `after`, in seq order, at most `limit` of them and about
+    /// `max_bytes` of JSON (always at least one): the outbox of the cloud bridge.
+    pub fn read_lan_page(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, String)>, LogError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, id, type, payload, device_id, ts, hub_ts, origin FROM events
+             WHERE seq > ?1 AND origin = 0 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = st.query(params![after as i64, limit as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            let seq = r.get::<_, i64>(0)? as u64;
+            let ts: Option<String> = r.get(5)?;
+            let json = encode_stored(
+                seq,
+                r.get_ref(1)?.as_str().unwrap_or_default(),
+                r.get_ref(2)?.as_str().unwrap_or_default(),
+                r.get_ref(3)?.as_str().unwrap_or("null"),
+                r.get_ref(4)?.as_str().unwrap_or_default(),
+                ts.as_deref(),
+                r.get(6)?,
+                Origin::Lan,
+            );
+            if !out.is_empty() && bytes + json.len() > max_bytes {
+                break;
+            }
+            bytes += json.len() + 1;
+            out.push((seq, json));
+        }
+        Ok(out)
+    }
+
+    /// Records an event the cloud refused, so it no longer blocks the outbox.
+    pub fn set_aside(&mut self, seq: u64, id: &str, reason: &str, at: i64) -> Result<(), LogError> {
+        self.conn.execute(
+            "INSERT INTO set_aside(seq, id, reason, at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(seq) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            params![seq as i64, id, reason, at],
+        )?;
+        Ok(())
+    }
+
+    /// The events set aside, newest first, at most `limit`.
+    pub fn set_aside_list(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, String, i64)>, LogError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT seq, id, reason, at FROM set_aside ORDER BY seq DESC LIMIT ?1")?;
+        let v = st
+            .query_map([limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
     }
 
     pub fn meta_get(&self, key: &str) -> Result<Option<String>, LogError> {

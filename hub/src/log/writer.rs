@@ -47,6 +47,14 @@ pub enum WriteReq<R, T> {
         origin: Origin,
         tag: T,
         reply: R,
+        /// A durable key/value written in the SAME transaction (the bridge's
+        /// cloud cursor moves atomically with the events it pulled).
+        meta: Option<(String, String)>,
+    },
+    /// Runs `f` inside the next transaction; `done` hears after the commit.
+    Apply {
+        f: ApplyFn,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
     /// Remember that a device was admitted (offline grace).
     Admit {
@@ -61,6 +69,9 @@ pub enum WriteReq<R, T> {
     /// Finish what is queued, checkpoint, close. Later requests are refused.
     Close,
 }
+
+/// A change to the realm database made in the writer's transaction order.
+pub type ApplyFn = Box<dyn FnOnce(&mut Store) -> Result<(), LogError> + Send>;
 
 /// An event that is durable, on its way to the fan-out.
 pub struct Committed<T> {
@@ -183,6 +194,7 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     origin,
                     tag,
                     reply,
+                    meta,
                 } => {
                     let start = outcomes.len();
                     let (many, n) = match &events {
@@ -224,6 +236,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                         Appended::One(e) => step(Ok(e)),
                         Appended::Many(v) => v.into_iter().try_for_each(&mut step),
                     };
+                    let r = r.and_then(|_| match &meta {
+                        Some((k, v)) => self.store.meta_set(k, v),
+                        None => Ok(()),
+                    });
                     if let Err(e) = r {
                         failed = Some(e);
                     }
@@ -246,6 +262,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 }
                 WriteReq::Meta { key, value } => failed = self.store.meta_set(&key, &value).err(),
                 WriteReq::Check(tx) => checks.push(tx),
+                WriteReq::Apply { f, done } => {
+                    failed = f(&mut self.store).err();
+                    checks.push(done);
+                }
                 WriteReq::Close => {}
             }
         }
@@ -327,7 +347,7 @@ pub fn refuse<R: Reply, T>(r: WriteReq<R, T>, e: EventError) {
                 Appended::Many(v) => reply.many(&vec![o; v.len()]),
             }
         }
-        WriteReq::Check(tx) => {
+        WriteReq::Check(tx) | WriteReq::Apply { done: tx, .. } => {
             let _ = tx.send(Err("shutting down".into()));
         }
         _ => {}
@@ -361,6 +381,7 @@ mod tests {
             origin: Origin::Lan,
             tag: 7,
             reply: Chan(tx.clone()),
+            meta: None,
         }
     }
 
@@ -392,6 +413,7 @@ mod tests {
             origin: Origin::Lan,
             tag: 7,
             reply: Chan(rtx.clone()),
+            meta: Some(("k".into(), "v".into())),
         })
         .unwrap();
         tx.send(WriteReq::Close).unwrap();
@@ -420,6 +442,7 @@ mod tests {
         assert_eq!(stats.last_seq.load(Ordering::Relaxed), 101);
         assert_eq!(stats.batches.load(Ordering::Relaxed), 1);
         assert_eq!(store.last_seq().unwrap(), 101);
+        assert_eq!(store.meta_get("k").unwrap().as_deref(), Some("v"));
     }
 
     /// A batch that fails to commit is refused as a whole, seqs are not burnt,

@@ -1,0 +1,220 @@
+//! Pull: long-polls the cloud feed from the stored cloud cursor and appends each
+//! cloud event to the log with origin `cloud` (deduplicated by id, so the hub's own
+//! events echoed back are not stored twice). The cursor moves in the same
+//! transaction as the append of the page's last events. Bad input from the cloud
+//! (malformed JSON, another realm's events, events without ids, huge pages) is
+//! logged and refused; it never stops the bridge or the LAN.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::push::{describe, ep_cap, timeout};
+use super::{retry_after, Backoff, BridgeState, Endpoints};
+use crate::log::{EventError, NewEvent, Origin};
+use crate::realm::Realm;
+
+const CURSOR_KEY: &str = "bridge.cloud_cursor";
+/// The largest feed page accepted.
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Seconds the cloud may hold a long-poll.
+const WAIT_SECS: u64 = 25;
+
+pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {
+    let r = realm.clone();
+    let cursor = tokio::task::spawn_blocking(move || r.with_reader(|s| s.meta_get(CURSOR_KEY)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    *state.cloud_cursor.lock() = cursor;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CloudEvent<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(rename = "type", default)]
+    typ: Option<String>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ts: Option<&'a RawValue>,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    store_id: Option<String>,
+}
+
+/// Checks one cloud event; `Err` says why it is refused.
+fn check(realm: &Realm, raw: &RawValue) -> Result<(String, NewEvent), String> {
+    let e: CloudEvent =
+        serde_json::from_str(raw.get()).map_err(|e| format!("not an event object: {e}"))?;
+    if e.tenant_id
+        .as_deref()
+        .is_some_and(|t| t != realm.cfg.tenant_id)
+        || e.store_id
+            .as_deref()
+            .is_some_and(|s| s != realm.cfg.store_id)
+    {
+        return Err("event for another realm".into());
+    }
+    let id = e.id.ok_or("event without id")?;
+    let typ = e.typ.ok_or("event without type")?;
+    let payload = e.payload.map(|p| p.get()).unwrap_or("null");
+    let ev = NewEvent::new(&id, &typ, payload, e.ts.map(|t| t.get()))
+        .map_err(|e: EventError| e.to_string())?;
+    let device = e
+        .device_id
+        .filter(|d| !d.is_empty() && d.len() <= 64)
+        .unwrap_or_else(|| "cloud".into());
+    Ok((device, ev))
+}
+
+/// Reads a body up to `max` bytes.
+async fn body_capped(resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n as usize > max) {
+        return Err(format!("feed page larger than {max} bytes"));
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| describe(&e))?;
+        if out.len() + chunk.len() > max {
+            return Err(format!("feed page larger than {max} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+pub async fn run(
+    realm: Arc<Realm>,
+    client: reqwest::Client,
+    ep: Endpoints,
+    state: Arc<BridgeState>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
+    loop {
+        if realm.is_shutting_down() {
+            return;
+        }
+        let cursor = state.cloud_cursor.lock().clone().unwrap_or_default();
+        let req = client
+            .get(&ep.feed_url)
+            .bearer_auth(&ep.token)
+            .query(&[
+                ("tenantId", realm.cfg.tenant_id.as_str()),
+                ("storeId", realm.cfg.store_id.as_str()),
+                ("cursor", cursor.as_str()),
+                ("limit", "500"),
+                ("wait", &WAIT_SECS.to_string()),
+            ])
+            .timeout(timeout() + Duration::from_secs(WAIT_SECS));
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                state.fail("feed", describe(&e));
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let wait = retry_after(&resp).unwrap_or_else(|| backoff.next());
+            state.fail("feed", format!("cloud answered {status}"));
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let body = match body_capped(resp, MAX_PAGE_BYTES).await {
+            Ok(b) => b,
+            Err(e) => {
+                state.fail("feed", e);
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        let page: Page = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                state.fail("feed", format!("malformed page refused: {e}"));
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        let next = page.cursor.clone().unwrap_or(cursor.clone());
+        // Group consecutive events by device; the last group carries the cursor.
+        let mut groups: Vec<(String, Vec<Result<NewEvent, EventError>>)> = Vec::new();
+        for raw in &page.events {
+            match check(&realm, raw) {
+                Ok((device, ev)) => match groups.last_mut() {
+                    Some((d, v)) if *d == device => v.push(Ok(ev)),
+                    _ => groups.push((device, vec![Ok(ev)])),
+                },
+                Err(why) => {
+                    state.refused_from_cloud.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(realm = %realm.key(), reason = %why, "refused an event from the cloud feed");
+                }
+            }
+        }
+        if groups.is_empty() && next == cursor {
+            state.ok();
+            backoff.reset();
+            continue;
+        }
+        if groups.is_empty() {
+            groups.push(("cloud".into(), Vec::new()));
+        }
+        let n = groups.len();
+        let mut ok = true;
+        for (i, (device, events)) in groups.into_iter().enumerate() {
+            let meta = (i + 1 == n).then(|| (CURSOR_KEY.to_string(), next.clone()));
+            match realm
+                .append_from(events, Arc::from(device.as_str()), Origin::Cloud, meta)
+                .await
+            {
+                Ok(outcomes) => {
+                    let stored = outcomes
+                        .iter()
+                        .filter(|o| matches!(o, crate::log::Outcome::Stored(_)))
+                        .count();
+                    state.pulled.fetch_add(stored as u64, Ordering::Relaxed);
+                    if outcomes
+                        .iter()
+                        .any(|o| matches!(o, crate::log::Outcome::Rejected(EventError::Storage(_))))
+                    {
+                        ok = false;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    state.fail("feed: storing", e);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            *state.cloud_cursor.lock() = Some(next);
+            state.ok();
+            backoff.reset();
+        } else {
+            tokio::time::sleep(backoff.next()).await;
+        }
+    }
+}

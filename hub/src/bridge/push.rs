@@ -1,0 +1,308 @@
+//! Push: the outbox is the log itself (LAN events above the pushed cursor). Batches
+//! of at most 500 events or 1 MiB go to the cloud with an `Idempotency-Key`; the
+//! cursor moves, durably, only after the cloud answered for every event of the
+//! batch. Events the cloud rejects are set aside with the reason and do not block
+//! the ones behind them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{retry_after, Backoff, BridgeState, Endpoints};
+use crate::log::event::push_json_str;
+use crate::realm::Realm;
+use crate::util::now_ms;
+
+pub const MAX_EVENTS: usize = 500;
+pub const MAX_BYTES: usize = 1 << 20;
+const CURSOR_KEY: &str = "bridge.pushed_cursor";
+
+/// Loads the pushed cursor and derived counters.
+pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {
+    let r = realm.clone();
+    let (cursor, lan_after, set_aside) = tokio::task::spawn_blocking(move || {
+        r.with_reader(|s| {
+            let cursor = s
+                .meta_get(CURSOR_KEY)?
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let after = s.count_lan_after(cursor)?;
+            let aside = s.set_aside_list(100_000)?.len() as u64;
+            Ok((cursor, after, aside))
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let lan = realm.stats.lan_events.load(Ordering::Relaxed);
+    state.pushed_cursor.store(cursor, Ordering::Relaxed);
+    state
+        .pushed_lan
+        .store(lan.saturating_sub(lan_after), Ordering::Relaxed);
+    state.set_aside.store(set_aside, Ordering::Relaxed);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct PushResult {
+    seq: u64,
+    #[serde(default)]
+    id: Option<String>,
+    status: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushResponse {
+    results: Vec<PushResult>,
+}
+
+enum Step {
+    /// Batch answered: move on.
+    Done,
+    /// Try again after the given wait (Retry-After), or after the next backoff.
+    Retry(Option<Duration>),
+    /// The cloud said the batch is too large: halve it.
+    Smaller,
+}
+
+/// Pushes forever (until the realm shuts down).
+pub async fn run(
+    realm: Arc<Realm>,
+    client: reqwest::Client,
+    ep: Endpoints,
+    state: Arc<BridgeState>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
+    let mut limit = MAX_EVENTS;
+    loop {
+        if realm.is_shutting_down() {
+            return;
+        }
+        let cursor = state.pushed_cursor.load(Ordering::Relaxed);
+        let r = realm.clone();
+        let page = match tokio::task::spawn_blocking(move || {
+            r.with_reader(|s| s.read_lan_page(cursor, limit, MAX_BYTES - 4096))
+        })
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                state.fail("push: reading the outbox", e);
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        if page.is_empty() {
+            // Wait for the next commit (or poll now and then in case of a miss).
+            let _ = tokio::time::timeout(Duration::from_secs(5), realm.committed.notified()).await;
+            continue;
+        }
+        match push_batch(&realm, &client, &ep, &state, &page).await {
+            Step::Done => {
+                backoff.reset();
+                limit = MAX_EVENTS;
+            }
+            Step::Retry(d) => {
+                let wait = d.unwrap_or_else(|| backoff.next());
+                tokio::time::sleep(wait.max(Duration::from_millis(50))).await
+            }
+            Step::Smaller => {
+                if limit == 1 {
+                    // One event the cloud can never take: set it aside.
+                    let (seq, json) = &page[0];
+                    let id = serde_json::from_str::<serde_json::Value>(json)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(String::from))
+                        .unwrap_or_default();
+                    let _ = settle(
+                        &realm,
+                        &state,
+                        *seq,
+                        vec![(*seq, id, "too large for the cloud (413)".into())],
+                        1,
+                    )
+                    .await;
+                } else {
+                    limit = (limit / 2).max(1);
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn ep_cap() -> Duration {
+    std::env::var("CLOUD_BACKOFF_MAX")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(Duration::from_secs(60))
+}
+
+pub(crate) fn timeout() -> Duration {
+    std::env::var("CLOUD_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(Duration::from_secs(30))
+}
+
+async fn push_batch(
+    realm: &Arc<Realm>,
+    client: &reqwest::Client,
+    ep: &Endpoints,
+    state: &Arc<BridgeState>,
+    page: &[(u64, String)],
+) -> Step {
+    let (first, last) = (page[0].0, page[page.len() - 1].0);
+    let mut body = String::with_capacity(64 + page.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
+    body.push_str("{\"tenantId\":");
+    push_json_str(&mut body, &realm.cfg.tenant_id);
+    body.push_str(",\"storeId\":");
+    push_json_str(&mut body, &realm.cfg.store_id);
+    body.push_str(",\"events\":[");
+    for (i, (_, j)) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(j);
+    }
+    body.push_str("]}");
+    let key = format!(
+        "{}:{}:{first}-{last}",
+        realm.cfg.tenant_id, realm.cfg.store_id
+    );
+    let resp = client
+        .post(&ep.push_url)
+        .bearer_auth(&ep.token)
+        .header("Idempotency-Key", &key)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .timeout(timeout())
+        .body(body)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            state.fail("push", describe(&e));
+            return Step::Retry(None);
+        }
+    };
+    let status = resp.status();
+    if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
+        return Step::Smaller;
+    }
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+    {
+        let wait = retry_after(&resp);
+        state.fail(
+            "push",
+            format!("cloud answered {status} (Retry-After {wait:?})"),
+        );
+        return Step::Retry(wait);
+    }
+    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+        state.fail(
+            "push",
+            format!("cloud answered {status}: check CLOUD_BRIDGE_TOKEN"),
+        );
+        return Step::Retry(None);
+    }
+    if !status.is_success() {
+        state.fail("push", format!("cloud answered {status}"));
+        return Step::Retry(None);
+    }
+    let parsed: PushResponse = match resp
+        .bytes()
+        .await
+        .map_err(|e| describe(&e))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed answer: {e}")))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            state.fail("push", e);
+            return Step::Retry(None);
+        }
+    };
+    // Every event of the batch must be answered for; otherwise keep the cursor.
+    let mut rejected = Vec::new();
+    let mut answered = 0;
+    for r in &parsed.results {
+        if !page.iter().any(|(s, _)| *s == r.seq) {
+            continue;
+        }
+        answered += 1;
+        match r.status.as_str() {
+            "accepted" | "duplicate" => {}
+            "rejected" => rejected.push((
+                r.seq,
+                r.id.clone().unwrap_or_default(),
+                r.reason.clone().unwrap_or_else(|| "rejected".into()),
+            )),
+            other => {
+                state.fail(
+                    "push",
+                    format!("unknown result status {other:?} for seq {}", r.seq),
+                );
+                return Step::Retry(None);
+            }
+        }
+    }
+    if answered != page.len() {
+        state.fail(
+            "push",
+            format!("the cloud answered for {answered} of {} events", page.len()),
+        );
+        return Step::Retry(None);
+    }
+    match settle(realm, state, last, rejected, page.len() as u64).await {
+        Ok(()) => {
+            state.ok();
+            Step::Done
+        }
+        Err(e) => {
+            state.fail("push: saving the cursor", e);
+            Step::Retry(Some(Duration::from_secs(1)))
+        }
+    }
+}
+
+/// Durably moves the pushed cursor to `last` and records set-aside events.
+async fn settle(
+    realm: &Arc<Realm>,
+    state: &Arc<BridgeState>,
+    last: u64,
+    rejected: Vec<(u64, String, String)>,
+    pushed: u64,
+) -> Result<(), String> {
+    let n = rejected.len() as u64;
+    for (seq, id, reason) in &rejected {
+        tracing::warn!(realm = %realm.key(), seq, id = %id, reason = %reason, "the cloud rejected an event; set aside");
+    }
+    let at = now_ms();
+    realm
+        .apply(Box::new(move |s| {
+            for (seq, id, reason) in &rejected {
+                s.set_aside(*seq, id, reason, at)?;
+            }
+            s.meta_set(CURSOR_KEY, &last.to_string())
+        }))
+        .await?;
+    state.pushed_cursor.store(last, Ordering::Relaxed);
+    state.pushed_lan.fetch_add(pushed, Ordering::Relaxed);
+    state.set_aside.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "the request timed out".into()
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        e.to_string()
+    }
+}
