@@ -39,6 +39,9 @@ pub struct Gate {
 /// A single event's payload is limited separately to 64 KiB.
 pub const MAX_MESSAGE: usize = 8 << 20;
 
+/// The WebSocket read buffer per connection (grows for larger messages).
+pub const WS_READ_BUFFER: usize = 1024;
+
 /// Builds the Socket.IO layer for `/socket.io/`.
 pub fn build(
     gate: Arc<Gate>,
@@ -52,6 +55,7 @@ pub fn build(
         .ws_max_message_size(MAX_MESSAGE)
         .ws_max_frame_size(MAX_MESSAGE)
         .connect_timeout(Duration::from_secs(20))
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .with_state(gate)
         .build_layer();
     io.ns("/", on_connect.with(authenticate));
