@@ -106,6 +106,8 @@ pub struct Config {
     pub tls_extra_names: Vec<String>,
     /// How often the leaf is checked for expiry and address changes.
     pub tls_check_interval: Duration,
+    /// The UPS watcher, when a power source is configured.
+    pub power: Option<crate::power::PowerConfig>,
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
@@ -475,6 +477,43 @@ impl Config {
             None => Duration::from_secs(60),
             Some(v) => parse_duration("TLS_CHECK_INTERVAL", v)?.max(Duration::from_secs(1)),
         };
+        let mut sources = Vec::new();
+        if let Some(v) = s.get("UPS_NUT") {
+            sources.push(
+                crate::power::Source::parse_nut(
+                    v,
+                    s.get("UPS_NUT_USER").map(String::from),
+                    s.get("UPS_NUT_PASSWORD").map(String::from),
+                )
+                .ok_or_else(|| err("UPS_NUT", format!("{v:?} is not ups@host or ups@host:port")))?,
+            );
+        }
+        if let Some(v) = s.get("UPS_POWER_SUPPLY") {
+            if !Path::new(v).is_dir() {
+                return Err(err(
+                    "UPS_POWER_SUPPLY",
+                    format!("{v:?} is not a directory (e.g. /sys/class/power_supply)"),
+                ));
+            }
+            sources.push(crate::power::Source::PowerSupply(PathBuf::from(v)));
+        }
+        let dur = |key: &str, default: u64| -> Result<Duration, ConfigError> {
+            match s.get(key) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => parse_duration(key, v),
+            }
+        };
+        let power = if sources.is_empty() {
+            None
+        } else {
+            Some(crate::power::PowerConfig {
+                sources,
+                shutdown_after: dur("UPS_SHUTDOWN_AFTER", 300)?,
+                poll: dur("UPS_POLL", 2)?.max(Duration::from_millis(100)),
+                deadtime: dur("UPS_DEADTIME", 15)?,
+                low_capacity: num("UPS_LOW_CAPACITY", 20, 1, 99)? as u8,
+            })
+        };
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -579,6 +618,7 @@ impl Config {
             tls,
             tls_extra_names,
             tls_check_interval,
+            power,
         })
     }
 }
@@ -647,6 +687,9 @@ mod tests {
             ("CLOUD_BRIDGE_URL", "ftp://x"),
             ("GROUP_COMMIT_MAX", "0"),
             ("TLS", "sometimes"),
+            ("UPS_NUT", "nohost"),
+            ("UPS_SHUTDOWN_AFTER", "soon"),
+            ("UPS_POWER_SUPPLY", "/nonexistent/dir"),
             ("TLS_EXTRA_NAMES", "bad name!"),
         ];
         for (k, v) in cases {

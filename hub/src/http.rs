@@ -26,6 +26,8 @@ pub struct Web {
     /// The store CA (PEM) and its SHA-256 fingerprint, when TLS is on.
     pub ca_pem: Option<String>,
     pub ca_fingerprint: Option<String>,
+    /// The UPS watcher, when configured.
+    pub power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>>,
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -99,6 +101,7 @@ struct Status {
     uptime_secs: u64,
     ca_fingerprint: Option<String>,
     tls: bool,
+    power: Option<crate::power::PowerStatus>,
     detail: &'static str,
     realms: Vec<RealmStatus>,
 }
@@ -198,6 +201,7 @@ async fn status(
         uptime_secs: web.started.elapsed().as_secs(),
         ca_fingerprint: web.ca_fingerprint.clone(),
         tls: web.ca_pem.is_some(),
+        power: web.power.lock().as_ref().map(|p| p.status.lock().clone()),
         detail: if all {
             "full"
         } else if one.is_some() {

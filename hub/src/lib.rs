@@ -20,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod init;
 pub mod log;
+pub mod power;
 pub mod realm;
 pub mod realtime;
 pub mod serve;

@@ -155,12 +155,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         tracing::warn!("TLS=off: serving plain HTTP and WS only");
         None
     };
+    let web_power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>> = Default::default();
     let web = Arc::new(Web {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),
         started: Instant::now(),
         ca_pem: tls.as_ref().map(|t| t.ca_pem.clone()),
         ca_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        power: web_power.clone(),
     });
     let app = http::router(web).layer(layer);
 
@@ -180,11 +182,38 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::tls::server::serve(listener, app, tls, stop_rx));
 
-    let signal = wait_for_signal().await;
+    let power = Arc::new(crate::power::Power::default());
+    let (power_tx, mut power_rx) = tokio::sync::mpsc::channel::<String>(1);
+    if let Some(pc) = cfg.power.clone() {
+        let realms_n = realms.clone();
+        let p = power.clone();
+        tokio::spawn(async move {
+            let why = crate::power::watch(pc, p, move |state, st| {
+                let json = serde_json::json!({"state": state, "upsStatus": st.ups_status, "onBatterySinceMs": st.on_battery_since_ms, "shutdownReason": st.shutdown_reason}).to_string();
+                for r in realms_n.iter() {
+                    r.notice("hub.power", json.clone());
+                }
+            })
+            .await;
+            let _ = power_tx.send(why).await;
+        });
+    }
+    *web_power.lock() = Some(power.clone());
+
+    let signal = tokio::select! {
+        s = wait_for_signal() => s.to_string(),
+        Some(why) = power_rx.recv() => format!("power: {why}"),
+    };
     tracing::info!(
-        signal,
+        signal = %signal,
         "shutting down: no new events, committing what is queued"
     );
+    for r in realms.iter() {
+        r.notice(
+            "hub.shutdown",
+            format!("{{\"reason\":{}}}", crate::realtime::json_str(&signal)),
+        );
+    }
     // 1. Stop taking events and commit what is queued (devices get their acks).
     let r = realms.clone();
     let _ = tokio::task::spawn_blocking(move || r.close_all()).await;
@@ -198,6 +227,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         tracing::warn!("the listener did not stop within 3 s; exiting anyway");
     }
     tracing::info!("stopped cleanly");
+    if signal.starts_with("power")
+        && std::env::var_os("POS_HUB_INIT").is_some()
+        && nix::unistd::getppid().as_raw() == 1
+    {
+        // Under our init: ask PID 1 to power the box off (SIGUSR2).
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(1),
+            nix::sys::signal::Signal::SIGUSR2,
+        );
+    }
     Ok(())
 }
 

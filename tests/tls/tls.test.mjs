@@ -8,64 +8,11 @@ import { spawn, execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import net from "node:net";
-import http from "node:http";
 import { io } from "socket.io-client";
+import { HUB, procs, tmp, freePort, httpGet, run, startHub } from "../lib/hub.mjs";
 
-const HUB = process.env.POS_HUB_BIN || path.resolve("../../target/debug/pos-hub");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const procs = new Set();
 after(() => { for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
-
-function tmp(name) { return fs.mkdtempSync(path.join(os.tmpdir(), `poshub-tls-${name}-`)); }
-
-async function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
-  });
-}
-
-function httpGet(port, p, host = "127.0.0.1", method = "GET") {
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host, port, path: p, method, timeout: 3000 }, (res) => {
-      let body = ""; res.on("data", (d) => (body += d)); res.on("end", () => resolve({ status: res.statusCode, headers: res.headers, body }));
-    });
-    req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.end();
-  });
-}
-
-async function startHub({ dataDir, port, env = {}, netns } = {}) {
-  dataDir ??= tmp("data");
-  port ??= await freePort();
-  const args = ["serve", "--dev", "--data-dir", dataDir, "--port", String(port)];
-  const cmd = netns ? "ip" : HUB;
-  const argv = netns ? ["netns", "exec", netns, HUB, ...args] : args;
-  const child = spawn(cmd, argv, { env: { ...process.env, MDNS: "off", RUST_LOG: "info", ...env }, stdio: ["ignore", "ignore", "pipe"] });
-  procs.add(child);
-  let log = ""; child.stderr.on("data", (d) => (log += d));
-  const exited = new Promise((r) => child.on("exit", (code) => { procs.delete(child); r(code); }));
-  const deadline = Date.now() + 20000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`hub exited early: ${log}`);
-    try {
-      const ok = netns
-        ? spawnSync("ip", ["netns", "exec", netns, "curl", "-sf", `http://127.0.0.1:${port}/healthz`]).status === 0
-        : (await httpGet(port, "/healthz")).status === 200;
-      if (ok) break;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`hub not ready: ${log}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  const stop = async () => { child.kill("SIGTERM"); return Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), 10000))]); };
-  return { port, dataDir, child, stop, log: () => log, token: fs.readFileSync(path.join(dataDir, "dev-token.txt"), "utf8").trim() };
-}
-
-function run(cmd, args, opts = {}) {
-  const r = spawnSync(cmd, args, { encoding: "utf8", timeout: 15000, ...opts });
-  return { code: r.status, out: (r.stdout || "") + (r.stderr || "") };
-}
 
 async function caOf(hub) {
   const r = await httpGet(hub.port, "/ca.crt");
