@@ -503,17 +503,18 @@ impl Config {
                 Some(v) => parse_duration(key, v),
             }
         };
-        let power = if sources.is_empty() {
-            None
-        } else {
-            Some(crate::power::PowerConfig {
-                sources,
-                shutdown_after: dur("UPS_SHUTDOWN_AFTER", 300)?,
-                poll: dur("UPS_POLL", 2)?.max(Duration::from_millis(100)),
-                deadtime: dur("UPS_DEADTIME", 15)?,
-                low_capacity: num("UPS_LOW_CAPACITY", 20, 1, 99)? as u8,
-            })
-        };
+        // Validated even without a source, so a typo is caught before it matters.
+        let shutdown_after = dur("UPS_SHUTDOWN_AFTER", 300)?;
+        let poll = dur("UPS_POLL", 2)?.max(Duration::from_millis(100));
+        let deadtime = dur("UPS_DEADTIME", 15)?;
+        let low_capacity = num("UPS_LOW_CAPACITY", 20, 1, 99)? as u8;
+        let power = (!sources.is_empty()).then_some(crate::power::PowerConfig {
+            sources,
+            shutdown_after,
+            poll,
+            deadtime,
+            low_capacity,
+        });
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
