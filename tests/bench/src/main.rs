@@ -1,0 +1,511 @@
+//! `pos-hub-bench`: drives a real `pos-hub` over Socket.IO (a minimal Engine.IO v4 /
+//! Socket.IO v5 client over WebSocket) and prints the figures of issue 2: durable
+//! events/s with 50 devices, ack latency at 1,000 events/s, fan-out latency to 200
+//! devices, RSS per idle connection, and replay speed. Figures only: no assertions
+//! on speed (shared machines are noisy); correctness (no lost ack, no reordering,
+//! no gap in replay) is checked and reported.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Clone)]
+#[command(about = "Load generator for pos-hub")]
+struct Args {
+    /// all | throughput | latency | fanout | idle | replay
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Small sizes, a few seconds in all (CI smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// The hub binary (default: target/release/pos-hub beside this binary).
+    #[arg(long)]
+    hub_bin: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    #[arg(long, default_value_t = 100_000)]
+    replay: usize,
+    #[arg(long, default_value_t = 200)]
+    fanout: usize,
+}
+
+// ---------------------------------------------------------------- the hub
+
+struct Hub {
+    child: tokio::process::Child,
+    port: u16,
+    dir: PathBuf,
+    key: pos_hub::auth::SigningKey,
+}
+
+impl Hub {
+    async fn start(bin: &Path, tag: &str) -> Hub {
+        let dir = std::env::temp_dir().join(format!("poshub-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let child = tokio::process::Command::new(bin)
+            .args(["serve", "--dev", "--data-dir"])
+            .arg(&dir)
+            .args(["--port", &port.to_string()])
+            .env("MDNS", "off")
+            .env("NTP_SERVERS", "off")
+            .env("TLS", "off")
+            .env("BIND", "127.0.0.1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+                let mut b = vec![0; 64];
+                if let Ok(n) = s.read(&mut b).await {
+                    if String::from_utf8_lossy(&b[..n]).contains("200") {
+                        break;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "hub did not become healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let key = pos_hub::auth::SigningKey::from_file(&dir.join("dev/cluster-key.pem")).expect("dev key");
+        Hub { child, port, dir, key }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    fn token(&self, device: &str) -> String {
+        let now = pos_hub::util::now_secs();
+        let c = pos_hub::auth::Claims {
+            tenant_id: "t-dev".into(),
+            store_id: "s-dev".into(),
+            device_id: device.into(),
+            role: "till".into(),
+            exp: now + 3600,
+            iat: now,
+            nbf: None,
+            iss: None,
+            aud: None,
+        };
+        pos_hub::auth::token::mint(&self.key, &c, None).expect("mint")
+    }
+
+    /// CPU time (user + system) of the hub, in microseconds.
+    fn cpu_us(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        ticks * 1_000_000 / hz
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------- a device
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects, authenticates; returns the socket once `synced` arrived (and how many
+/// events were replayed before it).
+async fn connect(port: u16, token: &str, since: Option<u64>) -> (Ws, u64, Vec<u64>) {
+    let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(&url))
+        .await
+        .expect("connect timeout")
+        .expect("connect");
+    let auth = match since {
+        Some(s) => format!("40{{\"token\":\"{token}\",\"since\":{s}}}"),
+        None => format!("40{{\"token\":\"{token}\"}}"),
+    };
+    let mut sent_auth = false;
+    let mut replayed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = tokio::time::timeout_at(deadline.into(), ws.next()).await.expect("handshake timeout");
+        let Some(Ok(Message::Text(t))) = m else { panic!("connection closed during handshake") };
+        let t = t.as_str();
+        if t.starts_with('0') && !sent_auth {
+            ws.send(Message::text(auth.clone())).await.expect("send auth");
+            sent_auth = true;
+        } else if t == "2" {
+            ws.send(Message::text("3")).await.expect("pong");
+        } else if t.starts_with("44") {
+            panic!("refused: {t}");
+        } else if let Some(rest) = t.strip_prefix("42[\"synced\",") {
+            let seq = num_after(rest, "\"seq\":").unwrap_or(0);
+            return (ws, seq, replayed);
+        } else if t.starts_with("42[\"event\",") {
+            replayed.push(num_after(t, "\"seq\":").unwrap_or(0));
+        }
+    }
+}
+
+fn num_after(s: &str, key: &str) -> Option<u64> {
+    let i = s.find(key)? + key.len();
+    let digits: String = s[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+fn event_frame(ack: u64, id: &str, t_ns: u128, pad: &str) -> String {
+    format!("42{ack}[\"event\",{{\"id\":\"{id}\",\"type\":\"order.created\",\"payload\":{{\"t\":{t_ns},\"pad\":\"{pad}\"}}}}]")
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+// ---------------------------------------------------------------- scenarios
+
+struct DevResult {
+    acked: u64,
+    sent: u64,
+    inversions: u64,
+    fanout_in: u64,
+    lat_ms: Vec<f64>,
+}
+
+/// One device: keeps `window` events in flight (or paces at `rate` per second),
+/// reading acks and fan-out, until `dur` has passed; then waits for its acks.
+async fn run_device(port: u16, token: String, dev: usize, window: usize, rate: Option<f64>, dur: Duration, t0: Instant, run: u64) -> DevResult {
+    let (ws, _, _) = connect(port, &token, None).await;
+    let (mut tx, mut rx) = ws.split();
+    let pad = "x".repeat(100);
+    let mut r = DevResult { acked: 0, sent: 0, inversions: 0, fanout_in: 0, lat_ms: Vec::new() };
+    let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();
+    let mut last_seq = 0u64;
+    let end = Instant::now() + dur;
+    let mut next_send = Instant::now() + rate.map(|r| Duration::from_secs_f64(rand_unit(dev) / r)).unwrap_or_default();
+    loop {
+        let now = Instant::now();
+        let sending = now < end;
+        if !sending && sent_at.is_empty() {
+            break;
+        }
+        if now > end + Duration::from_secs(15) {
+            break; // lost acks are reported
+        }
+        // Send what the window or the pace allows.
+        while sending && sent_at.len() < window && (rate.is_none() || Instant::now() >= next_send) {
+            let id = format!("b{run}-{dev}-{}", r.sent);
+            let f = event_frame(r.sent, &id, t0.elapsed().as_nanos(), &pad);
+            sent_at.insert(r.sent, Instant::now());
+            r.sent += 1;
+            if tx.send(Message::text(f)).await.is_err() {
+                return r;
+            }
+            if let Some(rate) = rate {
+                next_send += Duration::from_secs_f64(1.0 / rate);
+            }
+        }
+        let wait = if rate.is_some() && sending { next_send.saturating_duration_since(Instant::now()) } else { Duration::from_millis(200) };
+        let m = match tokio::time::timeout(wait.max(Duration::from_micros(50)), rx.next()).await {
+            Err(_) => continue,
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(m))) => m,
+        };
+        let Message::Text(t) = m else { continue };
+        let t = t.as_str();
+        if let Some(rest) = t.strip_prefix("43") {
+            let id: u64 = rest.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap_or(u64::MAX);
+            if let Some(at) = sent_at.remove(&id) {
+                r.lat_ms.push(at.elapsed().as_secs_f64() * 1000.0);
+                r.acked += 1;
+                if let Some(seq) = num_after(rest, "\"seq\":") {
+                    if seq <= last_seq {
+                        r.inversions += 1;
+                    }
+                    last_seq = seq;
+                }
+            }
+        } else if t.starts_with("42[\"event\"") {
+            r.fanout_in += 1;
+        } else if t == "2" {
+            let _ = tx.send(Message::text("3")).await;
+        }
+    }
+    let _ = tx.close().await;
+    r
+}
+
+fn rand_unit(seed: usize) -> f64 {
+    ((seed as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let hub = Hub::start(bin, "tp").await;
+    let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
+    let n = if a.quick { 10 } else { a.devices };
+    let t0 = Instant::now();
+    let cpu0 = hub.cpu_us();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for d in 0..n {
+        let tok = hub.token(&format!("till-{d}"));
+        tasks.push(tokio::spawn(run_device(hub.port, tok, d, a.in_flight, None, dur, t0, 1)));
+    }
+    let mut total = DevResult { acked: 0, sent: 0, inversions: 0, fanout_in: 0, lat_ms: Vec::new() };
+    for t in tasks {
+        if let Ok(r) = t.await {
+            total.acked += r.acked;
+            total.sent += r.sent;
+            total.inversions += r.inversions;
+            total.fanout_in += r.fanout_in;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = hub.cpu_us() - cpu0;
+    let eps = total.acked as f64 / secs;
+    report.push(("durable events/s (".to_string() + &n.to_string() + " devices, ws)", format!("{eps:.0}")));
+    report.push(("hub CPU per event".into(), format!("{:.1} us", cpu as f64 / total.acked.max(1) as f64)));
+    report.push(("fan-out messages received/s".into(), format!("{:.0}", total.fanout_in as f64 / secs)));
+    report.push(("lost acks / per-device seq inversions".into(), format!("{} / {}", total.sent - total.acked, total.inversions)));
+    hub.stop().await;
+}
+
+async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let hub = Hub::start(bin, "lat").await;
+    let n = if a.quick { 10 } else { a.devices };
+    let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
+    let rate = 1000.0 / n as f64;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for d in 0..n {
+        let tok = hub.token(&format!("till-{d}"));
+        tasks.push(tokio::spawn(run_device(hub.port, tok, d, 1000, Some(rate), dur, t0, 2)));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            lat.extend(r.lat_ms);
+        }
+    }
+    let (p50, p99, max) = (pct(&mut lat, 50.0), pct(&mut lat, 99.0), pct(&mut lat, 100.0));
+    report.push(("ack latency at 1,000 ev/s p50 / p99 / max".into(), format!("{p50:.2} / {p99:.2} / {max:.2} ms")));
+    hub.stop().await;
+}
+
+async fn fanout(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let hub = Hub::start(bin, "fan").await;
+    let n = if a.quick { 20 } else { a.fanout };
+    let t0 = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let got = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for d in 0..n - 1 {
+        let (ws, _, _) = connect(hub.port, &hub.token(&format!("kds-{d}")), None).await;
+        let samples = samples.clone();
+        let got = got.clone();
+        readers.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = ws.split();
+            while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(3), rx.next()).await {
+                let t = t.as_str();
+                if t.starts_with("42[\"event\"") {
+                    if let Some(sent) = num_after(t, "\"t\":") {
+                        let now = t0.elapsed().as_nanos() as u64;
+                        samples.lock().unwrap().push((now.saturating_sub(sent)) as f64 / 1e6);
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if t == "2" {
+                    let _ = tx.send(Message::text("3")).await;
+                }
+            }
+        }));
+    }
+    let (ws, _, _) = connect(hub.port, &hub.token("till-sender"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+    let count = if a.quick { 50 } else { 500 };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..count {
+        tick.tick().await;
+        let f = event_frame(i, &format!("f-{i}"), t0.elapsed().as_nanos(), "kitchen");
+        if tx.send(Message::text(f)).await.is_err() {
+            break;
+        }
+    }
+    for r in readers {
+        let _ = r.await;
+    }
+    let mut s = samples.lock().unwrap().clone();
+    let expected = count * (n as u64 - 1);
+    report.push((
+        format!("fan-out latency to {} devices p50 / p99", n - 1),
+        format!("{:.2} / {:.2} ms ({} of {} delivered)", pct(&mut s, 50.0), pct(&mut s, 99.0), got.load(Ordering::Relaxed), expected),
+    ));
+    hub.stop().await;
+}
+
+async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let hub = Hub::start(bin, "idle").await;
+    let n = if a.quick { 100 } else { a.idle };
+    // A few connections first, so one-off allocations are not counted per connection.
+    let mut keep = Vec::new();
+    for d in 0..5 {
+        keep.push(connect(hub.port, &hub.token(&format!("warm-{d}")), None).await.0);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = hub.rss_kib();
+    let token = hub.token("idle");
+    for chunk in 0..n.div_ceil(100) {
+        let mut batch = Vec::new();
+        for _ in 0..100.min(n - chunk * 100) {
+            let tok = token.clone();
+            let port = hub.port;
+            batch.push(tokio::spawn(async move { connect(port, &tok, None).await.0 }));
+        }
+        for b in batch {
+            if let Ok(ws) = b.await {
+                keep.push(ws);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = hub.rss_kib();
+    report.push((
+        format!("RSS per idle connection ({n} idle, ws)"),
+        format!("{:.1} KiB (hub RSS {} -> {} KiB)", (after as f64 - before as f64) / n as f64, before, after),
+    ));
+    drop(keep);
+    hub.stop().await;
+}
+
+async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let hub = Hub::start(bin, "replay").await;
+    let n = if a.quick { 10_000 } else { a.replay };
+    let writers = 4;
+    let per = n / writers;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let tok = hub.token(&format!("writer-{w}"));
+        let port = hub.port;
+        tasks.push(tokio::spawn(async move {
+            let (ws, _, _) = connect(port, &tok, None).await;
+            let (mut tx, mut rx) = ws.split();
+            let batches = per / 500;
+            let mut acked = 0;
+            let mut sent = 0;
+            while acked < batches {
+                while sent < batches && sent - acked < 8 {
+                    let evs: Vec<String> = (0..500)
+                        .map(|i| format!("{{\"id\":\"r{w}-{sent}-{i}\",\"type\":\"order.created\",\"payload\":{{\"n\":{i},\"pad\":\"{}\"}}}}", "y".repeat(100)))
+                        .collect();
+                    let f = format!("42{sent}[\"events\",[{}]]", evs.join(","));
+                    if tx.send(Message::text(f)).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                }
+                match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with("43") => acked += 1,
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                        let _ = tx.send(Message::text("3")).await;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    _ => return,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let total = (per / 500 * 500 * writers) as u64;
+    let start = Instant::now();
+    let (_ws, synced, seqs) = connect(hub.port, &hub.token("reconnecting"), Some(0)).await;
+    let secs = start.elapsed().as_secs_f64();
+    let contiguous = seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1);
+    report.push((
+        format!("replay to one reconnecting device ({total} events)"),
+        format!(
+            "{:.0} events/s ({} received, synced at {synced}, in order without gap: {})",
+            seqs.len() as f64 / secs,
+            seqs.len(),
+            contiguous && seqs.len() as u64 == total
+        ),
+    ));
+    hub.stop().await;
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    // SAFETY: raising our own file limit.
+    unsafe {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let bin = a.hub_bin.clone().unwrap_or_else(|| {
+        let me = std::env::current_exe().unwrap_or_default();
+        me.parent().map(|p| p.join("pos-hub")).unwrap_or_else(|| PathBuf::from("pos-hub"))
+    });
+    let mut report = Vec::new();
+    let want = |s: &str| a.scenario == "all" || a.scenario == s;
+    println!("pos-hub-bench: hub {} on {} cores{}", bin.display(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), if a.quick { " (quick)" } else { "" });
+    if want("throughput") {
+        throughput(&a, &bin, &mut report).await;
+    }
+    if want("latency") {
+        latency(&a, &bin, &mut report).await;
+    }
+    if want("fanout") {
+        fanout(&a, &bin, &mut report).await;
+    }
+    if want("idle") {
+        idle(&a, &bin, &mut report).await;
+    }
+    if want("replay") {
+        replay(&a, &bin, &mut report).await;
+    }
+    let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
+    println!();
+    for (k, v) in &report {
+        println!("{k:<w$}  {v}");
+    }
+}
