@@ -534,41 +534,46 @@ impl FanOut {
     }
 
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
+        // Encode each event once; every socket gets the same JSON.
+        let encoded: Vec<(Tag, String)> = batch
+            .iter()
+            .map(|c| {
+                (
+                    c.tag,
+                    encode_stored(
+                        c.seq,
+                        c.event.id(),
+                        c.event.typ(),
+                        c.event.payload(),
+                        &c.device,
+                        c.event.ts(),
+                        c.hub_ts,
+                        c.origin,
+                    ),
+                )
+            })
+            .collect();
+        // Socket by socket, all of the batch at once: each socket's writer task then
+        // wakes once and sends the batch in one write.
         let mut dead = Vec::new();
-        let mut last = 0;
-        for c in &batch {
-            // Encoded once; every socket gets the same JSON.
-            let json = encode_stored(
-                c.seq,
-                c.event.id(),
-                c.event.typ(),
-                c.event.payload(),
-                &c.device,
-                c.event.ts(),
-                c.hub_ts,
-                c.origin,
-            );
-            let raw = RawJson(&json);
-            for l in &self.live {
-                if Some(l.sid) == c.tag {
+        for l in &self.live {
+            for (tag, json) in &encoded {
+                if Some(l.sid) == *tag {
                     continue;
                 }
-                if let Err(e) = l.sock.emit("event", &raw) {
-                    dead.push((l.sid, e));
+                if let Err(e) = l.sock.emit("event", &RawJson(json)) {
+                    if let SendError::Socket(SocketError::InternalChannelFull) = e {
+                        tracing::warn!(sid = %l.sid, "device fell too far behind; disconnecting it so it resumes from its cursor");
+                    }
+                    dead.push(l.sid);
+                    break;
                 }
             }
-            last = c.seq;
-            if !dead.is_empty() {
-                let d: Vec<Sid> = dead.drain(..).map(|(sid, e)| {
-                    if let SendError::Socket(SocketError::InternalChannelFull) = e {
-                        tracing::warn!(%sid, "device fell too far behind; disconnecting it so it resumes from its cursor");
-                    }
-                    sid
-                }).collect();
-                self.drop_dead(d);
-            }
         }
-        self.fanned.store(last, Ordering::Release);
+        self.drop_dead(dead);
+        if let Some(c) = batch.last() {
+            self.fanned.store(c.seq, Ordering::Release);
+        }
     }
 
     fn drop_dead(&mut self, dead: Vec<Sid>) {
