@@ -21,8 +21,14 @@ use crate::realm::Realm;
 const CURSOR_KEY: &str = "bridge.cloud_cursor";
 /// The largest feed page accepted.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
-/// Seconds the cloud may hold a long-poll.
-const WAIT_SECS: u64 = 25;
+/// Seconds the cloud may hold a long-poll (CLOUD_FEED_WAIT, default 25 s).
+fn wait_secs() -> u64 {
+    std::env::var("CLOUD_FEED_WAIT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .map(|d| d.as_secs().clamp(0, 30))
+        .unwrap_or(25)
+}
 
 pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {
     let r = realm.clone();
@@ -123,9 +129,9 @@ pub async fn run(
                 ("storeId", realm.cfg.store_id.as_str()),
                 ("cursor", cursor.as_str()),
                 ("limit", "500"),
-                ("wait", &WAIT_SECS.to_string()),
+                ("wait", &wait_secs().to_string()),
             ])
-            .timeout(timeout() + Duration::from_secs(WAIT_SECS));
+            .timeout(timeout() + Duration::from_secs(wait_secs()));
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {

@@ -87,8 +87,14 @@ impl Hub {
             assert!(Instant::now() < deadline, "hub did not become healthy");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let key = pos_hub::auth::SigningKey::from_file(&dir.join("dev/cluster-key.pem")).expect("dev key");
-        Hub { child, port, dir, key }
+        let key = pos_hub::auth::SigningKey::from_file(&dir.join("dev/cluster-key.pem"))
+            .expect("dev key");
+        Hub {
+            child,
+            port,
+            dir,
+            key,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -113,10 +119,12 @@ impl Hub {
 
     /// CPU time (user + system) of the hub, in microseconds.
     fn cpu_us(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         // SAFETY: sysconf reads a constant.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         ticks * 1_000_000 / hz
@@ -126,7 +134,10 @@ impl Hub {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+            })
             .unwrap_or(0)
     }
 
@@ -142,16 +153,20 @@ impl Hub {
 
 // ---------------------------------------------------------------- a device
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connects, authenticates; returns the socket once `synced` arrived (and how many
 /// events were replayed before it).
 async fn connect(port: u16, token: &str, since: Option<u64>) -> (Ws, u64, Vec<u64>) {
     let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(&url))
-        .await
-        .expect("connect timeout")
-        .expect("connect");
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async(&url),
+    )
+    .await
+    .expect("connect timeout")
+    .expect("connect");
     let auth = match since {
         Some(s) => format!("40{{\"token\":\"{token}\",\"since\":{s}}}"),
         None => format!("40{{\"token\":\"{token}\"}}"),
@@ -160,11 +175,17 @@ async fn connect(port: u16, token: &str, since: Option<u64>) -> (Ws, u64, Vec<u6
     let mut replayed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let m = tokio::time::timeout_at(deadline.into(), ws.next()).await.expect("handshake timeout");
-        let Some(Ok(Message::Text(t))) = m else { panic!("connection closed during handshake") };
+        let m = tokio::time::timeout_at(deadline.into(), ws.next())
+            .await
+            .expect("handshake timeout");
+        let Some(Ok(Message::Text(t))) = m else {
+            panic!("connection closed during handshake")
+        };
         let t = t.as_str();
         if t.starts_with('0') && !sent_auth {
-            ws.send(Message::text(auth.clone())).await.expect("send auth");
+            ws.send(Message::text(auth.clone()))
+                .await
+                .expect("send auth");
             sent_auth = true;
         } else if t == "2" {
             ws.send(Message::text("3")).await.expect("pong");
@@ -210,15 +231,34 @@ struct DevResult {
 
 /// One device: keeps `window` events in flight (or paces at `rate` per second),
 /// reading acks and fan-out, until `dur` has passed; then waits for its acks.
-async fn run_device(port: u16, token: String, dev: usize, window: usize, rate: Option<f64>, dur: Duration, t0: Instant, run: u64) -> DevResult {
+#[allow(clippy::too_many_arguments)]
+async fn run_device(
+    port: u16,
+    token: String,
+    dev: usize,
+    window: usize,
+    rate: Option<f64>,
+    dur: Duration,
+    t0: Instant,
+    run: u64,
+) -> DevResult {
     let (ws, _, _) = connect(port, &token, None).await;
     let (mut tx, mut rx) = ws.split();
     let pad = "x".repeat(100);
-    let mut r = DevResult { acked: 0, sent: 0, inversions: 0, fanout_in: 0, lat_ms: Vec::new() };
+    let mut r = DevResult {
+        acked: 0,
+        sent: 0,
+        inversions: 0,
+        fanout_in: 0,
+        lat_ms: Vec::new(),
+    };
     let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();
     let mut last_seq = 0u64;
     let end = Instant::now() + dur;
-    let mut next_send = Instant::now() + rate.map(|r| Duration::from_secs_f64(rand_unit(dev) / r)).unwrap_or_default();
+    let mut next_send = Instant::now()
+        + rate
+            .map(|r| Duration::from_secs_f64(rand_unit(dev) / r))
+            .unwrap_or_default();
     loop {
         let now = Instant::now();
         let sending = now < end;
@@ -241,7 +281,11 @@ async fn run_device(port: u16, token: String, dev: usize, window: usize, rate: O
                 next_send += Duration::from_secs_f64(1.0 / rate);
             }
         }
-        let wait = if rate.is_some() && sending { next_send.saturating_duration_since(Instant::now()) } else { Duration::from_millis(200) };
+        let wait = if rate.is_some() && sending {
+            next_send.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_millis(200)
+        };
         let m = match tokio::time::timeout(wait.max(Duration::from_micros(50)), rx.next()).await {
             Err(_) => continue,
             Ok(None) | Ok(Some(Err(_))) => break,
@@ -250,7 +294,12 @@ async fn run_device(port: u16, token: String, dev: usize, window: usize, rate: O
         let Message::Text(t) = m else { continue };
         let t = t.as_str();
         if let Some(rest) = t.strip_prefix("43") {
-            let id: u64 = rest.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap_or(u64::MAX);
+            let id: u64 = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap_or(u64::MAX);
             if let Some(at) = sent_at.remove(&id) {
                 r.lat_ms.push(at.elapsed().as_secs_f64() * 1000.0);
                 r.acked += 1;
@@ -285,9 +334,24 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let mut tasks = Vec::new();
     for d in 0..n {
         let tok = hub.token(&format!("till-{d}"));
-        tasks.push(tokio::spawn(run_device(hub.port, tok, d, a.in_flight, None, dur, t0, 1)));
+        tasks.push(tokio::spawn(run_device(
+            hub.port,
+            tok,
+            d,
+            a.in_flight,
+            None,
+            dur,
+            t0,
+            1,
+        )));
     }
-    let mut total = DevResult { acked: 0, sent: 0, inversions: 0, fanout_in: 0, lat_ms: Vec::new() };
+    let mut total = DevResult {
+        acked: 0,
+        sent: 0,
+        inversions: 0,
+        fanout_in: 0,
+        lat_ms: Vec::new(),
+    };
     for t in tasks {
         if let Ok(r) = t.await {
             total.acked += r.acked;
@@ -299,10 +363,22 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let secs = start.elapsed().as_secs_f64();
     let cpu = hub.cpu_us() - cpu0;
     let eps = total.acked as f64 / secs;
-    report.push(("durable events/s (".to_string() + &n.to_string() + " devices, ws)", format!("{eps:.0}")));
-    report.push(("hub CPU per event".into(), format!("{:.1} us", cpu as f64 / total.acked.max(1) as f64)));
-    report.push(("fan-out messages received/s".into(), format!("{:.0}", total.fanout_in as f64 / secs)));
-    report.push(("lost acks / per-device seq inversions".into(), format!("{} / {}", total.sent - total.acked, total.inversions)));
+    report.push((
+        "durable events/s (".to_string() + &n.to_string() + " devices, ws)",
+        format!("{eps:.0}"),
+    ));
+    report.push((
+        "hub CPU per event".into(),
+        format!("{:.1} us", cpu as f64 / total.acked.max(1) as f64),
+    ));
+    report.push((
+        "fan-out messages received/s".into(),
+        format!("{:.0}", total.fanout_in as f64 / secs),
+    ));
+    report.push((
+        "lost acks / per-device seq inversions".into(),
+        format!("{} / {}", total.sent - total.acked, total.inversions),
+    ));
     hub.stop().await;
 }
 
@@ -315,7 +391,16 @@ async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let mut tasks = Vec::new();
     for d in 0..n {
         let tok = hub.token(&format!("till-{d}"));
-        tasks.push(tokio::spawn(run_device(hub.port, tok, d, 1000, Some(rate), dur, t0, 2)));
+        tasks.push(tokio::spawn(run_device(
+            hub.port,
+            tok,
+            d,
+            1000,
+            Some(rate),
+            dur,
+            t0,
+            2,
+        )));
     }
     let mut lat = Vec::new();
     for t in tasks {
@@ -323,8 +408,15 @@ async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
             lat.extend(r.lat_ms);
         }
     }
-    let (p50, p99, max) = (pct(&mut lat, 50.0), pct(&mut lat, 99.0), pct(&mut lat, 100.0));
-    report.push(("ack latency at 1,000 ev/s p50 / p99 / max".into(), format!("{p50:.2} / {p99:.2} / {max:.2} ms")));
+    let (p50, p99, max) = (
+        pct(&mut lat, 50.0),
+        pct(&mut lat, 99.0),
+        pct(&mut lat, 100.0),
+    );
+    report.push((
+        "ack latency at 1,000 ev/s p50 / p99 / max".into(),
+        format!("{p50:.2} / {p99:.2} / {max:.2} ms"),
+    ));
     hub.stop().await;
 }
 
@@ -341,12 +433,17 @@ async fn fanout(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         let got = got.clone();
         readers.push(tokio::spawn(async move {
             let (mut tx, mut rx) = ws.split();
-            while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(3), rx.next()).await {
+            while let Ok(Some(Ok(Message::Text(t)))) =
+                tokio::time::timeout(Duration::from_secs(3), rx.next()).await
+            {
                 let t = t.as_str();
                 if t.starts_with("42[\"event\"") {
                     if let Some(sent) = num_after(t, "\"t\":") {
                         let now = t0.elapsed().as_nanos() as u64;
-                        samples.lock().unwrap().push((now.saturating_sub(sent)) as f64 / 1e6);
+                        samples
+                            .lock()
+                            .unwrap()
+                            .push((now.saturating_sub(sent)) as f64 / 1e6);
                         got.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if t == "2" {
@@ -374,7 +471,13 @@ async fn fanout(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let expected = count * (n as u64 - 1);
     report.push((
         format!("fan-out latency to {} devices p50 / p99", n - 1),
-        format!("{:.2} / {:.2} ms ({} of {} delivered)", pct(&mut s, 50.0), pct(&mut s, 99.0), got.load(Ordering::Relaxed), expected),
+        format!(
+            "{:.2} / {:.2} ms ({} of {} delivered)",
+            pct(&mut s, 50.0),
+            pct(&mut s, 99.0),
+            got.load(Ordering::Relaxed),
+            expected
+        ),
     ));
     hub.stop().await;
 }
@@ -385,7 +488,11 @@ async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     // A few connections first, so one-off allocations are not counted per connection.
     let mut keep = Vec::new();
     for d in 0..5 {
-        keep.push(connect(hub.port, &hub.token(&format!("warm-{d}")), None).await.0);
+        keep.push(
+            connect(hub.port, &hub.token(&format!("warm-{d}")), None)
+                .await
+                .0,
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = hub.rss_kib();
@@ -395,7 +502,9 @@ async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         for _ in 0..100.min(n - chunk * 100) {
             let tok = token.clone();
             let port = hub.port;
-            batch.push(tokio::spawn(async move { connect(port, &tok, None).await.0 }));
+            batch.push(tokio::spawn(
+                async move { connect(port, &tok, None).await.0 },
+            ));
         }
         for b in batch {
             if let Ok(ws) = b.await {
@@ -407,7 +516,12 @@ async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let after = hub.rss_kib();
     report.push((
         format!("RSS per idle connection ({n} idle, ws)"),
-        format!("{:.1} KiB (hub RSS {} -> {} KiB)", (after as f64 - before as f64) / n as f64, before, after),
+        format!(
+            "{:.1} KiB (hub RSS {} -> {} KiB)",
+            (after as f64 - before as f64) / n as f64,
+            before,
+            after
+        ),
     ));
     drop(keep);
     hub.stop().await;
@@ -475,7 +589,10 @@ async fn main() {
     let a = Args::parse();
     // SAFETY: raising our own file limit.
     unsafe {
-        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
@@ -483,11 +600,20 @@ async fn main() {
     }
     let bin = a.hub_bin.clone().unwrap_or_else(|| {
         let me = std::env::current_exe().unwrap_or_default();
-        me.parent().map(|p| p.join("pos-hub")).unwrap_or_else(|| PathBuf::from("pos-hub"))
+        me.parent()
+            .map(|p| p.join("pos-hub"))
+            .unwrap_or_else(|| PathBuf::from("pos-hub"))
     });
     let mut report = Vec::new();
     let want = |s: &str| a.scenario == "all" || a.scenario == s;
-    println!("pos-hub-bench: hub {} on {} cores{}", bin.display(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), if a.quick { " (quick)" } else { "" });
+    println!(
+        "pos-hub-bench: hub {} on {} cores{}",
+        bin.display(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        if a.quick { " (quick)" } else { "" }
+    );
     if want("throughput") {
         throughput(&a, &bin, &mut report).await;
     }

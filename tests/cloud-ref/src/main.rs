@@ -75,7 +75,11 @@ fn realm_key(t: &str, s: &str) -> String {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
 impl App {
@@ -83,7 +87,12 @@ impl App {
         *self.stats.lock().unwrap().entry(k.to_string()).or_default() += 1;
     }
     fn wake_for(&self, realm: &str) -> Arc<Notify> {
-        self.wake.lock().unwrap().entry(realm.to_string()).or_default().clone()
+        self.wake
+            .lock()
+            .unwrap()
+            .entry(realm.to_string())
+            .or_default()
+            .clone()
     }
     /// Takes one fault for `target` (ingest or feed), if armed.
     fn take_fault(&self, target: &str) -> Option<Fault> {
@@ -118,7 +127,9 @@ fn err(code: StatusCode, msg: &str) -> Response {
 
 /// Applies a fault before (or, for reset_after_commit, after) the real work.
 async fn pre_fault(app: &App, target: &str, abort: &Abort) -> Result<Option<Fault>, Response> {
-    let Some(f) = app.take_fault(target) else { return Ok(None) };
+    let Some(f) = app.take_fault(target) else {
+        return Ok(None);
+    };
     app.bump(&format!("fault_{}", f.mode));
     match f.mode.as_str() {
         "refuse" => {
@@ -156,13 +167,22 @@ struct IngestBody<'a> {
 }
 
 async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
-    let abort = req.extensions().get::<Abort>().cloned().unwrap_or(Abort(Arc::new(Notify::new())));
+    let abort = req
+        .extensions()
+        .get::<Abort>()
+        .cloned()
+        .unwrap_or(Abort(Arc::new(Notify::new())));
     app.bump("ingest_requests");
     if !app.authorized(req.headers()) {
         app.bump("status_401");
         return err(StatusCode::UNAUTHORIZED, "unauthorized");
     }
-    let Some(key) = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).map(String::from) else {
+    let Some(key) = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+    else {
         return err(StatusCode::BAD_REQUEST, "Idempotency-Key header required");
     };
     let fault = match pre_fault(&app, "ingest", &abort).await {
@@ -184,7 +204,9 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     let response = {
         let mut db = app.db.lock().unwrap();
         if let Some(prev) = db
-            .query_row("SELECT response FROM idem WHERE key = ?1", [&key], |r| r.get::<_, String>(0))
+            .query_row("SELECT response FROM idem WHERE key = ?1", [&key], |r| {
+                r.get::<_, String>(0)
+            })
             .optional()
             .unwrap_or(None)
         {
@@ -198,7 +220,11 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
         };
         let mut results = Vec::new();
         let mut next: i64 = tx
-            .query_row("SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1", [&realm], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1",
+                [&realm],
+                |r| r.get(0),
+            )
             .unwrap_or(1);
         for raw in &body.events {
             let v: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
@@ -242,6 +268,7 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
                         next += 1;
                         "accepted"
                     } else {
+                        app.bump("duplicates");
                         "duplicate"
                     }
                 }
@@ -249,7 +276,10 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
             results.push(json!({"seq": seq, "id": id, "status": status}));
         }
         let resp = json!({"results": results}).to_string();
-        let _ = tx.execute("INSERT INTO idem(key, response) VALUES (?1, ?2)", params![key, resp]);
+        let _ = tx.execute(
+            "INSERT INTO idem(key, response) VALUES (?1, ?2)",
+            params![key, resp],
+        );
         if let Err(e) = tx.commit() {
             return err(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
         }
@@ -262,7 +292,12 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     app.bump("status_200");
-    (StatusCode::OK, [("content-type", "application/json")], response).into_response()
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        response,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -278,8 +313,16 @@ struct FeedQuery {
     wait: Option<u64>,
 }
 
-async fn feed(State(app): State<Arc<App>>, Query(q): Query<FeedQuery>, req: Request<Body>) -> Response {
-    let abort = req.extensions().get::<Abort>().cloned().unwrap_or(Abort(Arc::new(Notify::new())));
+async fn feed(
+    State(app): State<Arc<App>>,
+    Query(q): Query<FeedQuery>,
+    req: Request<Body>,
+) -> Response {
+    let abort = req
+        .extensions()
+        .get::<Abort>()
+        .cloned()
+        .unwrap_or(Abort(Arc::new(Notify::new())));
     if !app.authorized(req.headers()) {
         return err(StatusCode::UNAUTHORIZED, "unauthorized");
     }
@@ -322,7 +365,10 @@ async fn feed(State(app): State<Arc<App>>, Query(q): Query<FeedQuery>, req: Requ
             .unwrap_or_default()
         };
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
-            let cursor = rows.last().map(|r| r["cursor"].clone()).unwrap_or(json!(after.to_string()));
+            let cursor = rows
+                .last()
+                .map(|r| r["cursor"].clone())
+                .unwrap_or(json!(after.to_string()));
             app.bump("feed_pages");
             return Json(json!({"events": rows, "cursor": cursor})).into_response();
         }
@@ -345,7 +391,11 @@ async fn add_cloud_events(State(app): State<Arc<App>>, Json(b): Json<CloudEvents
         let mut db = app.db.lock().unwrap();
         let tx = db.transaction().expect("tx");
         let mut next: i64 = tx
-            .query_row("SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1", [&realm], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1",
+                [&realm],
+                |r| r.get(0),
+            )
             .unwrap_or(1);
         for e in &b.events {
             let n = tx
@@ -400,7 +450,15 @@ async fn list_events(State(app): State<Arc<App>>, Query(q): Query<RealmQ>) -> Re
 }
 
 async fn set_fault(State(app): State<Arc<App>>, Json(f): Json<Fault>) -> Response {
-    let known = ["none", "refuse", "error500", "rate_limit", "hang", "reset_after_commit", "slow"];
+    let known = [
+        "none",
+        "refuse",
+        "error500",
+        "rate_limit",
+        "hang",
+        "reset_after_commit",
+        "slow",
+    ];
     if !known.contains(&f.mode.as_str()) {
         return err(StatusCode::BAD_REQUEST, "unknown mode");
     }
@@ -464,7 +522,8 @@ async fn main() {
     };
     let addr = listener.local_addr().expect("local addr");
     println!("listening on http://{addr}");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
@@ -479,7 +538,8 @@ async fn main() {
                 let router = router.clone();
                 async move { router.oneshot(req.map(Body::new)).await }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = abort.0.notified() => {} // dropped: the client sees the connection close
