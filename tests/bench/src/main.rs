@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
 struct Args {
-    /// all | throughput | latency | fanout | idle | replay
+    /// all | throughput | latency | fanout | idle | replay | offline
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Small sizes, a few seconds in all (CI smoke run).
@@ -52,6 +52,10 @@ struct Hub {
 
 impl Hub {
     async fn start(bin: &Path, tag: &str) -> Hub {
+        Self::start_with(bin, tag, &[]).await
+    }
+
+    async fn start_with(bin: &Path, tag: &str, env: &[(&str, String)]) -> Hub {
         let dir = std::env::temp_dir().join(format!("poshub-bench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let port = {
@@ -67,6 +71,7 @@ impl Hub {
             .env("TLS", "off")
             .env("BIND", "127.0.0.1")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -584,6 +589,183 @@ async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     hub.stop().await;
 }
 
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out
+}
+
+/// Writes `n` events with `events` batches from 4 devices (pipelined).
+async fn bulk_write(hub: &Hub, n: usize, tag: &str) {
+    let writers = 4;
+    let per = n / writers;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let tok = hub.token(&format!("writer-{w}"));
+        let port = hub.port;
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (ws, _, _) = connect(port, &tok, None).await;
+            let (mut tx, mut rx) = ws.split();
+            let batches = per / 500;
+            let (mut acked, mut sent) = (0, 0);
+            while acked < batches {
+                while sent < batches && sent - acked < 8 {
+                    let evs: Vec<String> = (0..500)
+                        .map(|i| format!("{{\"id\":\"{tag}{w}-{sent}-{i}\",\"type\":\"order.created\",\"payload\":{{\"n\":{i},\"pad\":\"{}\"}}}}", "y".repeat(100)))
+                        .collect();
+                    if tx.send(Message::text(format!("42{sent}[\"events\",[{}]]", evs.join(",")))).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                }
+                match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with("43") => acked += 1,
+                    Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
+                        let _ = tx.send(Message::text("3")).await;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    _ => return,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Ack latencies (ms) of 50 devices at 1,000 events/s for `dur`.
+async fn paced_acks(hub: &Hub, dur: Duration, run: u64) -> Vec<f64> {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for d in 0..50 {
+        let tok = hub.token(&format!("till-{d}"));
+        tasks.push(tokio::spawn(run_device(
+            hub.port,
+            tok,
+            d,
+            1000,
+            Some(20.0),
+            dur,
+            t0,
+            run,
+        )));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            lat.extend(r.lat_ms);
+        }
+    }
+    lat
+}
+
+/// An offline day: events written while the cloud is down, then the cloud comes back.
+async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let cloud_bin = bin
+        .parent()
+        .map(|p| p.join("pos-cloud-ref"))
+        .unwrap_or_default();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let env = [
+        (
+            "CLOUD_BRIDGE_URL",
+            format!("http://127.0.0.1:{port}/v1/events/ingest"),
+        ),
+        ("CLOUD_BRIDGE_TOKEN", "bench".to_string()),
+        ("CLOUD_BACKOFF_MAX", "500ms".to_string()),
+        ("CLOUD_FEED_WAIT", "5s".to_string()),
+    ];
+    let hub = Hub::start_with(bin, "offline", &env).await;
+    let n = if a.quick { 10_000 } else { 200_000 };
+    bulk_write(&hub, n, "off").await;
+    let base = paced_acks(&hub, Duration::from_secs(if a.quick { 2 } else { 5 }), 7).await;
+    let db = hub.dir.join("cloud.db");
+    let mut cloud = tokio::process::Command::new(&cloud_bin)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(&db)
+        .args(["--token", "bench"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()));
+    let start = Instant::now();
+    let lat_task = {
+        let port = hub.port;
+        let toks: Vec<String> = (0..50).map(|d| hub.token(&format!("till-{d}"))).collect();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            for (d, tok) in toks.into_iter().enumerate() {
+                tasks.push(tokio::spawn(run_device(
+                    port,
+                    tok,
+                    d,
+                    1000,
+                    Some(20.0),
+                    Duration::from_secs(5),
+                    t0,
+                    8,
+                )));
+            }
+            let mut lat = Vec::new();
+            for t in tasks {
+                if let Ok(r) = t.await {
+                    lat.extend(r.lat_ms);
+                }
+            }
+            lat
+        })
+    };
+    let mut done = None;
+    while start.elapsed() < Duration::from_secs(600) {
+        let st = http_get(hub.port, "/status").await;
+        if st.contains("\"outboxDepth\":0,") {
+            done = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut during = lat_task.await.unwrap_or_default();
+    let mut base = base;
+    match done {
+        Some(d) => report.push((
+            format!("bridge catch-up after an offline day ({n} events)"),
+            format!(
+                "{:.0} events/s to the local reference cloud ({:.1} s)",
+                (n + during.len()) as f64 / d.as_secs_f64(),
+                d.as_secs_f64()
+            ),
+        )),
+        None => report.push((
+            "bridge catch-up".into(),
+            "did not finish within 600 s".into(),
+        )),
+    }
+    report.push((
+        "LAN ack p99 at 1,000 ev/s: cloud down / while catching up".into(),
+        format!(
+            "{:.2} / {:.2} ms",
+            pct(&mut base, 99.0),
+            pct(&mut during, 99.0)
+        ),
+    ));
+    let _ = cloud.start_kill();
+    hub.stop().await;
+}
+
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
@@ -628,6 +810,9 @@ async fn main() {
     }
     if want("replay") {
         replay(&a, &bin, &mut report).await;
+    }
+    if want("offline") {
+        offline_day(&a, &bin, &mut report).await;
     }
     let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
