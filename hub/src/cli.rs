@@ -157,6 +157,10 @@ fn serve(a: ServeArgs) -> i32 {
         .or_else(|| a.dev.then(|| PathBuf::from("./data")));
     if a.dev {
         let dir = data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
+        // --dev talks to no NTP server unless one is named.
+        if settings.get("NTP_SERVERS").is_none() {
+            settings.set("NTP_SERVERS", "off");
+        }
         match crate::serve::prepare_dev(&dir, &mut settings) {
             Ok(token) => {
                 eprintln!(

@@ -106,6 +106,11 @@ pub struct Config {
     pub tls_extra_names: Vec<String>,
     /// How often the leaf is checked for expiry and address changes.
     pub tls_check_interval: Duration,
+    /// NTP servers to measure the clock against (`host` or `host:port`); empty = none.
+    pub ntp_servers: Vec<String>,
+    pub ntp_interval: Duration,
+    /// Step the system clock (the hub is the init process of the appliance).
+    pub clock_set: bool,
     /// The UPS watcher, when a power source is configured.
     pub power: Option<crate::power::PowerConfig>,
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
@@ -515,6 +520,18 @@ impl Config {
             deadtime,
             low_capacity,
         });
+        let ntp_servers = match s.get("NTP_SERVERS") {
+            Some("off") | Some("none") => Vec::new(),
+            Some(v) => crate::clock::parse_servers(v),
+            None => vec!["pool.ntp.org".to_string()],
+        };
+        let ntp_interval = dur("NTP_INTERVAL", 900)?.max(Duration::from_secs(1));
+        let clock_set = match s.get("CLOCK_SET").map(|v| v.to_ascii_lowercase()) {
+            None => false,
+            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
+            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
+            Some(v) => return Err(err("CLOCK_SET", format!("{v:?} is not on or off"))),
+        };
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -620,6 +637,9 @@ impl Config {
             tls_extra_names,
             tls_check_interval,
             power,
+            ntp_servers,
+            ntp_interval,
+            clock_set,
         })
     }
 }

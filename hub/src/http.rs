@@ -16,7 +16,6 @@ use serde::Serialize;
 use crate::auth::token;
 use crate::auth::Policy;
 use crate::realm::{DeviceEntry, Realms};
-use crate::util::now_secs;
 
 /// Shared state of the HTTP routes.
 pub struct Web {
@@ -26,6 +25,7 @@ pub struct Web {
     /// The store CA (PEM) and its SHA-256 fingerprint, when TLS is on.
     pub ca_pem: Option<String>,
     pub ca_fingerprint: Option<String>,
+    pub clock: Arc<crate::clock::Clock>,
     /// The UPS watcher, when configured.
     pub power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>>,
 }
@@ -102,6 +102,7 @@ struct Status {
     ca_fingerprint: Option<String>,
     tls: bool,
     power: Option<crate::power::PowerStatus>,
+    clock: crate::clock::ClockStatus,
     detail: &'static str,
     realms: Vec<RealmStatus>,
 }
@@ -137,7 +138,7 @@ fn full_detail_for(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> (bool, 
     if let Some(t) = bearer {
         if let Ok((tenant, store)) = token::peek_realm(t) {
             if let Some(r) = web.realms.get(&tenant, &store) {
-                if let Ok(v) = token::verify(&r.cfg.keys, t, now_secs(), &web.policy) {
+                if let Ok(v) = token::verify(&r.cfg.keys, t, web.clock.now_secs(), &web.policy) {
                     if v.expired_by.is_none() && v.claims.role == "admin" {
                         return (false, Some(r.key()));
                     }
@@ -202,6 +203,7 @@ async fn status(
         ca_fingerprint: web.ca_fingerprint.clone(),
         tls: web.ca_pem.is_some(),
         power: web.power.lock().as_ref().map(|p| p.status.lock().clone()),
+        clock: web.clock.status(),
         detail: if all {
             "full"
         } else if one.is_some() {

@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod bridge;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod init;

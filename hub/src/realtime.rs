@@ -26,13 +26,14 @@ use crate::log::event::{
 };
 use crate::log::{Appended, Origin, WriteReq};
 use crate::realm::{AckErr, AckReply, DeviceEntry, RawJson, Realm, Realms, PAGE};
-use crate::util::{now_ms, now_secs};
+use crate::util::now_ms;
 
 /// What the Socket.IO side needs to admit devices.
 pub struct Gate {
     pub realms: Arc<Realms>,
     pub policy: Policy,
     pub grace_secs: i64,
+    pub clock: Arc<crate::clock::Clock>,
 }
 
 /// The largest WebSocket message accepted: a full `events` batch of small events.
@@ -122,7 +123,7 @@ async fn authenticate(
     if realm.is_shutting_down() {
         return Err(Refused("shutting_down"));
     }
-    let v = token::verify(&realm.cfg.keys, token, now_secs(), &gate.policy).map_err(|e| {
+    let v = token::verify(&realm.cfg.keys, token, gate.clock.now_secs(), &gate.policy).map_err(|e| {
         tracing::debug!(sid = %s.id, realm = %realm.key(), code = e.code(), "connection refused");
         Refused(e.code())
     })?;

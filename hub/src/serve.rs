@@ -109,6 +109,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         dir: cfg.data_dir.clone(),
         message: format!("cannot create the data directory: {e}"),
     })?;
+    let clock = crate::clock::Clock::open(&cfg.data_dir, cfg.clock_set);
+    if !cfg.ntp_servers.is_empty() {
+        tokio::spawn(crate::clock::run(
+            clock.clone(),
+            cfg.ntp_servers.clone(),
+            cfg.ntp_interval,
+        ));
+    }
     let realms = Arc::new(Realms::open(
         &cfg.realms,
         &cfg.data_dir,
@@ -133,13 +141,18 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),
         grace_secs: cfg.token_offline_grace.as_secs() as i64,
+        clock: clock.clone(),
     });
     let (layer, io) = realtime::build(gate, cfg.socket_buffer);
     let tls = if cfg.tls {
         let dir = cfg.data_dir.clone();
         let extra = cfg.tls_extra_names.clone();
+        let clk = clock.clone();
+        if clock.known_wrong() {
+            tracing::warn!("the clock is behind its floor: the leaf certificate is dated from the floor, not the system clock");
+        }
         let t = tokio::task::spawn_blocking(move || {
-            let now = now_secs();
+            let now = clk.now_secs();
             let ca = StoreCa::load_or_create(&dir, &extra, now)?;
             Tls::start(ca, extra, now)
         })
@@ -163,6 +176,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         ca_pem: tls.as_ref().map(|t| t.ca_pem.clone()),
         ca_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
         power: web_power.clone(),
+        clock: clock.clone(),
     });
     let app = http::router(web).layer(layer);
 
@@ -226,6 +240,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     {
         tracing::warn!("the listener did not stop within 3 s; exiting anyway");
     }
+    clock.save();
     tracing::info!("stopped cleanly");
     if signal.starts_with("power")
         && std::env::var_os("POS_HUB_INIT").is_some()
