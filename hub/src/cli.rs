@@ -26,6 +26,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Find hubs on the LAN by mDNS; with --realm, check the hub's CA against its advertised fingerprint.
+    Discover {
+        /// How long to listen.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+        /// Only this realm, `tenantId:storeId`; fetch its /ca.crt and compare fingerprints.
+        #[arg(long)]
+        realm: Option<String>,
+    },
     /// The store CA (created by the first `serve` with TLS on).
     Ca {
         /// The hub's data directory (DATA_DIR; /data on the device).
@@ -126,6 +135,7 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Ca { data_dir, cmd } => ca(data_dir, cmd),
+        Cmd::Discover { timeout, realm } => discover(&timeout, realm.as_deref()),
         Cmd::Token {
             cmd: TokenCmd::Mint(a),
         } => match token_mint(a) {
@@ -253,6 +263,91 @@ fn ca(data_dir: Option<PathBuf>, cmd: CaCmd) -> i32 {
             eprintln!("pos-hub ca: {e}");
             1
         }
+    }
+}
+
+fn discover(timeout: &str, realm: Option<&str>) -> i32 {
+    let t = match humantime::parse_duration(timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pos-hub discover: --timeout {timeout:?}: {e}");
+            return 2;
+        }
+    };
+    let want = match realm.map(|r| r.split_once(':')) {
+        None => None,
+        Some(Some((t, s))) => Some((t.to_string(), s.to_string())),
+        Some(None) => {
+            eprintln!("pos-hub discover: --realm takes tenantId:storeId (e.g. t-abc:s-001)");
+            return 2;
+        }
+    };
+    let found = match crate::discovery::browse(t) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pos-hub discover: {e}");
+            return 1;
+        }
+    };
+    let mut matched = 0;
+    let mut bad = 0;
+    for f in &found {
+        if let Some((t, s)) = &want {
+            if &f.tenant_id != t || &f.store_id != s {
+                continue;
+            }
+        }
+        matched += 1;
+        let addrs: Vec<String> = f.addresses.iter().map(|a| a.to_string()).collect();
+        println!(
+            "{}:{}  {}  port {}  {}  tls={}  caFp={}",
+            f.tenant_id,
+            f.store_id,
+            f.host,
+            f.port,
+            addrs.join(","),
+            f.tls,
+            f.ca_fp.as_deref().unwrap_or("-")
+        );
+        if want.is_some() {
+            let Some(expected) = &f.ca_fp else {
+                println!("  no caFp advertised: cannot check the CA");
+                bad += 1;
+                continue;
+            };
+            let mut checked = false;
+            for a in &f.addresses {
+                match crate::discovery::fetch_ca_fingerprint(*a, f.port) {
+                    Ok(fp) if &fp == expected => {
+                        println!("  {a}: /ca.crt matches the advertised fingerprint");
+                        checked = true;
+                        break;
+                    }
+                    Ok(fp) => {
+                        println!("  {a}: /ca.crt has fingerprint {fp}: MISMATCH, do not trust it");
+                        bad += 1;
+                        checked = true;
+                        break;
+                    }
+                    Err(e) => println!("  {a}: {e}"),
+                }
+            }
+            if !checked {
+                bad += 1;
+            }
+        }
+    }
+    if matched == 0 {
+        eprintln!(
+            "pos-hub discover: no hub{} answered within {timeout}",
+            realm.map(|r| format!(" for {r}")).unwrap_or_default()
+        );
+        return 1;
+    }
+    if bad > 0 {
+        1
+    } else {
+        0
     }
 }
 

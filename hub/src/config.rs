@@ -95,6 +95,8 @@ pub struct Config {
     pub token_policy: Policy,
     pub update_channel: UpdateChannel,
     pub mdns: bool,
+    /// Interfaces to advertise on (MDNS_INTERFACES, comma-separated; empty = all).
+    pub mdns_interfaces: Vec<String>,
     pub dev: bool,
     /// The most events one transaction may carry (group commit).
     pub group_commit_max: usize,
@@ -630,6 +632,16 @@ impl Config {
             token_policy,
             update_channel,
             mdns,
+            mdns_interfaces: s
+                .get("MDNS_INTERFACES")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|x| !x.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
             dev: false,
             group_commit_max,
             socket_buffer,

@@ -18,6 +18,7 @@ pub mod bridge;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod init;
 pub mod log;

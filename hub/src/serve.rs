@@ -178,7 +178,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         power: web_power.clone(),
         clock: clock.clone(),
     });
-    let app = http::router(web).layer(layer);
+    let app = http::router(web.clone()).layer(layer);
 
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = bind(addr, cfg.bind_explicit).await?;
@@ -196,6 +196,29 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::tls::server::serve(listener, app, tls, stop_rx));
 
+    let advert = if cfg.mdns {
+        let realm_ids: Vec<(String, String)> = cfg
+            .realms
+            .iter()
+            .map(|r| (r.tenant_id.clone(), r.store_id.clone()))
+            .collect();
+        let fp = web.ca_fingerprint.clone();
+        match crate::discovery::advertise(
+            &realm_ids,
+            cfg.port,
+            cfg.tls,
+            fp.as_deref(),
+            &cfg.mdns_interfaces,
+        ) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, "mDNS advertisement failed; devices must be given the hub's address");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let power = Arc::new(crate::power::Power::default());
     let (power_tx, mut power_rx) = tokio::sync::mpsc::channel::<String>(1);
     if let Some(pc) = cfg.power.clone() {
@@ -227,6 +250,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             "hub.shutdown",
             format!("{{\"reason\":{}}}", crate::realtime::json_str(&signal)),
         );
+    }
+    if let Some(a) = advert {
+        let _ = tokio::task::spawn_blocking(move || a.stop()).await;
     }
     // 1. Stop taking events and commit what is queued (devices get their acks).
     let r = realms.clone();
