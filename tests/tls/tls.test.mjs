@@ -209,3 +209,36 @@ test("headless Chromium with the CA in its NSS database: page and WSS Socket.IO,
     assert.equal(await hub.stop(), 0);
   }
 });
+
+test("tenant root mode: the tenant signs the store CA's CSR; clients trusting only the tenant root trust the hub", async () => {
+  const hub = await startHub();
+  const dir = tmp("tenant");
+  try {
+    const rootKey = path.join(dir, "root.key"), root = path.join(dir, "root.crt");
+    execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", rootKey, "-out", root, "-days", "3650", "-subj", "/CN=Tenant Root t-dev", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"], { stdio: "ignore" });
+    const csr = path.join(dir, "store.csr");
+    fs.writeFileSync(csr, execFileSync(HUB, ["ca", "csr", "--data-dir", hub.dataDir], { encoding: "utf8" }));
+    const ext = path.join(dir, "ext.cnf");
+    fs.writeFileSync(ext, "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\nnameConstraints=critical,permitted;DNS:local,permitted;DNS:localhost,permitted;IP:127.0.0.0/255.0.0.0,permitted;IP:0:0:0:0:0:0:0:1/FFFF:FFFF:FFFF:FFFF:FFFF:FFFF:FFFF:FFFF,permitted;IP:10.0.0.0/255.0.0.0,permitted;IP:172.16.0.0/255.240.0.0,permitted;IP:192.168.0.0/255.255.0.0,permitted;IP:169.254.0.0/255.255.0.0,permitted;IP:FD00:0:0:0:0:0:0:0/FF00:0:0:0:0:0:0:0,permitted;IP:FE80:0:0:0:0:0:0:0/FFC0:0:0:0:0:0:0:0\n");
+    const signed = path.join(dir, "store-signed.crt");
+    execFileSync("openssl", ["x509", "-req", "-in", csr, "-CA", root, "-CAkey", rootKey, "-CAcreateserial", "-out", signed, "-days", "3650", "-extfile", ext], { stdio: "ignore" });
+    const chain = path.join(dir, "chain.pem");
+    fs.writeFileSync(chain, fs.readFileSync(signed, "utf8") + fs.readFileSync(root, "utf8"));
+    // A chain for another key is refused with a clear error, the CA untouched.
+    const wrong = run(HUB, ["ca", "install-chain", root, "--data-dir", hub.dataDir]);
+    assert.notEqual(wrong.code, 0); assert.match(wrong.out, /not for this hub's store CA key/);
+    const ok = run(HUB, ["ca", "install-chain", chain, "--data-dir", hub.dataDir]);
+    assert.equal(ok.code, 0, ok.out);
+    assert.equal(await hub.stop(), 0);
+    const again = await startHub({ dataDir: hub.dataDir, port: hub.port });
+    try {
+      const r = run("curl", ["-sS", "--cacert", root, `https://localhost:${again.port}/healthz`]);
+      assert.equal(r.code, 0, r.out); assert.equal(r.out.trim(), "ok");
+      const s = run("openssl", ["s_client", "-connect", `127.0.0.1:${again.port}`, "-servername", "localhost", "-CAfile", root, "-verify_return_error"], { input: "" });
+      assert.match(s.out, /Verify return code: 0 \(ok\)/, s.out);
+      // Devices that trust the store CA directly still trust the hub.
+      const own = run("curl", ["-sS", "--cacert", path.join(hub.dataDir, "ca", "store-ca.crt.pem"), `https://localhost:${again.port}/healthz`]);
+      assert.equal(own.out.trim(), "ok", own.out);
+    } finally { assert.equal(await again.stop(), 0); }
+  } finally { if (hub.child.exitCode === null) await hub.stop(); }
+});

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     NameConstraints, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -271,6 +271,11 @@ impl StoreCa {
         });
         p.not_before = offset(now - 3600);
         p.not_after = offset(now + CA_YEARS * 365 * 86400);
+        // RFC 5280's SHA-1 key identifier, as OpenSSL computes it (`hash`), so a
+        // tenant root signing this CA's CSR gives it the same identifier and leaves'
+        // authority key identifiers match both versions of the store CA.
+        let ski = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, key.der_bytes());
+        p.key_identifier_method = KeyIdMethod::PreSpecified(ski.as_ref().to_vec());
         let cert = p.self_signed(&key)?;
         let kp = dir.join(KEY_FILE);
         let cp = dir.join(CERT_FILE);
