@@ -132,6 +132,41 @@ impl Clock {
         now_ms() / 1000 < self.status.lock().floor_secs
     }
 
+    /// True when certificates may be issued: the clock is not behind its floor, or
+    /// it has been measured against NTP (or the cloud's Date).
+    pub fn trusted_for_issuing(&self) -> bool {
+        self.status.lock().state == "synced" || !self.known_wrong()
+    }
+
+    /// Uses the cloud's HTTP `Date` (1 s resolution) when NTP has not answered.
+    pub fn observe_http_date(&self, date: &str) {
+        if self
+            .status
+            .lock()
+            .source
+            .as_deref()
+            .is_some_and(|s| !s.starts_with("http"))
+        {
+            return; // NTP is better
+        }
+        let Ok(t) = httpdate::parse_http_date(date) else {
+            return;
+        };
+        let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) else {
+            return;
+        };
+        let offset = d.as_millis() as i64 - now_ms();
+        if self.set_system && offset.abs() > 2000 {
+            if let Err(e) = step_to(now_ms() + offset) {
+                self.status.lock().last_error = Some(format!("cannot set the clock: {e}"));
+                return;
+            }
+            self.record(0, "http-date".into());
+        } else {
+            self.record(offset, "http-date".into());
+        }
+    }
+
     /// Saves the current time as last-known-good (only a trusted one).
     pub fn save(&self) {
         let (ok, floor_secs) = {

@@ -127,7 +127,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             let ep = crate::bridge::Endpoints::new(url, r.cfg.cloud_feed_url.as_deref(), token);
             let state = Arc::new(crate::bridge::BridgeState::default());
             let _ = r.bridge.set(state.clone());
-            match crate::bridge::start(r.clone(), ep.clone(), state).await {
+            match crate::bridge::start(r.clone(), ep.clone(), state, clock.clone()).await {
                 Ok(()) => {
                     tracing::info!(realm = %r.key(), push = %ep.push_url, feed = %ep.feed_url, "cloud bridge started")
                 }
@@ -148,13 +148,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         let dir = cfg.data_dir.clone();
         let extra = cfg.tls_extra_names.clone();
         let clk = clock.clone();
-        if clock.known_wrong() {
-            tracing::warn!("the clock is behind its floor: the leaf certificate is dated from the floor, not the system clock");
-        }
         let t = tokio::task::spawn_blocking(move || {
             let now = clk.now_secs();
             let ca = StoreCa::load_or_create(&dir, &extra, now)?;
-            Tls::start(ca, extra, now)
+            Tls::start(ca, extra, now, clk.trusted_for_issuing())
         })
         .await
         .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))??;
@@ -162,6 +159,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         tokio::spawn(crate::tls::server::renew_loop(
             t.clone(),
             cfg.tls_check_interval,
+            clock.clone(),
         ));
         Some(t)
     } else {

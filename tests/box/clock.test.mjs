@@ -72,3 +72,28 @@ test("a corrupt clock file is reported and rewritten; a saved time is the floor"
     assert.ok(c2.floorSecs > Date.now() / 1000 + 80000);
   } finally { await again.stop(); }
 });
+
+test("no TLS certificate while the clock is known wrong; one is issued once NTP answers", { skip: !CHRONYD && "chrony not installed" }, async () => {
+  const dataDir = tmp("data");
+  fs.mkdirSync(dataDir, { recursive: true });
+  // A last-known-good time a day ahead: this machine's clock is "behind its floor".
+  fs.writeFileSync(path.join(dataDir, "clock.txt"), `${Math.floor(Date.now() / 1000) + 86400}\n`);
+  const ntpPort = await freePort();
+  const hub = await startHub({ dataDir, env: { NTP_SERVERS: `127.0.0.1:${ntpPort}`, NTP_INTERVAL: "1s", TLS_CHECK_INTERVAL: "1s" } });
+  let ntp;
+  try {
+    assert.equal((await httpGet(hub.port, "/healthz")).status, 200, "plain /healthz still answers");
+    const curl = (await import("node:child_process")).spawnSync("curl", ["-sS", "-k", `https://127.0.0.1:${hub.port}/healthz`], { encoding: "utf8" });
+    assert.notEqual(curl.status, 0, "no certificate may be served while the clock is known wrong");
+    assert.match(hub.log(), /no TLS certificate is issued/);
+    // chrony answers on that port now; once measured, the leaf follows.
+    const dir = tmp("chrony");
+    const conf = path.join(dir, "chrony.conf");
+    fs.writeFileSync(conf, `local stratum 8\nallow 127.0.0.1\nport ${ntpPort}\nbindaddress 127.0.0.1\ncmdport 0\npidfile ${dir}/chronyd.pid\ndriftfile ${dir}/drift\n`);
+    ntp = spawn(CHRONYD, ["-x", "-d", "-u", "root", "-f", conf], { stdio: "ignore" });
+    procs.add(ntp);
+    await until(async () => (await import("node:child_process")).spawnSync("curl", ["-sS", "-k", `https://127.0.0.1:${hub.port}/healthz`], { encoding: "utf8" }).status === 0, 20000, "TLS after NTP");
+    const st = JSON.parse((await import("node:child_process")).spawnSync("curl", ["-sS", "-k", `https://127.0.0.1:${hub.port}/status`], { encoding: "utf8" }).stdout);
+    assert.equal(st.clock.state, "synced");
+  } finally { await hub.stop(); ntp?.kill("SIGTERM"); }
+});

@@ -152,6 +152,7 @@ pub async fn start(
     realm: Arc<Realm>,
     ep: Endpoints,
     state: Arc<BridgeState>,
+    clock: Arc<crate::clock::Clock>,
 ) -> Result<(), String> {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -166,6 +167,7 @@ pub async fn start(
         client.clone(),
         ep.clone(),
         state.clone(),
+        clock,
     ));
     tokio::spawn(pull::run(realm, client, ep, state));
     Ok(())

@@ -75,6 +75,7 @@ pub async fn run(
     client: reqwest::Client,
     ep: Endpoints,
     state: Arc<BridgeState>,
+    clock: Arc<crate::clock::Clock>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
     let mut limit = MAX_EVENTS;
@@ -102,7 +103,7 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(5), realm.committed.notified()).await;
             continue;
         }
-        match push_batch(&realm, &client, &ep, &state, &page).await {
+        match push_batch(&realm, &client, &ep, &state, &page, &clock).await {
             Step::Done => {
                 backoff.reset();
                 limit = MAX_EVENTS;
@@ -155,6 +156,7 @@ async fn push_batch(
     ep: &Endpoints,
     state: &Arc<BridgeState>,
     page: &[(u64, String)],
+    clock: &crate::clock::Clock,
 ) -> Step {
     let (first, last) = (page[0].0, page[page.len() - 1].0);
     let mut body = String::with_capacity(64 + page.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
@@ -191,6 +193,14 @@ async fn push_batch(
         }
     };
     let status = resp.status();
+    // The cloud's Date is the clock's fallback when NTP does not answer.
+    if let Some(d) = resp
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|d| d.to_str().ok())
+    {
+        clock.observe_http_date(d);
+    }
     if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
         return Step::Smaller;
     }

@@ -24,15 +24,16 @@ use tower::ServiceExt;
 
 use super::ca::{CaError, LeafNames, StoreCa, RENEW_DAYS};
 
-/// The current leaf, swappable while serving.
+/// The current leaf, swappable while serving. None while the clock is known to be
+/// wrong: TLS handshakes then fail until a leaf can be dated correctly.
 #[derive(Debug)]
 pub struct Resolver {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Option<Arc<CertifiedKey>>>,
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().clone())
+        self.current.read().clone()
     }
 }
 
@@ -58,12 +59,25 @@ fn certified(
 }
 
 impl Tls {
-    /// Loads or creates the store CA and issues the first leaf.
-    pub fn start(ca: StoreCa, extra: Vec<String>, now: i64) -> Result<Arc<Self>, CaError> {
+    /// Takes the store CA and issues the first leaf, unless `clock_ok` is false
+    /// (the clock is known to be wrong): then the leaf waits for the renewal check.
+    pub fn start(
+        ca: StoreCa,
+        extra: Vec<String>,
+        now: i64,
+        clock_ok: bool,
+    ) -> Result<Arc<Self>, CaError> {
         let names = LeafNames::current(&extra);
-        let (chain, key, not_after) = ca.issue_leaf(&names, now)?;
+        let (current, not_after) = if clock_ok {
+            let (chain, key, not_after) = ca.issue_leaf(&names, now)?;
+            tracing::info!(dns = ?names.dns, ips = ?names.ips, "issued the hub's TLS certificate");
+            (Some(certified(chain, key)?), not_after)
+        } else {
+            tracing::error!("the clock is known to be wrong (behind its floor, no NTP answer yet): no TLS certificate is issued until it is right; plain /healthz and /ca.crt still answer");
+            (None, 0)
+        };
         let resolver = Arc::new(Resolver {
-            current: RwLock::new(certified(chain, key)?),
+            current: RwLock::new(current),
         });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -72,7 +86,6 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tracing::info!(dns = ?names.dns, ips = ?names.ips, "issued the hub's TLS certificate");
         Ok(Arc::new(Tls {
             ca_pem: ca.cert_pem.clone(),
             fingerprint: ca.fingerprint(),
@@ -95,7 +108,7 @@ impl Tls {
             return Ok(false);
         }
         let (chain, key, not_after) = self.ca.lock().issue_leaf(&names, now)?;
-        *self.resolver.current.write() = certified(chain, key)?;
+        *self.resolver.current.write() = Some(certified(chain, key)?);
         self.not_after.store(not_after, Ordering::Relaxed);
         tracing::info!(dns = ?names.dns, ips = ?names.ips, expiring, changed, "renewed the hub's TLS certificate");
         *self.names.lock() = names;
@@ -109,14 +122,18 @@ impl Tls {
 }
 
 /// Checks the leaf every `every` (address changes are picked up within it).
-pub async fn renew_loop(tls: Arc<Tls>, every: Duration) {
+pub async fn renew_loop(tls: Arc<Tls>, every: Duration, clock: Arc<crate::clock::Clock>) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
+        // No certificate is dated from a clock known to be wrong.
+        if !clock.trusted_for_issuing() {
+            continue;
+        }
         let t = tls.clone();
-        match tokio::task::spawn_blocking(move || t.renew_if_needed(crate::util::now_secs())).await
-        {
+        let now = clock.now_secs();
+        match tokio::task::spawn_blocking(move || t.renew_if_needed(now)).await {
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "could not renew the TLS certificate; keeping the current one")
             }
