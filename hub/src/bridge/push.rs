@@ -103,10 +103,17 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(5), realm.committed.notified()).await;
             continue;
         }
+        let started = std::time::Instant::now();
         match push_batch(&realm, &client, &ep, &state, &page, &clock).await {
             Step::Done => {
                 backoff.reset();
                 limit = MAX_EVENTS;
+                // Catching up after a day offline must not slow the LAN: pace the
+                // push (the disk and CPU are shared with the devices' commits).
+                let min = Duration::from_secs_f64(page.len() as f64 / max_rate());
+                if let Some(rest) = min.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
             }
             Step::Retry(d) => {
                 let wait = d.unwrap_or_else(|| backoff.next());
@@ -141,6 +148,15 @@ pub(crate) fn ep_cap() -> Duration {
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
         .unwrap_or(Duration::from_secs(60))
+}
+
+/// The most events per second pushed while catching up (CLOUD_PUSH_MAX_RATE).
+fn max_rate() -> f64 {
+    std::env::var("CLOUD_PUSH_MAX_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| *r >= 1.0)
+        .unwrap_or(10_000.0)
 }
 
 pub(crate) fn timeout() -> Duration {
