@@ -78,7 +78,8 @@ pub async fn run(
     clock: Arc<crate::clock::Clock>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
-    let mut limit = MAX_EVENTS;
+    let batch = batch_size();
+    let mut limit = batch;
     loop {
         if realm.is_shutting_down() {
             return;
@@ -107,7 +108,7 @@ pub async fn run(
         match push_batch(&realm, &client, &ep, &state, &page, &clock).await {
             Step::Done => {
                 backoff.reset();
-                limit = MAX_EVENTS;
+                limit = batch;
                 // Catching up after a day offline must not slow the LAN: pace the
                 // push (the disk and CPU are shared with the devices' commits).
                 let min = Duration::from_secs_f64(page.len() as f64 / max_rate());
@@ -150,13 +151,23 @@ pub(crate) fn ep_cap() -> Duration {
         .unwrap_or(Duration::from_secs(60))
 }
 
+/// Events per push (CLOUD_PUSH_BATCH, 1-500, default 100: smaller bursts keep the
+/// LAN's latency while catching up).
+fn batch_size() -> usize {
+    std::env::var("CLOUD_PUSH_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|n| n.clamp(1, MAX_EVENTS))
+        .unwrap_or(100)
+}
+
 /// The most events per second pushed while catching up (CLOUD_PUSH_MAX_RATE).
 fn max_rate() -> f64 {
     std::env::var("CLOUD_PUSH_MAX_RATE")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|r| *r >= 1.0)
-        .unwrap_or(10_000.0)
+        .unwrap_or(6_000.0)
 }
 
 pub(crate) fn timeout() -> Duration {
