@@ -21,9 +21,7 @@ use socketioxide_core::Value;
 
 use crate::auth::token::{self, TokenError};
 use crate::auth::Policy;
-use crate::log::event::{
-    parse_batch_packet, parse_event_packet, push_json_str, EventError, MAX_BATCH,
-};
+use crate::log::event::{parse_batch_packet, parse_event_packet, push_json_str, EventError};
 use crate::log::{Appended, Origin, WriteReq};
 use crate::realm::{AckErr, AckReply, DeviceEntry, RawJson, Realm, Realms, PAGE};
 use crate::util::now_ms;
@@ -208,6 +206,31 @@ fn refuse_now(reply: AckReply, e: &EventError) {
     }
 }
 
+/// Validates one packet with `parse` and queues it to the realm's writer, right
+/// here in the extractor (synchronous, in arrival order); refusals are acked now.
+fn submit(
+    s: &Sock,
+    v: &mut Value,
+    ack_id: &Option<i64>,
+    parse: fn(&str) -> Result<Appended, EventError>,
+) {
+    let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
+        return;
+    };
+    let reply = reply_for(s, v, ack_id);
+    match text(v).and_then(parse) {
+        Ok(events) => ctx.realm.submit(WriteReq::Append {
+            events,
+            device: ctx.device_id.clone(),
+            origin: Origin::Lan,
+            tag: Some(s.id),
+            reply,
+            meta: None,
+        }),
+        Err(e) => refuse_now(reply, &e),
+    }
+}
+
 /// `event {id, type, payload, ts?}`: validated and queued in arrival order.
 pub struct SubmitOne;
 
@@ -218,21 +241,7 @@ impl FromMessageParts<LocalAdapter> for SubmitOne {
         v: &mut Value,
         ack_id: &Option<i64>,
     ) -> Result<Self, Infallible> {
-        let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
-            return Ok(SubmitOne);
-        };
-        let reply = reply_for(s, v, ack_id);
-        match text(v).and_then(parse_event_packet) {
-            Ok(ev) => ctx.realm.submit(WriteReq::Append {
-                events: Appended::One(ev),
-                device: ctx.device_id.clone(),
-                origin: Origin::Lan,
-                tag: Some(s.id),
-                reply,
-                meta: None,
-            }),
-            Err(e) => refuse_now(reply, &e),
-        }
+        submit(s, v, ack_id, |p| parse_event_packet(p).map(Appended::One));
         Ok(SubmitOne)
     }
 }
@@ -247,24 +256,7 @@ impl FromMessageParts<LocalAdapter> for SubmitMany {
         v: &mut Value,
         ack_id: &Option<i64>,
     ) -> Result<Self, Infallible> {
-        let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
-            return Ok(SubmitMany);
-        };
-        let reply = reply_for(s, v, ack_id);
-        match text(v).and_then(parse_batch_packet) {
-            Ok(list) => {
-                debug_assert!(list.len() <= MAX_BATCH);
-                ctx.realm.submit(WriteReq::Append {
-                    events: Appended::Many(list),
-                    device: ctx.device_id.clone(),
-                    origin: Origin::Lan,
-                    tag: Some(s.id),
-                    reply,
-                    meta: None,
-                })
-            }
-            Err(e) => refuse_now(reply, &e),
-        }
+        submit(s, v, ack_id, |p| parse_batch_packet(p).map(Appended::Many));
         Ok(SubmitMany)
     }
 }

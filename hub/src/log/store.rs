@@ -72,6 +72,23 @@ CREATE TABLE IF NOT EXISTS devices(
 );
 ";
 
+/// Encodes one `SELECT seq, id, type, payload, device_id, ts, hub_ts, origin` row.
+fn row_json(r: &rusqlite::Row<'_>) -> Result<(u64, String), rusqlite::Error> {
+    let seq = r.get::<_, i64>(0)? as u64;
+    let ts: Option<String> = r.get(5)?;
+    let json = encode_stored(
+        seq,
+        r.get_ref(1)?.as_str().unwrap_or_default(),
+        r.get_ref(2)?.as_str().unwrap_or_default(),
+        r.get_ref(3)?.as_str().unwrap_or("null"),
+        r.get_ref(4)?.as_str().unwrap_or_default(),
+        ts.as_deref(),
+        r.get(6)?,
+        Origin::from_i64(r.get(7)?),
+    );
+    Ok((seq, json))
+}
+
 impl Store {
     /// Opens (creating if needed) the writable database at `path`: WAL, FULL sync.
     pub fn open(path: &Path) -> Result<Self, LogError> {
@@ -227,18 +244,7 @@ impl Store {
         ])?;
         let mut n = 0;
         while let Some(r) = rows.next()? {
-            let seq = r.get::<_, i64>(0)? as u64;
-            let ts: Option<String> = r.get(5)?;
-            let json = encode_stored(
-                seq,
-                r.get_ref(1)?.as_str().unwrap_or_default(),
-                r.get_ref(2)?.as_str().unwrap_or_default(),
-                r.get_ref(3)?.as_str().unwrap_or("null"),
-                r.get_ref(4)?.as_str().unwrap_or_default(),
-                ts.as_deref(),
-                r.get(6)?,
-                Origin::from_i64(r.get(7)?),
-            );
+            let (seq, json) = row_json(r)?;
             f(seq, json);
             n += 1;
         }
@@ -261,18 +267,7 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(r) = rows.next()? {
-            let seq = r.get::<_, i64>(0)? as u64;
-            let ts: Option<String> = r.get(5)?;
-            let json = encode_stored(
-                seq,
-                r.get_ref(1)?.as_str().unwrap_or_default(),
-                r.get_ref(2)?.as_str().unwrap_or_default(),
-                r.get_ref(3)?.as_str().unwrap_or("null"),
-                r.get_ref(4)?.as_str().unwrap_or_default(),
-                ts.as_deref(),
-                r.get(6)?,
-                Origin::Lan,
-            );
+            let (seq, json) = row_json(r)?;
             if !out.is_empty() && bytes + json.len() > max_bytes {
                 break;
             }

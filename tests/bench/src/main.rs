@@ -535,44 +535,8 @@ async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
 async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let hub = Hub::start(bin, "replay").await;
     let n = if a.quick { 10_000 } else { a.replay };
-    let writers = 4;
-    let per = n / writers;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let tok = hub.token(&format!("writer-{w}"));
-        let port = hub.port;
-        tasks.push(tokio::spawn(async move {
-            let (ws, _, _) = connect(port, &tok, None).await;
-            let (mut tx, mut rx) = ws.split();
-            let batches = per / 500;
-            let mut acked = 0;
-            let mut sent = 0;
-            while acked < batches {
-                while sent < batches && sent - acked < 8 {
-                    let evs: Vec<String> = (0..500)
-                        .map(|i| format!("{{\"id\":\"r{w}-{sent}-{i}\",\"type\":\"order.created\",\"payload\":{{\"n\":{i},\"pad\":\"{}\"}}}}", "y".repeat(100)))
-                        .collect();
-                    let f = format!("42{sent}[\"events\",[{}]]", evs.join(","));
-                    if tx.send(Message::text(f)).await.is_err() {
-                        return;
-                    }
-                    sent += 1;
-                }
-                match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
-                    Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with("43") => acked += 1,
-                    Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "2" => {
-                        let _ = tx.send(Message::text("3")).await;
-                    }
-                    Ok(Some(Ok(_))) => {}
-                    _ => return,
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let total = (per / 500 * 500 * writers) as u64;
+    bulk_write(&hub, n, "r").await;
+    let total = (n / 4 / 500 * 500 * 4) as u64;
     let start = Instant::now();
     let (_ws, synced, seqs) = connect(hub.port, &hub.token("reconnecting"), Some(0)).await;
     let secs = start.elapsed().as_secs_f64();
