@@ -754,6 +754,47 @@ mod tests {
     }
 
     #[test]
+    fn realms_directory_and_jwks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, public) = crate::auth::keys::generate_ed25519().unwrap();
+        // An Ed25519 JWKS with a kid, as a cloud would publish it.
+        let der = pem::parse(public.trim()).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&der.contents()[12..]);
+        let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA", "use": "sig"}]});
+        std::fs::write(dir.path().join("keys.jwks"), jwks.to_string()).unwrap();
+        let realms = dir.path().join("realms.d");
+        std::fs::create_dir(&realms).unwrap();
+        std::fs::write(
+            realms.join("a.json"),
+            serde_json::json!({"tenantId": "t1", "storeId": "s1", "jwksFile": "../keys.jwks"})
+                .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            realms.join("b.json"),
+            serde_json::json!({"tenantId": "t1", "storeId": "s2", "publicKeyPem": public})
+                .to_string(),
+        )
+        .unwrap();
+        std::fs::write(realms.join("notes.txt"), "ignored").unwrap();
+        let c = Config::from_settings(&settings(&[]), None, Some(realms.clone()), None).unwrap();
+        assert_eq!(
+            c.realms.iter().map(|r| r.key()).collect::<Vec<_>>(),
+            vec!["t1:s1", "t1:s2"]
+        );
+        assert_eq!(c.realms[0].keys.keys()[0].kid.as_deref(), Some("k1"));
+        // A duplicate realm is refused.
+        std::fs::write(
+            realms.join("c.json"),
+            serde_json::json!({"tenantId": "t1", "storeId": "s2", "publicKeyPem": public})
+                .to_string(),
+        )
+        .unwrap();
+        let e = Config::from_settings(&settings(&[]), None, Some(realms), None).unwrap_err();
+        assert!(e.message.contains("twice"), "{e}");
+    }
+
+    #[test]
     fn update_channels() {
         assert_eq!(UpdateChannel::parse("stable"), Some(UpdateChannel::Stable));
         assert_eq!(
