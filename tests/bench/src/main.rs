@@ -391,28 +391,7 @@ async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let hub = Hub::start(bin, "lat").await;
     let n = if a.quick { 10 } else { a.devices };
     let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
-    let rate = 1000.0 / n as f64;
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for d in 0..n {
-        let tok = hub.token(&format!("till-{d}"));
-        tasks.push(tokio::spawn(run_device(
-            hub.port,
-            tok,
-            d,
-            1000,
-            Some(rate),
-            dur,
-            t0,
-            2,
-        )));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            lat.extend(r.lat_ms);
-        }
-    }
+    let mut lat = paced_acks(hub.port, tills(&hub, n), dur, 2).await;
     let (p50, p99, max) = (
         pct(&mut lat, 50.0),
         pct(&mut lat, 99.0),
@@ -606,18 +585,18 @@ async fn bulk_write(hub: &Hub, n: usize, tag: &str) {
     }
 }
 
-/// Ack latencies (ms) of 50 devices at 1,000 events/s for `dur`.
-async fn paced_acks(hub: &Hub, dur: Duration, run: u64) -> Vec<f64> {
+/// Ack latencies (ms) of one device per token, together 1,000 events/s, for `dur`.
+async fn paced_acks(port: u16, tokens: Vec<String>, dur: Duration, run: u64) -> Vec<f64> {
     let t0 = Instant::now();
+    let rate = 1000.0 / tokens.len().max(1) as f64;
     let mut tasks = Vec::new();
-    for d in 0..50 {
-        let tok = hub.token(&format!("till-{d}"));
+    for (d, tok) in tokens.into_iter().enumerate() {
         tasks.push(tokio::spawn(run_device(
-            hub.port,
+            port,
             tok,
             d,
             1000,
-            Some(20.0),
+            Some(rate),
             dur,
             t0,
             run,
@@ -630,6 +609,10 @@ async fn paced_acks(hub: &Hub, dur: Duration, run: u64) -> Vec<f64> {
         }
     }
     lat
+}
+
+fn tills(hub: &Hub, n: usize) -> Vec<String> {
+    (0..n).map(|d| hub.token(&format!("till-{d}"))).collect()
 }
 
 /// An offline day: events written while the cloud is down, then the cloud comes back.
@@ -654,7 +637,13 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let hub = Hub::start_with(bin, "offline", &env).await;
     let n = if a.quick { 10_000 } else { 200_000 };
     bulk_write(&hub, n, "off").await;
-    let base = paced_acks(&hub, Duration::from_secs(if a.quick { 2 } else { 5 }), 7).await;
+    let base = paced_acks(
+        hub.port,
+        tills(&hub, 50),
+        Duration::from_secs(if a.quick { 2 } else { 5 }),
+        7,
+    )
+    .await;
     let db = hub.dir.join("cloud.db");
     let mut cloud = tokio::process::Command::new(&cloud_bin)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--db"])
@@ -666,33 +655,12 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()));
     let start = Instant::now();
-    let lat_task = {
-        let port = hub.port;
-        let toks: Vec<String> = (0..50).map(|d| hub.token(&format!("till-{d}"))).collect();
-        tokio::spawn(async move {
-            let t0 = Instant::now();
-            let mut tasks = Vec::new();
-            for (d, tok) in toks.into_iter().enumerate() {
-                tasks.push(tokio::spawn(run_device(
-                    port,
-                    tok,
-                    d,
-                    1000,
-                    Some(20.0),
-                    Duration::from_secs(5),
-                    t0,
-                    8,
-                )));
-            }
-            let mut lat = Vec::new();
-            for t in tasks {
-                if let Ok(r) = t.await {
-                    lat.extend(r.lat_ms);
-                }
-            }
-            lat
-        })
-    };
+    let lat_task = tokio::spawn(paced_acks(
+        hub.port,
+        tills(&hub, 50),
+        Duration::from_secs(5),
+        8,
+    ));
     let mut done = None;
     while start.elapsed() < Duration::from_secs(600) {
         let st = http_get(hub.port, "/status").await;
