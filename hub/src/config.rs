@@ -504,6 +504,20 @@ impl Config {
             }
             sources.push(crate::power::Source::PowerSupply(PathBuf::from(v)));
         }
+        if let Some(v) = s.get("UPS_GPIO") {
+            let low = matches!(
+                s.get("UPS_GPIO_ACTIVE_LOW")
+                    .map(|v| v.to_ascii_lowercase())
+                    .as_deref(),
+                Some("on" | "1" | "true" | "yes")
+            );
+            sources.push(crate::power::Source::parse_gpio(v, low).ok_or_else(|| {
+                err(
+                    "UPS_GPIO",
+                    format!("{v:?} is not gpiochipN:LINE (e.g. gpiochip0:17)"),
+                )
+            })?);
+        }
         let dur = |key: &str, default: u64| -> Result<Duration, ConfigError> {
             match s.get(key) {
                 None => Ok(Duration::from_secs(default)),
@@ -723,6 +737,7 @@ mod tests {
             ("UPS_NUT", "nohost"),
             ("UPS_SHUTDOWN_AFTER", "soon"),
             ("UPS_POWER_SUPPLY", "/nonexistent/dir"),
+            ("UPS_GPIO", "pin17"),
             ("TLS_EXTRA_NAMES", "bad name!"),
         ];
         for (k, v) in cases {

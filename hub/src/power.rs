@@ -2,7 +2,8 @@
 //!
 //! Sources (any of them configured): a NUT server (`UPS_NUT=ups@host:port`, the
 //! NUT wire protocol over TCP) and the kernel's `power_supply` class
-//! (`UPS_POWER_SUPPLY=/sys/class/power_supply`, for UPS HATs). On battery the
+//! (`UPS_POWER_SUPPLY=/sys/class/power_supply`, for UPS HATs), and a HAT's
+//! power-fail GPIO line (`UPS_GPIO=gpiochip0:17`, gpiocdev). On battery the
 //! realm's devices get a `hub.power` event and `/status` says so; on low battery,
 //! forced shutdown (FSD), a UPS that goes silent while on battery (as NUT's
 //! upsmon does), or on battery longer than `UPS_SHUTDOWN_AFTER`, the hub asks
@@ -31,9 +32,34 @@ pub enum Source {
         password: Option<String>,
     },
     PowerSupply(PathBuf),
+    /// A UPS HAT's power-fail GPIO line: active = mains lost (on battery).
+    Gpio {
+        chip: PathBuf,
+        line: u32,
+        active_low: bool,
+    },
 }
 
 impl Source {
+    /// Parses `gpiochipN:LINE` or `/dev/gpiochipN:LINE`.
+    pub fn parse_gpio(v: &str, active_low: bool) -> Option<Self> {
+        let (chip, line) = v.rsplit_once(':')?;
+        let line = line.parse().ok()?;
+        if chip.is_empty() {
+            return None;
+        }
+        let chip = if chip.starts_with('/') {
+            PathBuf::from(chip)
+        } else {
+            PathBuf::from("/dev").join(chip)
+        };
+        Some(Source::Gpio {
+            chip,
+            line,
+            active_low,
+        })
+    }
+
     /// Parses `ups@host[:port]`.
     pub fn parse_nut(v: &str, user: Option<String>, password: Option<String>) -> Option<Self> {
         let (ups, rest) = v.split_once('@')?;
@@ -152,6 +178,42 @@ async fn nut_ask(s: &mut BufReader<TcpStream>, cmd: &str) -> Result<String, Stri
     Ok(line)
 }
 
+/// Reads the power-fail line (requested once, kept open).
+fn read_gpio(
+    req: &mut Option<gpiocdev::Request>,
+    chip: &std::path::Path,
+    line: u32,
+    active_low: bool,
+) -> Result<Reading, String> {
+    if req.is_none() {
+        let mut b = gpiocdev::Request::builder();
+        b.on_chip(chip)
+            .with_consumer("pos-hub power-fail")
+            .with_line(line)
+            .as_input();
+        if active_low {
+            b.as_active_low();
+        }
+        *req = Some(
+            b.request()
+                .map_err(|e| format!("GPIO {}:{line}: {e}", chip.display()))?,
+        );
+    }
+    let v = req
+        .as_ref()
+        .map(|r| r.value(line))
+        .transpose()
+        .map_err(|e| format!("GPIO {}:{line}: {e}", chip.display()))?
+        .unwrap_or(gpiocdev::line::Value::Inactive);
+    let failed = v == gpiocdev::line::Value::Active;
+    Ok(Reading {
+        on_battery: failed,
+        low: false,
+        fsd: false,
+        raw: format!("gpio {}", if failed { "power-fail" } else { "ok" }),
+    })
+}
+
 /// Reads a `power_supply` class directory.
 pub fn read_power_supply(dir: &std::path::Path, low_capacity: u8) -> Result<Reading, String> {
     let entries =
@@ -259,6 +321,7 @@ pub async fn watch(
     notice: impl Fn(&str, &PowerStatus),
 ) -> String {
     let mut nut: Option<BufReader<TcpStream>> = None;
+    let mut gpio: Option<gpiocdev::Request> = None;
     let mut on_battery_since: Option<Instant> = None;
     let mut last_answer = Instant::now();
     let mut was = Verdict::Online;
@@ -298,6 +361,17 @@ pub async fn watch(
                     }
                 }
                 Source::PowerSupply(dir) => read_power_supply(dir, cfg.low_capacity),
+                Source::Gpio {
+                    chip,
+                    line,
+                    active_low,
+                } => {
+                    let r = read_gpio(&mut gpio, chip, *line, *active_low);
+                    if r.is_err() {
+                        gpio = None; // request again next time
+                    }
+                    r
+                }
             };
             match r {
                 Ok(r) => {
@@ -470,6 +544,16 @@ mod tests {
             Some(Source::Nut { port: 3493, .. })
         ));
         assert_eq!(Source::parse_nut("nonsense", None, None), None);
+        assert_eq!(
+            Source::parse_gpio("gpiochip0:17", true),
+            Some(Source::Gpio {
+                chip: "/dev/gpiochip0".into(),
+                line: 17,
+                active_low: true
+            })
+        );
+        assert!(Source::parse_gpio("gpiochip0", false).is_none());
+        assert!(Source::parse_gpio("gpiochip0:x", false).is_none());
     }
 
     #[test]

@@ -156,3 +156,13 @@ test("power_supply directory: on battery and low capacity shut down; back on mai
     assert.match(hub.log(), /battery is low/);
   } finally { if (hub.child.exitCode === null) await hub.stop(); }
 });
+
+test("a GPIO power-fail line that cannot be opened is reported, never a crash", async () => {
+  // No gpio-sim on these machines: this checks the error path only (see README).
+  const hub = await startHub({ env: { TLS: "off", UPS_GPIO: "gpiochip99:17", UPS_POLL: "200ms" } });
+  try {
+    await waitFor(async () => (await status(hub)).power?.lastError, 5000, "an error in /status");
+    assert.match((await status(hub)).power.lastError, /GPIO \/dev\/gpiochip99:17/);
+    assert.equal((await httpGet(hub.port, "/healthz")).status, 200);
+  } finally { assert.equal(await hub.stop(), 0); }
+});
