@@ -78,8 +78,10 @@ test("socket.io-client over wss:// trusting only the store CA does the event rou
     const opts = { transports: ["websocket"], auth: { token: hub.token }, ca, reconnection: false, timeout: 5000 };
     const a = io(`https://localhost:${hub.port}`, opts);
     const b = io(`https://localhost:${hub.port}`, { ...opts, auth: { token: hub.token, since: 0 } });
+    // Listen for `synced` before it can arrive (it follows the connect at once).
+    const bSynced = new Promise((res, rej) => { b.once("synced", res); setTimeout(() => rej(new Error("no synced")), 10000); });
     await Promise.all([a, b].map((s) => new Promise((res, rej) => { s.on("connect", res); s.on("connect_error", rej); })));
-    await new Promise((r) => b.once("synced", r));
+    await bSynced;
     const got = new Promise((r) => b.once("event", r));
     const ack = await a.timeout(5000).emitWithAck("event", { id: "wss-1", type: "order.created", payload: { total: 3 } });
     assert.deepEqual(ack, { ok: true, seq: 1, duplicate: false });
