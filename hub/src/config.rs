@@ -218,6 +218,16 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// An on/off setting (`on|off|true|false|yes|no|1|0`); anything else is an error.
+fn switch(s: &Settings, key: &str, default: bool) -> Result<bool, ConfigError> {
+    match s.get(key).map(|v| v.to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => Ok(true),
+        Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => Ok(false),
+        Some(v) => Err(err(key, format!("{v:?} is not on or off"))),
+    }
+}
+
 fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(v).map_err(|e| {
         err(
@@ -429,12 +439,7 @@ impl Config {
                 )
             })?,
         };
-        let mdns = match s.get("MDNS").map(|v| v.to_ascii_lowercase()) {
-            None => true,
-            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
-            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
-            Some(v) => return Err(err("MDNS", format!("{v:?} is not on or off"))),
-        };
+        let mdns = switch(s, "MDNS", true)?;
         let num =
             |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ConfigError> {
                 match s.get(key) {
@@ -448,12 +453,7 @@ impl Config {
                         }),
                 }
             };
-        let tls = match s.get("TLS").map(|v| v.to_ascii_lowercase()) {
-            None => true,
-            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
-            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
-            Some(v) => return Err(err("TLS", format!("{v:?} is not on or off"))),
-        };
+        let tls = switch(s, "TLS", true)?;
         let mut tls_extra_names = Vec::new();
         for n in s
             .get("TLS_EXTRA_NAMES")
@@ -505,12 +505,7 @@ impl Config {
             sources.push(crate::power::Source::PowerSupply(PathBuf::from(v)));
         }
         if let Some(v) = s.get("UPS_GPIO") {
-            let low = matches!(
-                s.get("UPS_GPIO_ACTIVE_LOW")
-                    .map(|v| v.to_ascii_lowercase())
-                    .as_deref(),
-                Some("on" | "1" | "true" | "yes")
-            );
+            let low = switch(s, "UPS_GPIO_ACTIVE_LOW", false)?;
             sources.push(crate::power::Source::parse_gpio(v, low).ok_or_else(|| {
                 err(
                     "UPS_GPIO",
@@ -542,12 +537,7 @@ impl Config {
             None => vec!["pool.ntp.org".to_string()],
         };
         let ntp_interval = dur("NTP_INTERVAL", 900)?.max(Duration::from_secs(1));
-        let clock_set = match s.get("CLOCK_SET").map(|v| v.to_ascii_lowercase()) {
-            None => false,
-            Some(v) if matches!(v.as_str(), "on" | "1" | "true" | "yes") => true,
-            Some(v) if matches!(v.as_str(), "off" | "0" | "false" | "no") => false,
-            Some(v) => return Err(err("CLOCK_SET", format!("{v:?} is not on or off"))),
-        };
+        let clock_set = switch(s, "CLOCK_SET", false)?;
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
         let token_policy = Policy {
@@ -738,6 +728,7 @@ mod tests {
             ("UPS_SHUTDOWN_AFTER", "soon"),
             ("UPS_POWER_SUPPLY", "/nonexistent/dir"),
             ("UPS_GPIO", "pin17"),
+            ("CLOCK_SET", "sometimes"),
             ("TLS_EXTRA_NAMES", "bad name!"),
         ];
         for (k, v) in cases {

@@ -245,7 +245,7 @@ impl Realm {
         threads.push(spawn_named(&name, move || {
             let store = writer.run();
             drop(store);
-        }));
+        })?);
         let fs = fanned_seq.clone();
         threads.push(spawn_named(&format!("fan-{}", cfg.store_id), move || {
             FanOut {
@@ -254,7 +254,7 @@ impl Realm {
                 fanned: fs,
             }
             .run(fan_rx)
-        }));
+        })?);
         tracing::info!(realm = %key, path = %db_path.display(), last_seq = last, "realm open");
         Ok(Arc::new(Realm {
             cfg,
@@ -471,11 +471,15 @@ impl Realm {
     }
 }
 
-fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, LogError> {
     std::thread::Builder::new()
         .name(name.chars().take(15).collect())
         .spawn(f)
-        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+        .map_err(|e| {
+            LogError::Thread(format!(
+                "cannot start thread {name}: {e} (out of memory or process limits?)"
+            ))
+        })
 }
 
 /// Emits `json` as `event`, waiting while the socket's queue is full. Returns false

@@ -27,6 +27,8 @@ pub enum LogError {
     },
     #[error("event log error: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Thread(String),
 }
 
 /// One row as read back.
