@@ -155,17 +155,25 @@ fn serve(a: ServeArgs) -> i32 {
     init_logging();
     let mut settings = match Settings::load(a.env_file.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("pos-hub: configuration error: {e}");
-            return 78; // EX_CONFIG
-        }
+        Err(e) => return config_error(&a, None, &e.to_string()),
     };
+    // DEV=on in the settings file is the same as --dev (the firmware image's default
+    // hub.env uses it, so a newcomer's box works with a printed dev token).
+    let dev = a.dev
+        || match settings.get("DEV").map(str::trim) {
+            None | Some("") | Some("off") | Some("false") | Some("0") | Some("no") => false,
+            Some("on") | Some("true") | Some("1") | Some("yes") => true,
+            Some(other) => {
+                let msg = format!("DEV={other}: expected on or off");
+                return config_error(&a, Some(&settings), &msg);
+            }
+        };
     let data_dir = a
         .data_dir
         .clone()
         .or_else(|| settings.get("DATA_DIR").map(PathBuf::from))
-        .or_else(|| a.dev.then(|| PathBuf::from("./data")));
-    if a.dev {
+        .or_else(|| dev.then(|| PathBuf::from("./data")));
+    if dev {
         let dir = data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
         // --dev talks to no NTP server unless one is named.
         if settings.get("NTP_SERVERS").is_none() {
@@ -179,6 +187,9 @@ fn serve(a: ServeArgs) -> i32 {
                     crate::serve::DEV_STORE,
                     dir.join("dev-token.txt").display()
                 );
+                if let Ok(admin) = std::fs::read_to_string(dir.join("dev-admin-token.txt")) {
+                    eprintln!("pos-hub --dev: admin token (also in {}):\n{}", dir.join("dev-admin-token.txt").display(), admin.trim());
+                }
             }
             Err(e) => {
                 eprintln!("pos-hub: {e}");
@@ -188,14 +199,14 @@ fn serve(a: ServeArgs) -> i32 {
     }
     let cfg = match Config::from_settings(&settings, data_dir, a.realms.clone(), a.port) {
         Ok(mut c) => {
-            c.dev = a.dev;
+            c.dev = dev;
             c
         }
-        Err(e) => {
-            eprintln!("pos-hub: configuration error: {e}");
-            return 78;
-        }
+        Err(e) => return config_error(&a, Some(&settings), &e.to_string()),
     };
+    if let Some(after) = settings.get("TEST_HANG_AFTER") {
+        test_hang_after(after);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -213,6 +224,53 @@ fn serve(a: ServeArgs) -> i32 {
             tracing::error!(error = %e, "hub stopped");
             1
         }
+    }
+}
+
+/// A configuration error: exit 78 (EX_CONFIG) normally; under the appliance's init
+/// the hub stays up instead (no boot loop) and answers /healthz and /status with the
+/// error on plain HTTP until the settings are fixed and the box restarted.
+fn config_error(a: &ServeArgs, settings: Option<&Settings>, message: &str) -> i32 {
+    eprintln!("pos-hub: configuration error: {message}");
+    if !crate::system::under_init() {
+        return 78; // EX_CONFIG
+    }
+    let port = a
+        .port
+        .or_else(|| settings.and_then(|s| s.get("PORT")).and_then(|p| p.trim().parse().ok()))
+        .unwrap_or(4001);
+    let file = a.env_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pos-hub: cannot start the runtime: {e}");
+            return 78;
+        }
+    };
+    let data_dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/data"));
+    match rt.block_on(crate::serve::run_config_error(port, format!("{file}: {message}"), data_dir)) {
+        Ok(()) => 78,
+        Err(e) => {
+            eprintln!("pos-hub: {e}");
+            78
+        }
+    }
+}
+
+/// TEST_HANG_AFTER=<duration>: a test-only switch that freezes the whole hub process
+/// (SIGSTOP) after that long, so the watchdog test can see a real hang.
+fn test_hang_after(after: &str) {
+    let Ok(d) = humantime::parse_duration(after.trim()) else {
+        eprintln!("pos-hub: TEST_HANG_AFTER={after}: not a duration, ignored");
+        return;
+    };
+    let spawned = std::thread::Builder::new().name("test-hang".into()).spawn(move || {
+        std::thread::sleep(d);
+        eprintln!("pos-hub: TEST_HANG_AFTER reached: freezing this process now (test switch)");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    });
+    if let Err(e) = spawned {
+        eprintln!("pos-hub: TEST_HANG_AFTER: {e}");
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Web {
     pub clock: Arc<crate::clock::Clock>,
     /// The UPS watcher, when configured.
     pub power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>>,
+    /// The data directory (its partition's fill is reported in /status).
+    pub data_dir: std::path::PathBuf,
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -36,6 +38,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/ca.crt", get(ca_crt))
+        .route("/admin/reboot", axum::routing::post(admin_reboot))
+        .route("/admin/poweroff", axum::routing::post(admin_poweroff))
         .with_state(web)
 }
 
@@ -104,6 +108,7 @@ struct Status {
     power: Option<crate::power::PowerStatus>,
     clock: crate::clock::ClockStatus,
     detail: &'static str,
+    system: crate::system::SystemStatus,
     realms: Vec<RealmStatus>,
 }
 
@@ -211,6 +216,40 @@ async fn status(
         } else {
             "summary"
         },
+        system: crate::system::status(&web.data_dir),
         realms,
     })
+}
+
+/// Whether the caller may act as an administrator: localhost, or an admin token of
+/// one of this hub's realms.
+fn is_admin(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> bool {
+    let (all, one) = full_detail_for(web, addr, headers);
+    all || one.is_some()
+}
+
+async fn admin_down(web: Arc<Web>, addr: SocketAddr, headers: HeaderMap, down: crate::system::Down) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "admin token required (Authorization: Bearer <admin token>)"}))).into_response();
+    }
+    if !crate::system::under_init() {
+        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "not running under pos-hub init: reboot the machine yourself"}))).into_response();
+    }
+    tracing::warn!(?down, %addr, "administrator asked the box to go down");
+    tokio::spawn(async move {
+        // Let the answer leave first.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if let Err(e) = crate::system::request(down) {
+            tracing::error!(error = %e, "could not ask init to go down");
+        }
+    });
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "action": format!("{down:?}").to_lowercase()}))).into_response()
+}
+
+async fn admin_reboot(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    admin_down(web, addr, headers, crate::system::Down::Reboot).await
+}
+
+async fn admin_poweroff(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    admin_down(web, addr, headers, crate::system::Down::PowerOff).await
 }

@@ -11,6 +11,7 @@
 //! * [`tls`]      the store CA, leaf certificates, TLS and plain HTTP on one port
 //! * [`serve`]    wires everything together; graceful shutdown
 //! * [`init`]     PID 1 duties when the hub boots the appliance
+//! * [`system`]   the box as the hub sees it under init: slot, read-only root, reboot
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod power;
 pub mod realm;
 pub mod realtime;
 pub mod serve;
+pub mod system;
 pub mod tls;
 pub mod util;
 

@@ -41,6 +41,63 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The hub under init with settings it cannot use: serves plain HTTP on `port` with
+/// /healthz (503, `configError`) and /status (the error and the box's state) until
+/// SIGTERM, and repeats the error on the console every minute.
+pub async fn run_config_error(port: u16, message: String, data_dir: PathBuf) -> Result<(), ServeError> {
+    use axum::routing::get;
+    let msg = Arc::new(message);
+    let m1 = msg.clone();
+    let m2 = msg.clone();
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let m = m1.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(serde_json::json!({"ok": false, "configError": *m, "fix": "edit hub.env on the settings partition, then restart the box"})),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let m = m2.clone();
+                let d = data_dir.clone();
+                async move {
+                    axum::Json(serde_json::json!({
+                        "version": crate::VERSION,
+                        "configError": *m,
+                        "system": crate::system::status(&d),
+                        "realms": [],
+                    }))
+                }
+            }),
+        );
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::error!(%addr, error = %msg, "configuration error: serving only /healthz and /status until the settings are fixed");
+    let repeat = msg.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            eprintln!("pos-hub: configuration error (edit hub.env, then restart): {repeat}");
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(async move {
+            term.recv().await;
+        })
+        .await?;
+    Ok(())
+}
+
 /// The realm `--dev` runs.
 pub const DEV_TENANT: &str = "t-dev";
 pub const DEV_STORE: &str = "s-dev";
@@ -175,6 +232,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         ca_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
         power: web_power.clone(),
         clock: clock.clone(),
+        data_dir: cfg.data_dir.clone(),
     });
     let app = http::router(web.clone()).layer(layer);
 

@@ -1,0 +1,350 @@
+//! Networking without a network manager: loopback up, then the Ethernet port by DHCP
+//! (a small DHCPv4 client: DISCOVER, OFFER, REQUEST, ACK; renewed at half the lease)
+//! or a static address from the settings (`NET_ADDRESS=10.1.2.3/24`,
+//! `NET_GATEWAY`, `NET_DNS`). Addresses and routes are set with the classic
+//! SIOCSIF*/SIOCADDRT ioctls; DNS servers go to /run/resolv.conf (/etc/resolv.conf
+//! links there, the root being read-only).
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// An IPv4 configuration for one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time; `None` for a static address.
+    pub lease: Option<Duration>,
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq, String> {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    let b = name.as_bytes();
+    if b.len() >= r.ifr_name.len() {
+        return Err(format!("interface name {name} is too long"));
+    }
+    for (d, s) in r.ifr_name.iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    Ok(r)
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the API is used.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ctl_socket() -> Result<UdpSocket, String> {
+    UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("control socket: {e}"))
+}
+
+/// Brings an interface up (IFF_UP).
+pub fn link_up(name: &str) -> Result<(), String> {
+    let s = ctl_socket()?;
+    let mut r = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags member of ifreq.
+    unsafe {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut r) != 0 {
+            return Err(os_err(&format!("{name}: read flags")));
+        }
+        r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &r) != 0 {
+            return Err(os_err(&format!("{name}: set up")));
+        }
+    }
+    Ok(())
+}
+
+/// The interface's MAC address.
+pub fn mac(name: &str) -> Result<[u8; 6], String> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
+        .map_err(|e| format!("{name}: no MAC address: {e}"))?;
+    let mut m = [0u8; 6];
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{name}: odd MAC address {s}"));
+    }
+    for (d, p) in m.iter_mut().zip(parts) {
+        *d = u8::from_str_radix(p, 16).map_err(|_| format!("{name}: odd MAC address {s}"))?;
+    }
+    Ok(m)
+}
+
+/// The first Ethernet-like interface (not lo), waiting for its driver to appear.
+pub fn find_ethernet(timeout: Duration) -> Option<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+            let mut names: Vec<String> = dir
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo" && !n.starts_with("sit") && !n.starts_with("wl"))
+                .collect();
+            names.sort();
+            if let Some(n) = names.into_iter().next() {
+                return Some(n);
+            }
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sets address, netmask and (if any) default route; writes /run/resolv.conf.
+pub fn apply(name: &str, l: &Lease) -> Result<(), String> {
+    let s = ctl_socket()?;
+    let mask = if l.prefix == 0 { 0 } else { u32::MAX << (32 - l.prefix as u32) };
+    let mut r = ifreq(name)?;
+    // SAFETY: SIOCSIFADDR/SIOCSIFNETMASK take an ifreq with a sockaddr; SIOCADDRT an rtentry.
+    unsafe {
+        r.ifr_ifru.ifru_addr = sockaddr(l.address);
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFADDR, &r) != 0 {
+            return Err(os_err(&format!("{name}: set address {}", l.address)));
+        }
+        r.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFNETMASK, &r) != 0 {
+            return Err(os_err(&format!("{name}: set netmask /{}", l.prefix)));
+        }
+    }
+    link_up(name)?;
+    if let Some(gw) = l.gateway {
+        // SAFETY: rtentry is plain old data.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // SAFETY: as above.
+        let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCADDRT, &rt) };
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(os_err(&format!("default route via {gw}")));
+        }
+    }
+    if !l.dns.is_empty() {
+        let text: String = l.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+        std::fs::write("/run/resolv.conf", text).map_err(|e| format!("/run/resolv.conf: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Parses `NET_ADDRESS` (`a.b.c.d/nn`), `NET_GATEWAY`, `NET_DNS` (comma list).
+pub fn parse_static(addr: &str, gateway: Option<&str>, dns: Option<&str>) -> Result<Lease, String> {
+    let (ip, prefix) = addr
+        .split_once('/')
+        .ok_or_else(|| format!("NET_ADDRESS={addr}: expected an address with a prefix, e.g. 192.168.1.20/24"))?;
+    let address: Ipv4Addr = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("NET_ADDRESS={addr}: {ip} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("NET_ADDRESS={addr}: the prefix must be 1 to 32"))?;
+    let gateway = match gateway.map(str::trim).filter(|g| !g.is_empty()) {
+        None => None,
+        Some(g) => Some(g.parse().map_err(|_| format!("NET_GATEWAY={g} is not an IPv4 address"))?),
+    };
+    let mut servers = Vec::new();
+    for d in dns.unwrap_or("").split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        servers.push(d.parse().map_err(|_| format!("NET_DNS: {d} is not an IPv4 address"))?);
+    }
+    Ok(Lease {
+        address,
+        prefix,
+        gateway,
+        dns: servers,
+        lease: None,
+    })
+}
+
+// ---- DHCPv4 ----
+
+const DISCOVER: u8 = 1;
+const OFFER: u8 = 2;
+const REQUEST: u8 = 3;
+const ACK: u8 = 5;
+const NAK: u8 = 6;
+
+fn dhcp_packet(kind: u8, xid: u32, mac: &[u8; 6], requested: Option<(Ipv4Addr, Ipv4Addr)>, hostname: &str) -> Vec<u8> {
+    let mut p = vec![0u8; 240];
+    p[0] = 1; // BOOTREQUEST
+    p[1] = 1; // Ethernet
+    p[2] = 6;
+    p[4..8].copy_from_slice(&xid.to_be_bytes());
+    p[10] = 0x80; // broadcast flag: we have no address yet
+    p[28..34].copy_from_slice(mac);
+    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    p.extend_from_slice(&[53, 1, kind]);
+    p.extend_from_slice(&[61, 7, 1]);
+    p.extend_from_slice(mac);
+    if let Some((ip, server)) = requested {
+        p.extend_from_slice(&[50, 4]);
+        p.extend_from_slice(&ip.octets());
+        p.extend_from_slice(&[54, 4]);
+        p.extend_from_slice(&server.octets());
+    }
+    let h = hostname.as_bytes();
+    if !h.is_empty() && h.len() < 64 {
+        p.extend_from_slice(&[12, h.len() as u8]);
+        p.extend_from_slice(h);
+    }
+    p.extend_from_slice(&[55, 4, 1, 3, 6, 51]); // mask, router, DNS, lease
+    p.push(255);
+    p
+}
+
+/// What a DHCP reply says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reply {
+    kind: u8,
+    yiaddr: Ipv4Addr,
+    server: Option<Ipv4Addr>,
+    lease: Lease,
+}
+
+fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
+    if p.len() < 240 || p[0] != 2 || p[4..8] != xid.to_be_bytes() || &p[28..34] != mac || p[236..240] != [99, 130, 83, 99] {
+        return None;
+    }
+    let yiaddr = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+    let (mut kind, mut server, mut mask, mut router, mut dns, mut lease) = (0, None, None, None, Vec::new(), None);
+    let mut i = 240;
+    while i < p.len() {
+        let code = p[i];
+        if code == 255 {
+            break;
+        }
+        if code == 0 {
+            i += 1;
+            continue;
+        }
+        let len = *p.get(i + 1)? as usize;
+        let v = p.get(i + 2..i + 2 + len)?;
+        let ip = |v: &[u8]| (v.len() >= 4).then(|| Ipv4Addr::new(v[0], v[1], v[2], v[3]));
+        match code {
+            53 if len == 1 => kind = v[0],
+            54 => server = ip(v),
+            1 => mask = ip(v),
+            3 => router = ip(v),
+            6 => dns = v.chunks_exact(4).map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3])).collect(),
+            51 if len == 4 => lease = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+            _ => {}
+        }
+        i += 2 + len;
+    }
+    let prefix = mask.map(|m| u32::from(m).leading_ones() as u8).unwrap_or(24);
+    Some(Reply {
+        kind,
+        yiaddr,
+        server,
+        lease: Lease {
+            address: yiaddr,
+            prefix,
+            gateway: router,
+            dns,
+            lease: Some(Duration::from_secs(lease.unwrap_or(3600).max(60) as u64)),
+        },
+    })
+}
+
+/// Runs one DHCP exchange on `ifname` (DISCOVER..ACK), within `timeout`.
+pub fn dhcp(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease, String> {
+    let mac = mac(ifname)?;
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)).map_err(|e| format!("DHCP: bind port 68: {e}"))?;
+    sock.set_broadcast(true).map_err(|e| format!("DHCP: {e}"))?;
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::BindToDevice, &std::ffi::OsString::from(ifname))
+        .map_err(|e| format!("DHCP: bind to {ifname}: {e}"))?;
+    let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+    let start = Instant::now();
+    let mut attempt = 0u32;
+    while start.elapsed() < timeout {
+        attempt += 1;
+        let xid: u32 = rand::random();
+        let _ = sock.send_to(&dhcp_packet(DISCOVER, xid, &mac, None, hostname), dest);
+        let wait = Duration::from_secs((1u64 << attempt.min(3)).min(8));
+        let Some(offer) = receive(&sock, xid, &mac, &[OFFER], wait) else {
+            continue;
+        };
+        let server = offer.server.unwrap_or(Ipv4Addr::BROADCAST);
+        let _ = sock.send_to(&dhcp_packet(REQUEST, xid, &mac, Some((offer.yiaddr, server)), hostname), dest);
+        match receive(&sock, xid, &mac, &[ACK, NAK], wait) {
+            Some(r) if r.kind == ACK => return Ok(r.lease),
+            _ => continue,
+        }
+    }
+    Err(format!("DHCP: no lease on {ifname} within {timeout:?}"))
+}
+
+fn receive(sock: &UdpSocket, xid: u32, mac: &[u8; 6], kinds: &[u8], wait: Duration) -> Option<Reply> {
+    let until = Instant::now() + wait;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = until.checked_duration_since(Instant::now())?;
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            return None;
+        };
+        if let Some(r) = parse_reply(&buf[..n], xid, mac) {
+            if kinds.contains(&r.kind) {
+                return Some(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_addresses_are_validated() {
+        let l = parse_static("192.168.1.20/24", Some("192.168.1.1"), Some("192.168.1.1, 9.9.9.9")).unwrap();
+        assert_eq!(l.address, Ipv4Addr::new(192, 168, 1, 20));
+        assert_eq!(l.prefix, 24);
+        assert_eq!(l.dns.len(), 2);
+        assert!(parse_static("192.168.1.20", None, None).unwrap_err().contains("prefix"));
+        assert!(parse_static("192.168.1.20/33", None, None).is_err());
+        assert!(parse_static("300.1.1.1/24", None, None).is_err());
+        assert!(parse_static("10.0.0.2/8", Some("gw"), None).unwrap_err().contains("NET_GATEWAY"));
+    }
+
+    #[test]
+    fn dhcp_reply_is_parsed_and_foreign_replies_ignored() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let mut p = dhcp_packet(DISCOVER, 42, &mac, None, "pos-hub");
+        p[0] = 2;
+        p[16..20].copy_from_slice(&[10, 0, 2, 15]);
+        p.truncate(240);
+        p.extend_from_slice(&[53, 1, OFFER, 54, 4, 10, 0, 2, 2, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10, 0, 2, 3, 51, 4, 0, 1, 81, 128, 255]);
+        let r = parse_reply(&p, 42, &mac).unwrap();
+        assert_eq!(r.kind, OFFER);
+        assert_eq!(r.lease.address, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(r.lease.prefix, 24);
+        assert_eq!(r.lease.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(r.lease.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
+        assert_eq!(r.lease.lease, Some(Duration::from_secs(86400)));
+        assert!(parse_reply(&p, 43, &mac).is_none(), "other transaction");
+        assert!(parse_reply(&p, 42, &[2, 0, 0, 0, 0, 2]).is_none(), "other client");
+        assert!(parse_reply(&p[..100], 42, &mac).is_none(), "truncated");
+    }
+}

@@ -1,0 +1,126 @@
+// System tests of the firmware image (issue 6): the image built by image/build, booted
+// under qemu-system-aarch64 -M virt by scripts/run-qemu (which plays the Pi bootloader),
+// driven from outside like a till would: /healthz and socket.io-client over WSS trusting
+// the store CA, through the forwarded port. Each test boots its own copy of the image.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { IMAGE, cardFrom, boot, devTokens, connect, httpGet, sleep } from "./qemu.mjs";
+
+if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
+const cleanup = [];
+after(async () => { for (const b of cleanup) await b.stop(); });
+
+const ev = (id) => ({ id, type: "order.created", payload: { total: 12.5, id } });
+
+async function sendAcked(sock, ids) {
+  const seqs = [];
+  for (const id of ids) {
+    const ack = await sock.timeout(10000).emitWithAck("event", ev(id));
+    assert.equal(ack.ok, true, JSON.stringify(ack));
+    seqs.push(ack.seq);
+  }
+  return seqs;
+}
+
+/** Every event of the log, by catching up from 0. */
+async function allEvents(box, token) {
+  const s = await connect(box, token, { auth: { since: 0 } });
+  const ids = s.got.map((e) => e.id);
+  s.close();
+  return ids;
+}
+
+test("first boot: blank data partition formatted and grown, read-only root, /healthz and a WSS event round trip", async () => {
+  const { card } = cardFrom(IMAGE, { sizeMiB: 384 });
+  const box = await boot(card);
+  cleanup.push(box);
+  await box.waitFor(/data partition \S+ is blank: creating its filesystem/);
+  await box.waitFor(/data partition grown to \d+ MiB/);
+  await box.healthz(90000);
+  const bootMs = Date.now() - box.startedAt;
+  console.log(`# boot to /healthz ok: ${(bootMs / 1000).toFixed(1)} s wall (QEMU start included)`);
+  await box.waitFor(/root filesystem is read-only/);
+  await box.waitFor(/watchdog \S+.* armed/);
+  const { device, admin } = await devTokens(box);
+  const st = JSON.parse((await httpGet(box.port, "/status", { headers: { authorization: `Bearer ${admin}` } })).body);
+  assert.equal(st.system.appliance, true);
+  assert.equal(st.system.rootReadOnly, true, "a write outside the data partition must fail");
+  assert.equal(st.system.bootPartition, 2);
+  assert.ok(st.system.dataBytesTotal > 300 * 1024 * 1024, `data partition fills the 384 MiB card: ${st.system.dataBytesTotal}`);
+  assert.equal(st.realms[0].tenantId, "t-dev");
+
+  const a = await connect(box, device);
+  const [seq] = await sendAcked(a, ["img-1"]);
+  assert.ok(seq >= 1);
+  a.close();
+  assert.deepEqual(await allEvents(box, device), ["img-1"]);
+  await box.stop();
+});
+
+test("acknowledged events survive a reboot and a power cut", async () => {
+  const { card } = cardFrom(IMAGE, { sizeMiB: 256 });
+  let box = await boot(card);
+  cleanup.push(box);
+  await box.healthz(90000);
+  const { device, admin } = await devTokens(box);
+  const s = await connect(box, device);
+  await sendAcked(s, ["r-1", "r-2", "r-3"]);
+  s.close();
+
+  // Reboot through the admin API: init stops the hub, unmounts, reboots; the harness boots again.
+  const r = await httpGet(box.port, "/admin/reboot", { method: "POST", headers: { authorization: `Bearer ${admin}` } });
+  assert.equal(r.status, 202, r.body);
+  const mark = box.console.length;
+  await box.waitFor(/guest rebooted/, 60000, mark);
+  await box.waitFor(/boot 2: partition 2/, 30000, mark);
+  await sleep(500);
+  await box.healthz(90000);
+  assert.doesNotMatch(box.console.slice(mark), /not cleanly unmounted/, "a reboot unmounts the data partition cleanly");
+  assert.deepEqual(await allEvents(box, device), ["r-1", "r-2", "r-3"]);
+
+  // Power cut right after acks.
+  const s2 = await connect(box, device);
+  await sendAcked(s2, ["p-1", "p-2", "p-3", "p-4"]);
+  await box.powerCut();
+  box = await boot(card, { port: box.port });
+  cleanup.push(box);
+  await box.waitFor(/not cleanly unmounted: checking it/, 60000);
+  await box.healthz(90000);
+  assert.deepEqual(await allEvents(box, device), ["r-1", "r-2", "r-3", "p-1", "p-2", "p-3", "p-4"]);
+  await box.stop();
+});
+
+test("the watchdog resets a hub that hangs", async () => {
+  const env = "DEV=on\nPORT=4001\nWATCHDOG_TIMEOUT=10\nTEST_HANG_AFTER=4s\n";
+  const { card } = cardFrom(IMAGE, { hubEnv: env });
+  const box = await boot(card);
+  cleanup.push(box);
+  await box.healthz(90000);
+  await box.waitFor(/TEST_HANG_AFTER reached: freezing/, 30000);
+  await box.waitFor(/no longer petting the watchdog/, 60000);
+  await box.waitFor(/without a reboot message: watchdog reset/, 90000);
+  await box.waitFor(/boot 2: partition 2/, 30000);
+  await box.stop();
+});
+
+test("a garbled hub.env keeps the box up with the error on the console and in /status", async () => {
+  const env = "DEV=on\nPORT=4001\nthis line is not a setting\n";
+  const { card } = cardFrom(IMAGE, { hubEnv: env });
+  const box = await boot(card);
+  cleanup.push(box);
+  await box.waitFor(/configuration error: .*line 3/, 90000);
+  let h;
+  for (let i = 0; i < 300; i++) {
+    try { h = await httpGet(box.port, "/healthz"); break; } catch { await sleep(200); }
+  }
+  assert.equal(h.status, 503);
+  assert.match(JSON.parse(h.body).configError, /hub\.env line 3/);
+  const st = JSON.parse((await httpGet(box.port, "/status")).body);
+  assert.match(st.configError, /line 3/);
+  assert.equal(st.system.appliance, true);
+  // No boot loop: well past the watchdog timeout and the hub's restart budget, still the first boot.
+  await sleep(40000);
+  assert.doesNotMatch(box.console, /boot 2:/);
+  assert.equal((await httpGet(box.port, "/healthz")).status, 503);
+  await box.stop();
+});

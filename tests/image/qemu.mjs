@@ -1,0 +1,125 @@
+// Helpers for the image tests: a private copy of the built image (optionally a bigger
+// "card" and a different hub.env), booted by scripts/run-qemu (the project's Pi
+// bootloader stand-in) with the hub's port forwarded to a free loopback port.
+import { spawn, execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import http from "node:http";
+import net from "node:net";
+import { fileURLToPath } from "node:url";
+import { io } from "socket.io-client";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const ROOT = path.resolve(here, "../..");
+export const IMAGE = process.env.POS_HUB_IMAGE;
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const boxes = new Set();
+process.on("exit", () => { for (const b of boxes) b.killNow(); });
+
+export async function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
+  });
+}
+
+/** Byte offset of MBR partition `n` of an image file. */
+export function partOffset(img, n) {
+  const out = execFileSync("sfdisk", ["-J", img], { encoding: "utf8" });
+  return JSON.parse(out).partitiontable.partitions[n - 1].start * 512;
+}
+
+/** A private copy of the image, grown to `sizeMiB` (a bigger card), with `hubEnv` written
+ * into the settings partition when given. */
+export function cardFrom(image, { sizeMiB = 384, hubEnv } = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "poshub-card-"));
+  const card = path.join(dir, "card.img");
+  execFileSync("cp", ["--sparse=always", image, card]);
+  fs.truncateSync(card, sizeMiB * 1024 * 1024);
+  if (hubEnv !== undefined) {
+    const f = path.join(dir, "hub.env");
+    fs.writeFileSync(f, hubEnv);
+    execFileSync("mcopy", ["-o", "-i", `${card}@@${partOffset(card, 1)}`, f, "::hub.env"], { env: { ...process.env, MTOOLS_SKIP_CHECK: "1" } });
+  }
+  return { dir, card };
+}
+
+export function httpGet(port, p, { method = "GET", headers = {}, timeout = 4000 } = {}) {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: "127.0.0.1", port, path: p, method, headers, timeout }, (res) => {
+      let body = ""; res.on("data", (d) => (body += d)); res.on("end", () => resolve({ status: res.statusCode, body }));
+    });
+    req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));
+    req.end();
+  });
+}
+
+/** Boots `card` with scripts/run-qemu; the console accumulates in `.console`. */
+export async function boot(card, { port } = {}) {
+  port ??= await freePort();
+  const dir = path.dirname(card);
+  const pidfile = path.join(dir, "qemu.pid");
+  const child = spawn(path.join(ROOT, "scripts/run-qemu"), [card, "--port", String(port), "--pidfile", pidfile], { stdio: ["ignore", "pipe", "pipe"] });
+  const box = {
+    port, card, child, console: "",
+    startedAt: Date.now(),
+    exited: new Promise((r) => child.on("exit", (code) => { boxes.delete(box); r(code); })),
+    /** Waits until the console matches `re` (after `from` characters); returns the match. */
+    async waitFor(re, ms = 60000, from = 0) {
+      const deadline = Date.now() + ms;
+      for (;;) {
+        const m = box.console.slice(from).match(re);
+        if (m) return m;
+        if (Date.now() > deadline) throw new Error(`console never showed ${re} within ${ms} ms; console tail:\n${box.console.slice(-3000)}`);
+        await sleep(100);
+      }
+    },
+    async healthz(ms = 60000) {
+      const deadline = Date.now() + ms;
+      for (;;) {
+        try { const r = await httpGet(port, "/healthz", { timeout: 2000 }); if (r.status === 200) return r; } catch {}
+        if (Date.now() > deadline) throw new Error(`/healthz never ok within ${ms} ms; console tail:\n${box.console.slice(-3000)}`);
+        await sleep(200);
+      }
+    },
+    /** Power cut: SIGKILL QEMU (the harness then exits). */
+    async powerCut() {
+      const pid = Number(fs.readFileSync(pidfile, "utf8"));
+      try { process.kill(pid, "SIGKILL"); } catch {}
+      await Promise.race([box.exited, sleep(10000)]);
+    },
+    killNow() {
+      try { process.kill(Number(fs.readFileSync(pidfile, "utf8")), "SIGKILL"); } catch {}
+      try { child.kill("SIGKILL"); } catch {}
+    },
+    async stop() { box.killNow(); await Promise.race([box.exited, sleep(5000)]); },
+  };
+  const add = (d) => { box.console += d.toString(); };
+  child.stdout.on("data", add);
+  child.stderr.on("data", add);
+  boxes.add(box);
+  return box;
+}
+
+/** The dev device and admin tokens the hub printed on the console. */
+export async function devTokens(box, from = 0) {
+  const device = (await box.waitFor(/device token \(also in [^)]*\):\s*\r?\n(\S+)/, 60000, from))[1];
+  const admin = (await box.waitFor(/admin token \(also in [^)]*\):\s*\r?\n(\S+)/, 60000, from))[1];
+  return { device, admin };
+}
+
+/** Socket.IO over WSS to the box, trusting only the store CA it serves on /ca.crt. */
+export async function connect(box, token, opts = {}) {
+  const ca = (await httpGet(box.port, "/ca.crt")).body;
+  const s = io(`https://localhost:${box.port}`, { transports: ["websocket"], auth: { token, ...(opts.auth || {}) }, ca, rejectUnauthorized: true, reconnection: false, timeout: 10000 });
+  s.got = [];
+  s.on("event", (e) => s.got.push(e));
+  s.synced = new Promise((res, rej) => {
+    s.on("synced", (x) => res(x));
+    s.on("connect_error", (e) => rej(e));
+    setTimeout(() => rej(new Error("no synced within 20 s")), 20000);
+  });
+  await s.synced;
+  return s;
+}
