@@ -6,6 +6,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import http from "node:http";
+import https from "node:https";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 import { io } from "socket.io-client";
@@ -48,6 +49,19 @@ export function cardFrom(image, { sizeMiB = 384, hubEnv } = {}) {
 export function httpGet(port, p, { method = "GET", headers = {}, timeout = 4000 } = {}) {
   return new Promise((resolve, reject) => {
     const req = http.request({ host: "127.0.0.1", port, path: p, method, headers, timeout }, (res) => {
+      let body = ""; res.on("data", (d) => (body += d)); res.on("end", () => resolve({ status: res.statusCode, body }));
+    });
+    req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));
+    req.end();
+  });
+}
+
+/** HTTPS to the box (the hub serves plain HTTP only for /healthz and /ca.crt),
+ * trusting only the store CA it serves. */
+export async function httpsReq(box, p, { method = "GET", headers = {}, timeout = 8000 } = {}) {
+  const ca = (await httpGet(box.port, "/ca.crt")).body;
+  return new Promise((resolve, reject) => {
+    const req = https.request({ host: "127.0.0.1", servername: "localhost", port: box.port, path: p, method, headers, timeout, ca }, (res) => {
       let body = ""; res.on("data", (d) => (body += d)); res.on("end", () => resolve({ status: res.statusCode, body }));
     });
     req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));

@@ -246,10 +246,12 @@ fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
     let blocks = le32(4) as u64 | ((le32(0x150) as u64) << 32);
     let block_size = 1024u64 << le32(24).min(6);
     let state = u16::from_le_bytes([sb[58], sb[59]]);
+    let incompat = le32(0x60);
     Some(Ext4Info {
         bytes: blocks * block_size,
-        // state bit 0 = cleanly unmounted, bit 1 = errors detected.
-        needs_check: state & 1 == 0 || state & 2 != 0,
+        // state bit 0 = cleanly unmounted, bit 1 = errors detected; incompat RECOVER
+        // (0x4) = the journal holds transactions to replay (mounted when power went).
+        needs_check: state & 1 == 0 || state & 2 != 0 || incompat & 0x4 != 0,
     })
 }
 
@@ -406,6 +408,9 @@ mod tests {
         sb[24] = 2; // 4 KiB blocks
         sb[58] = 1; // clean
         assert_eq!(ext4_info_of(&sb), Some(Ext4Info { bytes: 4_096_000, needs_check: false }));
+        sb[0x60] = 0x4; // journal needs recovery
+        assert!(ext4_info_of(&sb).unwrap().needs_check);
+        sb[0x60] = 0;
         sb[58] = 0;
         assert!(ext4_info_of(&sb).unwrap().needs_check);
     }
