@@ -43,6 +43,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Update bundles: create (build machine) and inspect.
+    Bundle {
+        #[command(subcommand)]
+        cmd: crate::update::cmd::BundleCmd,
+    },
+    /// OTA updates of a hub, through its admin API: status, check, install, rollback.
+    Update(crate::update::cmd::UpdateArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +142,8 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Ca { data_dir, cmd } => ca(data_dir, cmd),
+        Cmd::Bundle { cmd } => crate::update::cmd::bundle_main(cmd),
+        Cmd::Update(a) => crate::update::cmd::update_main(a),
         Cmd::Discover { timeout, realm } => discover(&timeout, realm.as_deref()),
         Cmd::Token {
             cmd: TokenCmd::Mint(a),

@@ -23,7 +23,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn err(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
         message: message.into(),
@@ -94,6 +94,8 @@ pub struct Config {
     pub token_offline_grace: Duration,
     pub token_policy: Policy,
     pub update_channel: UpdateChannel,
+    /// UPDATE_URL, UPDATE_WINDOW and friends (see crate::update).
+    pub update: crate::update::UpdateConfig,
     pub mdns: bool,
     /// Interfaces to advertise on (MDNS_INTERFACES, comma-separated; empty = all).
     pub mdns_interfaces: Vec<String>,
@@ -228,7 +230,7 @@ fn switch(s: &Settings, key: &str, default: bool) -> Result<bool, ConfigError> {
     }
 }
 
-fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(v).map_err(|e| {
         err(
             key,
@@ -635,6 +637,7 @@ impl Config {
             token_offline_grace,
             token_policy,
             update_channel,
+            update: crate::update::UpdateConfig::from_settings(s)?,
             mdns,
             mdns_interfaces: s
                 .get("MDNS_INTERFACES")

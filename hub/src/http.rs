@@ -30,6 +30,8 @@ pub struct Web {
     pub power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>>,
     /// The data directory (its partition's fill is reported in /status).
     pub data_dir: std::path::PathBuf,
+    /// The OTA update agent.
+    pub updater: Arc<crate::update::Updater>,
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -40,6 +42,11 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/ca.crt", get(ca_crt))
         .route("/admin/reboot", axum::routing::post(admin_reboot))
         .route("/admin/poweroff", axum::routing::post(admin_poweroff))
+        .route("/admin/update", get(admin_update_status))
+        .route("/admin/update/check", axum::routing::post(admin_update_check))
+        .route("/admin/update/install", axum::routing::post(admin_update_install))
+        .route("/admin/update/rollback", axum::routing::post(admin_update_rollback))
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(web)
 }
 
@@ -101,7 +108,7 @@ async fn ca_crt(State(web): State<Arc<Web>>) -> Response {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Status {
-    version: &'static str,
+    version: String,
     uptime_secs: u64,
     ca_fingerprint: Option<String>,
     tls: bool,
@@ -109,6 +116,7 @@ struct Status {
     clock: crate::clock::ClockStatus,
     detail: &'static str,
     system: crate::system::SystemStatus,
+    update: serde_json::Value,
     realms: Vec<RealmStatus>,
 }
 
@@ -203,7 +211,7 @@ async fn status(
         })
         .collect();
     Json(Status {
-        version: crate::VERSION,
+        version: web.updater.running_version.clone(),
         uptime_secs: web.started.elapsed().as_secs(),
         ca_fingerprint: web.ca_fingerprint.clone(),
         tls: web.ca_pem.is_some(),
@@ -217,6 +225,7 @@ async fn status(
             "summary"
         },
         system: crate::system::status(&web.data_dir),
+        update: web.updater.status(),
         realms,
     })
 }
@@ -252,4 +261,82 @@ async fn admin_reboot(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInf
 
 async fn admin_poweroff(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
     admin_down(web, addr, headers, crate::system::Down::PowerOff).await
+}
+
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "admin token required (Authorization: Bearer <admin token>)"}))).into_response()
+}
+
+/// `?now=1` (install/reboot outside the maintenance window), `?force=1` (reinstall a
+/// version that failed here before), `?url=...` (install from a URL instead of the body).
+#[derive(serde::Deserialize, Default)]
+struct UpdateQuery {
+    #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
+    force: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn flag(v: &Option<String>) -> bool {
+    matches!(v.as_deref(), Some("1" | "true" | "yes" | "on" | ""))
+}
+
+async fn admin_update_status(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    Json(web.updater.status()).into_response()
+}
+
+async fn admin_update_check(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
+) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    let Some(base) = web.updater.cfg.url.clone() else {
+        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "UPDATE_URL is not set"}))).into_response();
+    };
+    match web.updater.check(&base, flag(&q.now)).await {
+        Ok(msg) => Json(serde_json::json!({"ok": true, "result": msg})).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, Json(serde_json::json!({"ok": false, "error": e}))).into_response(),
+    }
+}
+
+async fn admin_update_install(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
+    body: axum::body::Body,
+) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    let (force, now) = (flag(&q.force), flag(&q.now));
+    let res = match q.url.clone() {
+        Some(url) => web.updater.install_url(url, force, now).await,
+        None => web.updater.install_stream(body.into_data_stream(), force, now).await,
+    };
+    match res {
+        Ok(m) => (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "version": m.version, "status": web.updater.status()}))).into_response(),
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({"ok": false, "error": e}))).into_response(),
+    }
+}
+
+async fn admin_update_rollback(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    let u = web.updater.clone();
+    match tokio::task::spawn_blocking(move || u.rollback()).await {
+        Ok(Ok(v)) => (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "rollingBackTo": v}))).into_response(),
+        Ok(Err(e)) => (StatusCode::CONFLICT, Json(serde_json::json!({"ok": false, "error": e}))).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"ok": false, "error": e.to_string()}))).into_response(),
+    }
 }

@@ -12,6 +12,7 @@
 //! * [`serve`]    wires everything together; graceful shutdown
 //! * [`init`]     PID 1 duties when the hub boots the appliance
 //! * [`system`]   the box as the hub sees it under init: slot, read-only root, reboot
+//! * [`update`]   OTA A/B updates: signed bundles, trial boot, commit, rollback, channels
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod realtime;
 pub mod serve;
 pub mod system;
 pub mod tls;
+pub mod update;
 pub mod util;
 
 /// The hub's version, as reported by `/status` and `pos-hub --version`.

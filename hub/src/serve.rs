@@ -69,7 +69,7 @@ pub async fn run_config_error(port: u16, message: String, data_dir: PathBuf) -> 
                 let d = data_dir.clone();
                 async move {
                     axum::Json(serde_json::json!({
-                        "version": crate::VERSION,
+                        "version": crate::update::agent::firmware_version(),
                         "configError": *m,
                         "system": crate::system::status(&d),
                         "realms": [],
@@ -224,6 +224,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         None
     };
     let web_power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>> = Default::default();
+    let store_id = cfg.realms.first().map(|r| r.store_id.clone()).unwrap_or_default();
+    let updater = crate::update::Updater::new(cfg.update.clone(), cfg.update_channel.clone(), &cfg.data_dir, store_id);
     let web = Arc::new(Web {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),
@@ -233,6 +235,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         power: web_power.clone(),
         clock: clock.clone(),
         data_dir: cfg.data_dir.clone(),
+        updater: updater.clone(),
     });
     let app = http::router(web.clone()).layer(layer);
 
@@ -251,6 +254,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(crate::tls::server::serve(listener, app, tls, stop_rx));
+    // Updates: a trial boot checks itself and commits; a failed trial is recorded; the
+    // channel is polled when UPDATE_URL is set.
+    updater.start(realms.clone(), web.ca_pem.clone(), cfg.port);
+    tokio::spawn(updater.clone().poll_loop());
 
     let advert = if cfg.mdns {
         let realm_ids: Vec<(String, String)> = cfg

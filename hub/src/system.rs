@@ -96,3 +96,18 @@ pub fn request(down: Down) -> Result<(), String> {
     };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), sig).map_err(|e| e.to_string())
 }
+
+/// Like [`request`], after `delay` (so an HTTP answer can leave first).
+pub fn request_after(down: Down, delay: std::time::Duration) -> Result<(), String> {
+    if !under_init() {
+        return Err("not running under pos-hub init (reboot the machine yourself)".into());
+    }
+    std::thread::Builder::new()
+        .name("go-down".into())
+        .spawn(move || {
+            std::thread::sleep(delay);
+            let _ = request(down);
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -58,23 +58,50 @@ export function httpGet(port, p, { method = "GET", headers = {}, timeout = 4000 
 
 /** HTTPS to the box (the hub serves plain HTTP only for /healthz and /ca.crt),
  * trusting only the store CA it serves. */
-export async function httpsReq(box, p, { method = "GET", headers = {}, timeout = 8000 } = {}) {
+export async function httpsReq(box, p, { method = "GET", headers = {}, timeout = 8000, body } = {}) {
   const ca = (await httpGet(box.port, "/ca.crt")).body;
   return new Promise((resolve, reject) => {
     const req = https.request({ host: "127.0.0.1", servername: "localhost", port: box.port, path: p, method, headers, timeout, ca }, (res) => {
       let body = ""; res.on("data", (d) => (body += d)); res.on("end", () => resolve({ status: res.statusCode, body }));
     });
     req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.end();
+    req.end(body);
   });
 }
 
+/** A static file server on loopback with Range support (the update host), recording
+ * POSTed reports. */
+export async function staticServer(dir) {
+  const reports = [];
+  const srv = http.createServer((req, res) => {
+    if (req.method === "POST") {
+      let b = ""; req.on("data", (d) => (b += d)); req.on("end", () => { reports.push({ url: req.url, body: b }); res.end("{}"); });
+      return;
+    }
+    const f = path.join(dir, decodeURIComponent(req.url.split("?")[0]));
+    if (!f.startsWith(dir) || !fs.existsSync(f) || fs.statSync(f).isDirectory()) { res.writeHead(404); res.end(); return; }
+    const size = fs.statSync(f).size;
+    const m = /bytes=(\d+)-/.exec(req.headers.range || "");
+    if (m) {
+      const start = Number(m[1]);
+      res.writeHead(206, { "content-length": size - start, "content-range": `bytes ${start}-${size - 1}/${size}` });
+      fs.createReadStream(f, { start }).pipe(res);
+    } else {
+      res.writeHead(200, { "content-length": size });
+      fs.createReadStream(f).pipe(res);
+    }
+  });
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  return { port: srv.address().port, reports, close: () => srv.close() };
+}
+
 /** Boots `card` with scripts/run-qemu; the console accumulates in `.console`. */
-export async function boot(card, { port } = {}) {
+export async function boot(card, { port, guestfwd } = {}) {
   port ??= await freePort();
   const dir = path.dirname(card);
   const pidfile = path.join(dir, "qemu.pid");
-  const child = spawn(path.join(ROOT, "scripts/run-qemu"), [card, "--port", String(port), "--pidfile", pidfile], { stdio: ["ignore", "pipe", "pipe"] });
+  const extra = guestfwd ? ["--guestfwd", guestfwd] : [];
+  const child = spawn(path.join(ROOT, "scripts/run-qemu"), [card, "--port", String(port), "--pidfile", pidfile, ...extra], { stdio: ["ignore", "pipe", "pipe"] });
   const box = {
     port, card, child, console: "",
     startedAt: Date.now(),
