@@ -197,7 +197,11 @@ fn serve(a: ServeArgs) -> i32 {
                     dir.join("dev-token.txt").display()
                 );
                 if let Ok(admin) = std::fs::read_to_string(dir.join("dev-admin-token.txt")) {
-                    eprintln!("pos-hub --dev: admin token (also in {}):\n{}", dir.join("dev-admin-token.txt").display(), admin.trim());
+                    eprintln!(
+                        "pos-hub --dev: admin token (also in {}):\n{}",
+                        dir.join("dev-admin-token.txt").display(),
+                        admin.trim()
+                    );
                 }
             }
             Err(e) => {
@@ -246,10 +250,21 @@ fn config_error(a: &ServeArgs, settings: Option<&Settings>, message: &str) -> i3
     }
     let port = a
         .port
-        .or_else(|| settings.and_then(|s| s.get("PORT")).and_then(|p| p.trim().parse().ok()))
+        .or_else(|| {
+            settings
+                .and_then(|s| s.get("PORT"))
+                .and_then(|p| p.trim().parse().ok())
+        })
         .unwrap_or(4001);
-    let file = a.env_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let file = a
+        .env_file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pos-hub: cannot start the runtime: {e}");
@@ -257,7 +272,11 @@ fn config_error(a: &ServeArgs, settings: Option<&Settings>, message: &str) -> i3
         }
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("/data"));
-    match rt.block_on(crate::serve::run_config_error(port, format!("{file}: {message}"), data_dir)) {
+    match rt.block_on(crate::serve::run_config_error(
+        port,
+        format!("{file}: {message}"),
+        data_dir,
+    )) {
         Ok(()) => 78,
         Err(e) => {
             eprintln!("pos-hub: {e}");
@@ -273,11 +292,13 @@ fn test_hang_after(after: &str) {
         eprintln!("pos-hub: TEST_HANG_AFTER={after}: not a duration, ignored");
         return;
     };
-    let spawned = std::thread::Builder::new().name("test-hang".into()).spawn(move || {
-        std::thread::sleep(d);
-        eprintln!("pos-hub: TEST_HANG_AFTER reached: freezing this process now (test switch)");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("test-hang".into())
+        .spawn(move || {
+            std::thread::sleep(d);
+            eprintln!("pos-hub: TEST_HANG_AFTER reached: freezing this process now (test switch)");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        });
     if let Err(e) = spawned {
         eprintln!("pos-hub: TEST_HANG_AFTER: {e}");
     }

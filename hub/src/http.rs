@@ -43,9 +43,18 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/admin/reboot", axum::routing::post(admin_reboot))
         .route("/admin/poweroff", axum::routing::post(admin_poweroff))
         .route("/admin/update", get(admin_update_status))
-        .route("/admin/update/check", axum::routing::post(admin_update_check))
-        .route("/admin/update/install", axum::routing::post(admin_update_install))
-        .route("/admin/update/rollback", axum::routing::post(admin_update_rollback))
+        .route(
+            "/admin/update/check",
+            axum::routing::post(admin_update_check),
+        )
+        .route(
+            "/admin/update/install",
+            axum::routing::post(admin_update_install),
+        )
+        .route(
+            "/admin/update/rollback",
+            axum::routing::post(admin_update_rollback),
+        )
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(web)
 }
@@ -237,7 +246,12 @@ fn is_admin(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> bool {
     all || one.is_some()
 }
 
-async fn admin_down(web: Arc<Web>, addr: SocketAddr, headers: HeaderMap, down: crate::system::Down) -> Response {
+async fn admin_down(
+    web: Arc<Web>,
+    addr: SocketAddr,
+    headers: HeaderMap,
+    down: crate::system::Down,
+) -> Response {
     if !is_admin(&web, &addr, &headers) {
         return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "admin token required (Authorization: Bearer <admin token>)"}))).into_response();
     }
@@ -252,14 +266,26 @@ async fn admin_down(web: Arc<Web>, addr: SocketAddr, headers: HeaderMap, down: c
             tracing::error!(error = %e, "could not ask init to go down");
         }
     });
-    (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "action": format!("{down:?}").to_lowercase()}))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"ok": true, "action": format!("{down:?}").to_lowercase()})),
+    )
+        .into_response()
 }
 
-async fn admin_reboot(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn admin_reboot(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     admin_down(web, addr, headers, crate::system::Down::Reboot).await
 }
 
-async fn admin_poweroff(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn admin_poweroff(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     admin_down(web, addr, headers, crate::system::Down::PowerOff).await
 }
 
@@ -283,7 +309,11 @@ fn flag(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("1" | "true" | "yes" | "on" | ""))
 }
 
-async fn admin_update_status(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn admin_update_status(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if !is_admin(&web, &addr, &headers) {
         return unauthorized();
     }
@@ -300,11 +330,19 @@ async fn admin_update_check(
         return unauthorized();
     }
     let Some(base) = web.updater.cfg.url.clone() else {
-        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "UPDATE_URL is not set"}))).into_response();
+        return (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": "UPDATE_URL is not set"})),
+        )
+            .into_response();
     };
     match web.updater.check(&base, flag(&q.now)).await {
         Ok(msg) => Json(serde_json::json!({"ok": true, "result": msg})).into_response(),
-        Err(e) => (StatusCode::BAD_GATEWAY, Json(serde_json::json!({"ok": false, "error": e}))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            Json(serde_json::json!({"ok": false, "error": e})),
+        )
+            .into_response(),
     }
 }
 
@@ -321,7 +359,11 @@ async fn admin_update_install(
     let (force, now) = (flag(&q.force), flag(&q.now));
     let res = match q.url.clone() {
         Some(url) => web.updater.install_url(url, force, now).await,
-        None => web.updater.install_stream(body.into_data_stream(), force, now).await,
+        None => {
+            web.updater
+                .install_stream(body.into_data_stream(), force, now)
+                .await
+        }
     };
     match res {
         Ok(m) => (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "version": m.version, "status": web.updater.status()}))).into_response(),
@@ -329,14 +371,30 @@ async fn admin_update_install(
     }
 }
 
-async fn admin_update_rollback(State(web): State<Arc<Web>>, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn admin_update_rollback(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if !is_admin(&web, &addr, &headers) {
         return unauthorized();
     }
     let u = web.updater.clone();
     match tokio::task::spawn_blocking(move || u.rollback()).await {
-        Ok(Ok(v)) => (StatusCode::ACCEPTED, Json(serde_json::json!({"ok": true, "rollingBackTo": v}))).into_response(),
-        Ok(Err(e)) => (StatusCode::CONFLICT, Json(serde_json::json!({"ok": false, "error": e}))).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"ok": false, "error": e.to_string()}))).into_response(),
+        Ok(Ok(v)) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"ok": true, "rollingBackTo": v})),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"ok": false, "error": e})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"ok": false, "error": e.to_string()})),
+        )
+            .into_response(),
     }
 }

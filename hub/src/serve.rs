@@ -44,7 +44,11 @@ pub enum ServeError {
 /// The hub under init with settings it cannot use: serves plain HTTP on `port` with
 /// /healthz (503, `configError`) and /status (the error and the box's state) until
 /// SIGTERM, and repeats the error on the console every minute.
-pub async fn run_config_error(port: u16, message: String, data_dir: PathBuf) -> Result<(), ServeError> {
+pub async fn run_config_error(
+    port: u16,
+    message: String,
+    data_dir: PathBuf,
+) -> Result<(), ServeError> {
     use axum::routing::get;
     let msg = Arc::new(message);
     let m1 = msg.clone();
@@ -224,8 +228,17 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         None
     };
     let web_power: Arc<parking_lot::Mutex<Option<Arc<crate::power::Power>>>> = Default::default();
-    let store_id = cfg.realms.first().map(|r| r.store_id.clone()).unwrap_or_default();
-    let updater = crate::update::Updater::new(cfg.update.clone(), cfg.update_channel.clone(), &cfg.data_dir, store_id);
+    let store_id = cfg
+        .realms
+        .first()
+        .map(|r| r.store_id.clone())
+        .unwrap_or_default();
+    let updater = crate::update::Updater::new(
+        cfg.update.clone(),
+        cfg.update_channel.clone(),
+        &cfg.data_dir,
+        store_id,
+    );
     let web = Arc::new(Web {
         realms: realms.clone(),
         policy: cfg.token_policy.clone(),

@@ -57,6 +57,8 @@ pub fn root_read_only() -> bool {
     }
 }
 
+// statvfs field types differ between targets (u64 here, u32 on some 32-bit ones).
+#[allow(clippy::unnecessary_cast)]
 pub fn status(data_dir: &Path) -> SystemStatus {
     let appliance = under_init();
     let (total, free) = match nix::sys::statvfs::statvfs(data_dir) {

@@ -162,11 +162,16 @@ pub fn parse_mbr(sector: &[u8; 512]) -> Result<[MbrPart; 4], DiskError> {
 /// If partition 4 ends more than 4 MiB before the end of a disk of `disk_sectors`,
 /// rewrites its entry in `sector` to reach the end (1 MiB aligned) and returns the
 /// new length. CHS fields are left as the image builder wrote them (LBA is used).
-pub fn grow_last_entry(sector: &mut [u8; 512], disk_sectors: u64) -> Result<Option<u32>, DiskError> {
+pub fn grow_last_entry(
+    sector: &mut [u8; 512],
+    disk_sectors: u64,
+) -> Result<Option<u32>, DiskError> {
     let parts = parse_mbr(sector)?;
     let p4 = parts[3];
     if p4.kind == 0 || p4.start == 0 {
-        return Err(DiskError::Table("partition 4 (data) is missing from the MBR".into()));
+        return Err(DiskError::Table(
+            "partition 4 (data) is missing from the MBR".into(),
+        ));
     }
     let end = p4.start as u64 + p4.sectors as u64;
     let limit = disk_sectors.min(u32::MAX as u64);
@@ -281,7 +286,20 @@ pub fn run_tool(tool: &'static str, args: &[&str]) -> Result<(i32, String), Disk
 /// Creates the data filesystem on a blank partition.
 pub fn format_data(dev: &Path) -> Result<(), DiskError> {
     let d = dev.to_string_lossy();
-    let (code, out) = run_tool("mke2fs", &["-t", "ext4", "-F", "-q", "-L", DATA_LABEL, "-E", "lazy_itable_init=1,lazy_journal_init=1", &d])?;
+    let (code, out) = run_tool(
+        "mke2fs",
+        &[
+            "-t",
+            "ext4",
+            "-F",
+            "-q",
+            "-L",
+            DATA_LABEL,
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            &d,
+        ],
+    )?;
     if code != 0 {
         return Err(DiskError::Tool {
             tool: "mke2fs",
@@ -355,7 +373,12 @@ mod tests {
 
     #[test]
     fn grows_data_partition_to_end_of_bigger_disk_only() {
-        let mut s = mbr(&[(0x0c, 2048, 32768), (0x0c, 34816, 131072), (0x0c, 165888, 131072), (0x83, 296960, 131072)]);
+        let mut s = mbr(&[
+            (0x0c, 2048, 32768),
+            (0x0c, 34816, 131072),
+            (0x0c, 165888, 131072),
+            (0x83, 296960, 131072),
+        ]);
         // Same size as the image: nothing to do.
         assert_eq!(grow_last_entry(&mut s, 296960 + 131072).unwrap(), None);
         // An 8 GB card.
@@ -365,7 +388,14 @@ mod tests {
         assert_eq!(p[3].sectors, len);
         assert_eq!((p[3].start as u64 + len as u64) % 2048, 0);
         assert!(p[3].start as u64 + len as u64 <= disk);
-        assert_eq!(p[0], MbrPart { kind: 0x0c, start: 2048, sectors: 32768 });
+        assert_eq!(
+            p[0],
+            MbrPart {
+                kind: 0x0c,
+                start: 2048,
+                sectors: 32768
+            }
+        );
         // Second run: already grown.
         assert_eq!(grow_last_entry(&mut s, disk).unwrap(), None);
     }
@@ -407,7 +437,13 @@ mod tests {
         sb[4..8].copy_from_slice(&1000u32.to_le_bytes());
         sb[24] = 2; // 4 KiB blocks
         sb[58] = 1; // clean
-        assert_eq!(ext4_info_of(&sb), Some(Ext4Info { bytes: 4_096_000, needs_check: false }));
+        assert_eq!(
+            ext4_info_of(&sb),
+            Some(Ext4Info {
+                bytes: 4_096_000,
+                needs_check: false
+            })
+        );
         sb[0x60] = 0x4; // journal needs recovery
         assert!(ext4_info_of(&sb).unwrap().needs_check);
         sb[0x60] = 0;

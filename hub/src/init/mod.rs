@@ -85,7 +85,11 @@ impl BootLog {
 
     fn attach(&self, path: &Path) {
         rotate(path, 1 << 20);
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let mut g = match self.inner.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
@@ -116,7 +120,10 @@ fn uptime() -> f64 {
 
 /// Keeps a log file under `max` bytes by moving it to `<name>.1`.
 fn rotate(path: &Path, max: u64) {
-    if std::fs::metadata(path).map(|m| m.len() > max).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() > max)
+        .unwrap_or(false)
+    {
         let _ = std::fs::rename(path, path.with_extension("log.1"));
     }
 }
@@ -149,21 +156,36 @@ pub fn run_as_pid1() -> ! {
 fn boot(log: &BootLog) -> Result<Down, String> {
     early_mounts()?;
     attach_console();
-    log.line(format!("pos-hub {} starting as PID 1", crate::update::agent::firmware_version()));
+    log.line(format!(
+        "pos-hub {} starting as PID 1",
+        crate::update::agent::firmware_version()
+    ));
 
     // Signals are taken synchronously by the main loop; block them before any thread
     // or child exists (children get them unblocked again).
     let signals = init_signals();
-    signals.thread_block().map_err(|e| format!("block signals: {e}"))?;
+    signals
+        .thread_block()
+        .map_err(|e| format!("block signals: {e}"))?;
 
     load_modules(log);
 
     let disk = disk::find_boot_disk(Duration::from_secs(20)).map_err(|e| e.to_string())?;
-    log.line(format!("boot disk /dev/{} (settings {}, data {})", disk.name, disk.settings.display(), disk.data.display()));
+    log.line(format!(
+        "boot disk /dev/{} (settings {}, data {})",
+        disk.name,
+        disk.settings.display(),
+        disk.data.display()
+    ));
     match disk::grow_data_partition(&disk) {
-        Ok(Some(bytes)) => log.line(format!("first boot on this card: data partition grown to {} MiB", bytes >> 20)),
+        Ok(Some(bytes)) => log.line(format!(
+            "first boot on this card: data partition grown to {} MiB",
+            bytes >> 20
+        )),
         Ok(None) => {}
-        Err(e) => log.line(format!("could not grow the data partition (keeps its size): {e}")),
+        Err(e) => log.line(format!(
+            "could not grow the data partition (keeps its size): {e}"
+        )),
     }
     mount_config(log, &disk);
     mount_data(log, &disk)?;
@@ -171,7 +193,10 @@ fn boot(log: &BootLog) -> Result<Down, String> {
     log.attach(&Path::new(DATA_DIR).join("log/boot.log"));
 
     let settings = read_settings(log);
-    let hostname = settings.get("HOSTNAME").cloned().unwrap_or_else(|| "pos-hub".into());
+    let hostname = settings
+        .get("HOSTNAME")
+        .cloned()
+        .unwrap_or_else(|| "pos-hub".into());
     if let Err(e) = nix::unistd::sethostname(&hostname) {
         log.line(format!("sethostname {hostname}: {e}"));
     }
@@ -181,7 +206,13 @@ fn boot(log: &BootLog) -> Result<Down, String> {
     start_network(log, &settings, &hostname);
 
     // Everything writable now lives on /data, /run or /tmp.
-    match mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>) {
+    match mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
         Ok(()) => log.line("root filesystem is read-only"),
         Err(e) => log.line(format!("could not make the root read-only: {e}")),
     }
@@ -189,10 +220,16 @@ fn boot(log: &BootLog) -> Result<Down, String> {
     let mut dog = match settings.get("WATCHDOG").map(String::as_str) {
         Some("off") => None,
         _ => {
-            let secs = settings.get("WATCHDOG_TIMEOUT").and_then(|s| s.parse().ok()).unwrap_or(15u64);
+            let secs = settings
+                .get("WATCHDOG_TIMEOUT")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(15u64);
             match watchdog::Watchdog::open(Duration::from_secs(secs)) {
                 Ok(Some(w)) => {
-                    log.line(format!("watchdog {} armed, timeout {:?}", w.identity, w.timeout));
+                    log.line(format!(
+                        "watchdog {} armed, timeout {:?}",
+                        w.identity, w.timeout
+                    ));
                     Some(w)
                 }
                 Ok(None) => {
@@ -206,7 +243,10 @@ fn boot(log: &BootLog) -> Result<Down, String> {
             }
         }
     };
-    let port: u16 = settings.get("PORT").and_then(|p| p.parse().ok()).unwrap_or(4001);
+    let port: u16 = settings
+        .get("PORT")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(4001);
     let down = supervise(log, &signals, &mut dog, port);
     if let Some(w) = dog {
         w.disarm();
@@ -216,7 +256,15 @@ fn boot(log: &BootLog) -> Result<Down, String> {
 
 fn init_signals() -> SigSet {
     let mut s = SigSet::empty();
-    for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGPWR, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGPWR,
+        Signal::SIGHUP,
+    ] {
         s.add(sig);
     }
     s
@@ -234,9 +282,21 @@ fn early_mounts() -> Result<(), String> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     m("proc", "/proc", "proc", nodev, None)?;
     m("sysfs", "/sys", "sysfs", nodev, None)?;
-    m("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    m(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     m("tmpfs", "/run", "tmpfs", nodev, Some("mode=0755,size=16m"))?;
-    m("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=64m"))?;
+    m(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=64m"),
+    )?;
     Ok(())
 }
 
@@ -248,7 +308,11 @@ fn attach_console() {
     if has_stdout {
         return;
     }
-    if let Ok(c) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+    if let Ok(c) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors.
             unsafe { libc::dup2(c.as_raw_fd(), fd) };
@@ -263,13 +327,19 @@ fn load_modules(log: &BootLog) {
         return;
     };
     let mut loaded = 0;
-    for path in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for path in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match std::fs::File::open(path) {
             Ok(f) => {
                 use std::os::fd::AsRawFd;
                 let empty = c"";
                 // SAFETY: finit_module(fd, params, flags) with a valid fd and C string.
-                let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
+                let rc = unsafe {
+                    libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0)
+                };
                 let err = std::io::Error::last_os_error();
                 if rc == 0 || err.raw_os_error() == Some(libc::EEXIST) {
                     loaded += 1;
@@ -286,8 +356,17 @@ fn load_modules(log: &BootLog) {
 fn mount_config(log: &BootLog, d: &disk::BootDisk) {
     let _ = std::fs::create_dir_all(CONFIG_DIR);
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if let Err(e) = mount(Some(&d.settings), CONFIG_DIR, Some("vfat"), flags, Some("umask=0022,shortname=mixed")) {
-        log.line(format!("settings partition {}: cannot mount: {e} (running on defaults)", d.settings.display()));
+    if let Err(e) = mount(
+        Some(&d.settings),
+        CONFIG_DIR,
+        Some("vfat"),
+        flags,
+        Some("umask=0022,shortname=mixed"),
+    ) {
+        log.line(format!(
+            "settings partition {}: cannot mount: {e} (running on defaults)",
+            d.settings.display()
+        ));
     }
 }
 
@@ -295,10 +374,16 @@ fn mount_data(log: &BootLog, d: &disk::BootDisk) -> Result<(), String> {
     let dev = &d.data;
     match disk::ext4_info(dev).map_err(|e| e.to_string())? {
         None => {
-            log.line(format!("data partition {} is blank: creating its filesystem", dev.display()));
+            log.line(format!(
+                "data partition {} is blank: creating its filesystem",
+                dev.display()
+            ));
             let t = Instant::now();
             disk::format_data(dev).map_err(|e| e.to_string())?;
-            log.line(format!("data filesystem created in {:.1} s", t.elapsed().as_secs_f64()));
+            log.line(format!(
+                "data filesystem created in {:.1} s",
+                t.elapsed().as_secs_f64()
+            ));
         }
         Some(info) => {
             if info.needs_check {
@@ -306,18 +391,30 @@ fn mount_data(log: &BootLog, d: &disk::BootDisk) -> Result<(), String> {
             }
             match disk::check_data(dev) {
                 Ok(None) => {}
-                Ok(Some(report)) => log.line(format!("e2fsck repaired the data filesystem: {report}")),
+                Ok(Some(report)) => {
+                    log.line(format!("e2fsck repaired the data filesystem: {report}"))
+                }
                 Err(e) => log.line(format!("{e} (mounting anyway)")),
             }
         }
     }
     let _ = std::fs::create_dir_all(DATA_DIR);
-    mount(Some(dev.as_path()), DATA_DIR, Some("ext4"), MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("errors=remount-ro"))
-        .map_err(|e| format!("mount data partition {}: {e}", dev.display()))?;
+    mount(
+        Some(dev.as_path()),
+        DATA_DIR,
+        Some("ext4"),
+        MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("errors=remount-ro"),
+    )
+    .map_err(|e| format!("mount data partition {}: {e}", dev.display()))?;
     if let (Ok(Some(fs)), Some(part)) = (disk::ext4_info(dev), disk::dev_bytes(dev)) {
         if part > fs.bytes + (8 << 20) {
             match disk::grow_data_fs(dev) {
-                Ok(()) => log.line(format!("data filesystem grown from {} MiB to {} MiB", fs.bytes >> 20, part >> 20)),
+                Ok(()) => log.line(format!(
+                    "data filesystem grown from {} MiB to {} MiB",
+                    fs.bytes >> 20,
+                    part >> 20
+                )),
                 Err(e) => log.line(format!("could not grow the data filesystem: {e}")),
             }
         }
@@ -336,17 +433,31 @@ fn mount_data(log: &BootLog, d: &disk::BootDisk) -> Result<(), String> {
 fn factory_reset_if_asked(log: &BootLog) {
     let cfg_marker = Path::new(CONFIG_DIR).join("RESET");
     let data_marker = Path::new(DATA_DIR).join("RESET");
-    let text = match (std::fs::read_to_string(&cfg_marker), std::fs::read_to_string(&data_marker)) {
+    let text = match (
+        std::fs::read_to_string(&cfg_marker),
+        std::fs::read_to_string(&data_marker),
+    ) {
         (Ok(a), _) => a,
         (_, Ok(b)) => b,
         _ => return,
     };
     let wipe_ca = text.to_ascii_lowercase().contains("wipe-ca");
-    log.line(format!("FACTORY RESET requested: wiping the data partition{}", if wipe_ca { " including the store CA" } else { " (keeping the store CA)" }));
+    log.line(format!(
+        "FACTORY RESET requested: wiping the data partition{}",
+        if wipe_ca {
+            " including the store CA"
+        } else {
+            " (keeping the store CA)"
+        }
+    ));
     let keep_ca = Path::new(DATA_DIR).join("hub/ca");
     let (mut removed, mut failed) = (0, 0);
     let mut wipe = |p: &Path| {
-        let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+        let r = if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
         match r {
             Ok(()) => removed += 1,
             Err(e) => {
@@ -376,7 +487,19 @@ fn factory_reset_if_asked(log: &BootLog) {
         }
     }
     if cfg_marker.exists() {
-        let remount = |flags: MsFlags| mount(None::<&str>, CONFIG_DIR, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | flags, None::<&str>);
+        let remount = |flags: MsFlags| {
+            mount(
+                None::<&str>,
+                CONFIG_DIR,
+                None::<&str>,
+                MsFlags::MS_REMOUNT
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC
+                    | flags,
+                None::<&str>,
+            )
+        };
         let gone = remount(MsFlags::empty()).is_ok() && std::fs::remove_file(&cfg_marker).is_ok();
         nix::unistd::sync();
         let _ = remount(MsFlags::MS_RDONLY);
@@ -388,7 +511,9 @@ fn factory_reset_if_asked(log: &BootLog) {
         let _ = std::fs::create_dir_all(Path::new(DATA_DIR).join(sub));
     }
     nix::unistd::sync();
-    log.line(format!("factory reset done: {removed} entries removed, {failed} failures"));
+    log.line(format!(
+        "factory reset done: {removed} entries removed, {failed} failures"
+    ));
 }
 
 /// Reads hub.env for the few keys init itself uses. A garbled file is the hub's to
@@ -397,7 +522,10 @@ fn read_settings(log: &BootLog) -> HashMap<String, String> {
     let path = Path::new(CONFIG_DIR).join("hub.env");
     match std::fs::read_to_string(&path) {
         Ok(text) => crate::config::parse_env_file(&text).unwrap_or_else(|(line, m)| {
-            log.line(format!("{} line {line}: {m} (network on defaults; the hub reports the error)", path.display()));
+            log.line(format!(
+                "{} line {line}: {m} (network on defaults; the hub reports the error)",
+                path.display()
+            ));
             HashMap::new()
         }),
         Err(e) => {
@@ -420,45 +548,62 @@ fn start_network(log: &BootLog, s: &HashMap<String, String>, hostname: &str) {
     if let Err(e) = net::link_up(&ifname) {
         log.line(format!("{ifname}: {e}"));
     }
-    if let Some(addr) = s.get("NET_ADDRESS").filter(|a| !a.is_empty() && a.as_str() != "dhcp") {
-        match net::parse_static(addr, s.get("NET_GATEWAY").map(String::as_str), s.get("NET_DNS").map(String::as_str)) {
+    if let Some(addr) = s
+        .get("NET_ADDRESS")
+        .filter(|a| !a.is_empty() && a.as_str() != "dhcp")
+    {
+        match net::parse_static(
+            addr,
+            s.get("NET_GATEWAY").map(String::as_str),
+            s.get("NET_DNS").map(String::as_str),
+        ) {
             Ok(l) => match net::apply(&ifname, &l) {
-                Ok(()) => log.line(format!("{ifname}: static address {}/{}", l.address, l.prefix)),
+                Ok(()) => log.line(format!(
+                    "{ifname}: static address {}/{}",
+                    l.address, l.prefix
+                )),
                 Err(e) => log.line(format!("{ifname}: {e}")),
             },
             Err(e) => log.line(format!("{e}; falling back to DHCP")),
         }
-        if s.get("NET_ADDRESS").is_some_and(|a| net::parse_static(a, None, None).is_ok()) {
+        if s.get("NET_ADDRESS")
+            .is_some_and(|a| net::parse_static(a, None, None).is_ok())
+        {
             return;
         }
     }
     let dhcp_log = log.clone();
     let hostname = hostname.to_string();
-    let spawned = std::thread::Builder::new().name("dhcp".into()).spawn(move || {
-        let log = dhcp_log;
-        let mut current: Option<net::Lease> = None;
-        loop {
-            match net::dhcp(&ifname, &hostname, Duration::from_secs(30)) {
-                Ok(l) => {
-                    if current.as_ref() != Some(&l) {
-                        match net::apply(&ifname, &l) {
-                            Ok(()) => log.line(format!("{ifname}: DHCP address {}/{} gateway {:?}", l.address, l.prefix, l.gateway)),
-                            Err(e) => log.line(format!("{ifname}: {e}")),
+    let spawned = std::thread::Builder::new()
+        .name("dhcp".into())
+        .spawn(move || {
+            let log = dhcp_log;
+            let mut current: Option<net::Lease> = None;
+            loop {
+                match net::dhcp(&ifname, &hostname, Duration::from_secs(30)) {
+                    Ok(l) => {
+                        if current.as_ref() != Some(&l) {
+                            match net::apply(&ifname, &l) {
+                                Ok(()) => log.line(format!(
+                                    "{ifname}: DHCP address {}/{} gateway {:?}",
+                                    l.address, l.prefix, l.gateway
+                                )),
+                                Err(e) => log.line(format!("{ifname}: {e}")),
+                            }
                         }
+                        let renew = l.lease.unwrap_or(Duration::from_secs(3600)) / 2;
+                        current = Some(l);
+                        std::thread::sleep(renew);
                     }
-                    let renew = l.lease.unwrap_or(Duration::from_secs(3600)) / 2;
-                    current = Some(l);
-                    std::thread::sleep(renew);
-                }
-                Err(e) => {
-                    if current.is_none() {
-                        log.line(format!("{e}; retrying"));
+                    Err(e) => {
+                        if current.is_none() {
+                            log.line(format!("{e}; retrying"));
+                        }
+                        std::thread::sleep(Duration::from_secs(10));
                     }
-                    std::thread::sleep(Duration::from_secs(10));
                 }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         log.line(format!("cannot start DHCP: {e}"));
     }
@@ -468,7 +613,9 @@ fn start_network(log: &BootLog, s: &HashMap<String, String>, hostname: &str) {
 fn spawn_hub(log: &BootLog) -> Result<Child, String> {
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| "/init".into());
     let mut cmd = Command::new(exe);
-    cmd.arg("serve").arg("--data-dir").arg(Path::new(DATA_DIR).join("hub"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(Path::new(DATA_DIR).join("hub"));
     let env = Path::new(CONFIG_DIR).join("hub.env");
     if env.exists() {
         cmd.arg("--env-file").arg(&env);
@@ -486,19 +633,31 @@ fn spawn_hub(log: &BootLog) -> Result<Child, String> {
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
-            SigSet::all().thread_unblock().map_err(std::io::Error::from)?;
+            SigSet::all()
+                .thread_unblock()
+                .map_err(std::io::Error::from)?;
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start the hub: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the hub: {e}"))?;
     let hub_log = Path::new(DATA_DIR).join("log/hub.log");
-    let out = child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>);
-    let err = child.stderr.take().map(|o| Box::new(o) as Box<dyn Read + Send>);
+    let out = child
+        .stdout
+        .take()
+        .map(|o| Box::new(o) as Box<dyn Read + Send>);
+    let err = child
+        .stderr
+        .take()
+        .map(|o| Box::new(o) as Box<dyn Read + Send>);
     let sink = Arc::new(Mutex::new(()));
     for stream in [out, err].into_iter().flatten() {
         let path = hub_log.clone();
         let sink = sink.clone();
-        let _ = std::thread::Builder::new().name("hub-log".into()).spawn(move || copy_log(stream, &path, &sink));
+        let _ = std::thread::Builder::new()
+            .name("hub-log".into())
+            .spawn(move || copy_log(stream, &path, &sink));
     }
     log.line(format!("hub started (pid {})", child.id()));
     Ok(child)
@@ -521,7 +680,11 @@ fn copy_log(stream: Box<dyn Read + Send>, path: &Path, sink: &Mutex<()>) {
             rotate(path, 4 << 20);
             written = 0;
         }
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = f.write_all(&buf);
         }
     }
@@ -530,22 +693,33 @@ fn copy_log(stream: Box<dyn Read + Send>, path: &Path, sink: &Mutex<()>) {
 /// Asks the hub for /healthz over plain HTTP on loopback. Healthy: 200, or a hub
 /// that is up but waiting for its settings to be fixed (it answers, so it is not hung).
 fn hub_answers(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)) else {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))
+    else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut resp = Vec::new();
     let _ = s.take(8192).read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp);
-    text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200") || text.contains("configError")
+    text.starts_with("HTTP/1.1 200")
+        || text.starts_with("HTTP/1.0 200")
+        || text.contains("configError")
 }
 
 /// The main loop: supervise the hub until a signal says go down.
-fn supervise(log: &BootLog, signals: &SigSet, dog: &mut Option<watchdog::Watchdog>, port: u16) -> Down {
+fn supervise(
+    log: &BootLog,
+    signals: &SigSet,
+    dog: &mut Option<watchdog::Watchdog>,
+    port: u16,
+) -> Down {
     let mut child = spawn_hub(log).map_err(|e| log.line(e)).ok();
     let mut started = Instant::now();
     let mut last_healthy: Option<Instant> = None;
@@ -553,7 +727,11 @@ fn supervise(log: &BootLog, signals: &SigSet, dog: &mut Option<watchdog::Watchdo
     let mut restarts: Vec<Instant> = Vec::new();
     let mut reported_unhealthy = false;
     loop {
-        let tick = if last_healthy.is_some() { Duration::from_secs(1) } else { Duration::from_millis(100) };
+        let tick = if last_healthy.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(100)
+        };
         if let Some(sig) = wait_signal(signals, tick) {
             let down = match sig {
                 libc::SIGTERM | libc::SIGINT => Some(Down::Reboot),
@@ -595,12 +773,19 @@ fn supervise(log: &BootLog, signals: &SigSet, dog: &mut Option<watchdog::Watchdo
             last_healthy = None;
         }
         // Every 2 s once up; every 100 ms until the first answer (boot time is measured by it).
-        let every = if last_healthy.is_some() { Duration::from_secs(2) } else { Duration::from_millis(100) };
+        let every = if last_healthy.is_some() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
         if last_check.elapsed() >= every {
             last_check = Instant::now();
             if hub_answers(port) {
                 if last_healthy.is_none() {
-                    log.line(format!("hub is up: /healthz answered {:.2} s after it started", started.elapsed().as_secs_f64()));
+                    log.line(format!(
+                        "hub is up: /healthz answered {:.2} s after it started",
+                        started.elapsed().as_secs_f64()
+                    ));
                 }
                 if reported_unhealthy {
                     log.line("hub answers its health check again");
@@ -649,7 +834,10 @@ fn stop_hub(log: &BootLog, child: Option<Child>) {
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
                 Ok(st) => {
-                    log.line(format!("hub stopped in {:.1} s: {st:?}", t.elapsed().as_secs_f64()));
+                    log.line(format!(
+                        "hub stopped in {:.1} s: {st:?}",
+                        t.elapsed().as_secs_f64()
+                    ));
                     break;
                 }
                 Err(_) => break,
@@ -673,7 +861,13 @@ fn finish(log: &BootLog, down: Down) -> ! {
     log.detach();
     for m in [DATA_DIR, CONFIG_DIR] {
         if umount2(m, MntFlags::empty()).is_err() {
-            let _ = mount(None::<&str>, m, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+            let _ = mount(
+                None::<&str>,
+                m,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
             let _ = umount2(m, MntFlags::MNT_DETACH);
         }
     }

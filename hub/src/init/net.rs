@@ -111,7 +111,11 @@ pub fn find_ethernet(timeout: Duration) -> Option<String> {
 /// Sets address, netmask and (if any) default route; writes /run/resolv.conf.
 pub fn apply(name: &str, l: &Lease) -> Result<(), String> {
     let s = ctl_socket()?;
-    let mask = if l.prefix == 0 { 0 } else { u32::MAX << (32 - l.prefix as u32) };
+    let mask = if l.prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - l.prefix as u32)
+    };
     let mut r = ifreq(name)?;
     // SAFETY: SIOCSIFADDR/SIOCSIFNETMASK take an ifreq with a sockaddr; SIOCADDRT an rtentry.
     unsafe {
@@ -147,9 +151,9 @@ pub fn apply(name: &str, l: &Lease) -> Result<(), String> {
 
 /// Parses `NET_ADDRESS` (`a.b.c.d/nn`), `NET_GATEWAY`, `NET_DNS` (comma list).
 pub fn parse_static(addr: &str, gateway: Option<&str>, dns: Option<&str>) -> Result<Lease, String> {
-    let (ip, prefix) = addr
-        .split_once('/')
-        .ok_or_else(|| format!("NET_ADDRESS={addr}: expected an address with a prefix, e.g. 192.168.1.20/24"))?;
+    let (ip, prefix) = addr.split_once('/').ok_or_else(|| {
+        format!("NET_ADDRESS={addr}: expected an address with a prefix, e.g. 192.168.1.20/24")
+    })?;
     let address: Ipv4Addr = ip
         .trim()
         .parse()
@@ -162,11 +166,22 @@ pub fn parse_static(addr: &str, gateway: Option<&str>, dns: Option<&str>) -> Res
         .ok_or_else(|| format!("NET_ADDRESS={addr}: the prefix must be 1 to 32"))?;
     let gateway = match gateway.map(str::trim).filter(|g| !g.is_empty()) {
         None => None,
-        Some(g) => Some(g.parse().map_err(|_| format!("NET_GATEWAY={g} is not an IPv4 address"))?),
+        Some(g) => Some(
+            g.parse()
+                .map_err(|_| format!("NET_GATEWAY={g} is not an IPv4 address"))?,
+        ),
     };
     let mut servers = Vec::new();
-    for d in dns.unwrap_or("").split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        servers.push(d.parse().map_err(|_| format!("NET_DNS: {d} is not an IPv4 address"))?);
+    for d in dns
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        servers.push(
+            d.parse()
+                .map_err(|_| format!("NET_DNS: {d} is not an IPv4 address"))?,
+        );
     }
     Ok(Lease {
         address,
@@ -185,7 +200,13 @@ const REQUEST: u8 = 3;
 const ACK: u8 = 5;
 const NAK: u8 = 6;
 
-fn dhcp_packet(kind: u8, xid: u32, mac: &[u8; 6], requested: Option<(Ipv4Addr, Ipv4Addr)>, hostname: &str) -> Vec<u8> {
+fn dhcp_packet(
+    kind: u8,
+    xid: u32,
+    mac: &[u8; 6],
+    requested: Option<(Ipv4Addr, Ipv4Addr)>,
+    hostname: &str,
+) -> Vec<u8> {
     let mut p = vec![0u8; 240];
     p[0] = 1; // BOOTREQUEST
     p[1] = 1; // Ethernet
@@ -223,11 +244,17 @@ struct Reply {
 }
 
 fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
-    if p.len() < 240 || p[0] != 2 || p[4..8] != xid.to_be_bytes() || &p[28..34] != mac || p[236..240] != [99, 130, 83, 99] {
+    if p.len() < 240
+        || p[0] != 2
+        || p[4..8] != xid.to_be_bytes()
+        || &p[28..34] != mac
+        || p[236..240] != [99, 130, 83, 99]
+    {
         return None;
     }
     let yiaddr = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    let (mut kind, mut server, mut mask, mut router, mut dns, mut lease) = (0, None, None, None, Vec::new(), None);
+    let (mut kind, mut server, mut mask, mut router, mut dns, mut lease) =
+        (0, None, None, None, Vec::new(), None);
     let mut i = 240;
     while i < p.len() {
         let code = p[i];
@@ -246,13 +273,20 @@ fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
             54 => server = ip(v),
             1 => mask = ip(v),
             3 => router = ip(v),
-            6 => dns = v.chunks_exact(4).map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3])).collect(),
+            6 => {
+                dns = v
+                    .chunks_exact(4)
+                    .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
+                    .collect()
+            }
             51 if len == 4 => lease = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
             _ => {}
         }
         i += 2 + len;
     }
-    let prefix = mask.map(|m| u32::from(m).leading_ones() as u8).unwrap_or(24);
+    let prefix = mask
+        .map(|m| u32::from(m).leading_ones() as u8)
+        .unwrap_or(24);
     Some(Reply {
         kind,
         yiaddr,
@@ -270,10 +304,15 @@ fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
 /// Runs one DHCP exchange on `ifname` (DISCOVER..ACK), within `timeout`.
 pub fn dhcp(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease, String> {
     let mac = mac(ifname)?;
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)).map_err(|e| format!("DHCP: bind port 68: {e}"))?;
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))
+        .map_err(|e| format!("DHCP: bind port 68: {e}"))?;
     sock.set_broadcast(true).map_err(|e| format!("DHCP: {e}"))?;
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::BindToDevice, &std::ffi::OsString::from(ifname))
-        .map_err(|e| format!("DHCP: bind to {ifname}: {e}"))?;
+    nix::sys::socket::setsockopt(
+        &sock,
+        nix::sys::socket::sockopt::BindToDevice,
+        &std::ffi::OsString::from(ifname),
+    )
+    .map_err(|e| format!("DHCP: bind to {ifname}: {e}"))?;
     let dest = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
     let start = Instant::now();
     let mut attempt = 0u32;
@@ -286,7 +325,10 @@ pub fn dhcp(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease, St
             continue;
         };
         let server = offer.server.unwrap_or(Ipv4Addr::BROADCAST);
-        let _ = sock.send_to(&dhcp_packet(REQUEST, xid, &mac, Some((offer.yiaddr, server)), hostname), dest);
+        let _ = sock.send_to(
+            &dhcp_packet(REQUEST, xid, &mac, Some((offer.yiaddr, server)), hostname),
+            dest,
+        );
         match receive(&sock, xid, &mac, &[ACK, NAK], wait) {
             Some(r) if r.kind == ACK => return Ok(r.lease),
             _ => continue,
@@ -295,12 +337,19 @@ pub fn dhcp(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease, St
     Err(format!("DHCP: no lease on {ifname} within {timeout:?}"))
 }
 
-fn receive(sock: &UdpSocket, xid: u32, mac: &[u8; 6], kinds: &[u8], wait: Duration) -> Option<Reply> {
+fn receive(
+    sock: &UdpSocket,
+    xid: u32,
+    mac: &[u8; 6],
+    kinds: &[u8],
+    wait: Duration,
+) -> Option<Reply> {
     let until = Instant::now() + wait;
     let mut buf = [0u8; 1500];
     loop {
         let left = until.checked_duration_since(Instant::now())?;
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .ok()?;
         let Ok((n, _)) = sock.recv_from(&mut buf) else {
             return None;
         };
@@ -318,14 +367,23 @@ mod tests {
 
     #[test]
     fn static_addresses_are_validated() {
-        let l = parse_static("192.168.1.20/24", Some("192.168.1.1"), Some("192.168.1.1, 9.9.9.9")).unwrap();
+        let l = parse_static(
+            "192.168.1.20/24",
+            Some("192.168.1.1"),
+            Some("192.168.1.1, 9.9.9.9"),
+        )
+        .unwrap();
         assert_eq!(l.address, Ipv4Addr::new(192, 168, 1, 20));
         assert_eq!(l.prefix, 24);
         assert_eq!(l.dns.len(), 2);
-        assert!(parse_static("192.168.1.20", None, None).unwrap_err().contains("prefix"));
+        assert!(parse_static("192.168.1.20", None, None)
+            .unwrap_err()
+            .contains("prefix"));
         assert!(parse_static("192.168.1.20/33", None, None).is_err());
         assert!(parse_static("300.1.1.1/24", None, None).is_err());
-        assert!(parse_static("10.0.0.2/8", Some("gw"), None).unwrap_err().contains("NET_GATEWAY"));
+        assert!(parse_static("10.0.0.2/8", Some("gw"), None)
+            .unwrap_err()
+            .contains("NET_GATEWAY"));
     }
 
     #[test]
@@ -335,7 +393,10 @@ mod tests {
         p[0] = 2;
         p[16..20].copy_from_slice(&[10, 0, 2, 15]);
         p.truncate(240);
-        p.extend_from_slice(&[53, 1, OFFER, 54, 4, 10, 0, 2, 2, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10, 0, 2, 3, 51, 4, 0, 1, 81, 128, 255]);
+        p.extend_from_slice(&[
+            53, 1, OFFER, 54, 4, 10, 0, 2, 2, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10,
+            0, 2, 3, 51, 4, 0, 1, 81, 128, 255,
+        ]);
         let r = parse_reply(&p, 42, &mac).unwrap();
         assert_eq!(r.kind, OFFER);
         assert_eq!(r.lease.address, Ipv4Addr::new(10, 0, 2, 15));
@@ -344,7 +405,10 @@ mod tests {
         assert_eq!(r.lease.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
         assert_eq!(r.lease.lease, Some(Duration::from_secs(86400)));
         assert!(parse_reply(&p, 43, &mac).is_none(), "other transaction");
-        assert!(parse_reply(&p, 42, &[2, 0, 0, 0, 0, 2]).is_none(), "other client");
+        assert!(
+            parse_reply(&p, 42, &[2, 0, 0, 0, 0, 2]).is_none(),
+            "other client"
+        );
         assert!(parse_reply(&p[..100], 42, &mac).is_none(), "truncated");
     }
 }

@@ -28,7 +28,9 @@ impl Watchdog {
     /// Opens `/dev/watchdog` and sets its timeout (drivers may round it; the value
     /// they chose is kept). `None` when the board has no watchdog.
     pub fn open(timeout: Duration) -> Result<Option<Watchdog>, String> {
-        let path = ["/dev/watchdog0", "/dev/watchdog"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let path = ["/dev/watchdog0", "/dev/watchdog"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
         let Some(path) = path else {
             return Ok(None);
         };
@@ -46,14 +48,20 @@ impl Watchdog {
         };
         // SAFETY: as above.
         let identity = match unsafe { wdioc_getsupport(file.as_raw_fd(), &mut info) } {
-            Ok(_) => String::from_utf8_lossy(&info.identity).trim_end_matches('\0').to_string(),
+            Ok(_) => String::from_utf8_lossy(&info.identity)
+                .trim_end_matches('\0')
+                .to_string(),
             Err(_) => "unknown".into(),
         };
         let timeout = match set {
             Ok(_) => Duration::from_secs(secs as u64),
             Err(e) => return Err(format!("{path}: cannot set timeout {timeout:?}: {e}")),
         };
-        Ok(Some(Watchdog { file, timeout, identity }))
+        Ok(Some(Watchdog {
+            file,
+            timeout,
+            identity,
+        }))
     }
 
     pub fn pet(&mut self) {

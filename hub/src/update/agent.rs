@@ -69,13 +69,26 @@ fn board() -> String {
 }
 
 impl Updater {
-    pub fn new(cfg: UpdateConfig, channel: UpdateChannel, data_dir: &std::path::Path, store_id: String) -> Arc<Self> {
+    pub fn new(
+        cfg: UpdateConfig,
+        channel: UpdateChannel,
+        data_dir: &std::path::Path,
+        store_id: String,
+    ) -> Arc<Self> {
         let appliance = crate::system::under_init();
         let state_path = data_dir.join("update/state.json");
         let state = State::load(&state_path);
         let slots = Slots::appliance();
-        let booted = if appliance { crate::system::boot_partition() } else { None };
-        let default_slot = if appliance { slots.autoboot().ok().map(|a| a.default) } else { None };
+        let booted = if appliance {
+            crate::system::boot_partition()
+        } else {
+            None
+        };
+        let default_slot = if appliance {
+            slots.autoboot().ok().map(|a| a.default)
+        } else {
+            None
+        };
         Arc::new(Updater {
             cfg,
             channel,
@@ -137,13 +150,19 @@ impl Updater {
     /// At start (appliance only): record what this slot holds, then decide whether this
     /// is a trial boot (self-check, then commit or go back) or a return from a trial
     /// that never committed (record the failed version).
-    pub fn start(self: &Arc<Self>, realms: Arc<crate::realm::Realms>, ca_pem: Option<String>, port: u16) {
+    pub fn start(
+        self: &Arc<Self>,
+        realms: Arc<crate::realm::Realms>,
+        ca_pem: Option<String>,
+        port: u16,
+    ) {
         let Some(booted) = self.booted.filter(|_| self.appliance) else {
             return;
         };
         let default = *self.default_slot.lock();
         let mut st = self.state.lock().clone();
-        st.slots.insert(booted.to_string(), self.running_version.clone());
+        st.slots
+            .insert(booted.to_string(), self.running_version.clone());
         let trial = default != Some(booted);
         if let Some(p) = st.pending.clone() {
             if p.slot != booted {
@@ -152,7 +171,12 @@ impl Updater {
                 if p.rebooting {
                     tracing::error!(version = %p.version, %reason, "update rolled back to the previous slot");
                     st.bad_versions.retain(|b| b.version != p.version);
-                    st.bad_versions.push(BadVersion { version: p.version.clone(), reason: reason.clone(), at: super::now_rfc3339(), reported: false });
+                    st.bad_versions.push(BadVersion {
+                        version: p.version.clone(),
+                        reason: reason.clone(),
+                        at: super::now_rfc3339(),
+                        reported: false,
+                    });
                     st.record("rolled_back", &p.version, Some(reason.clone()));
                     st.pending = None;
                     *self.phase.lock() = Phase::RolledBack;
@@ -160,7 +184,11 @@ impl Updater {
                 } else {
                     // Written but the tryboot reboot was never asked for (power cut while
                     // writing or before rebooting): the slot is not trusted; install again.
-                    st.record("abandoned", &p.version, Some("interrupted before its trial boot".into()));
+                    st.record(
+                        "abandoned",
+                        &p.version,
+                        Some("interrupted before its trial boot".into()),
+                    );
                     st.slots.remove(&p.slot.to_string());
                     st.pending = None;
                 }
@@ -175,12 +203,25 @@ impl Updater {
         }
     }
 
-    async fn trial(self: Arc<Self>, realms: Arc<crate::realm::Realms>, ca_pem: Option<String>, port: u16, booted: u32) {
+    async fn trial(
+        self: Arc<Self>,
+        realms: Arc<crate::realm::Realms>,
+        ca_pem: Option<String>,
+        port: u16,
+        booted: u32,
+    ) {
         tracing::warn!(version = %self.running_version, slot = slots::slot_name(booted), "trial boot: checking this version before committing it");
-        let check = tokio::time::timeout(self.cfg.trial_timeout, self_check(&realms, ca_pem.as_deref(), port, &self.state_path)).await;
+        let check = tokio::time::timeout(
+            self.cfg.trial_timeout,
+            self_check(&realms, ca_pem.as_deref(), port, &self.state_path),
+        )
+        .await;
         let result = match check {
             Ok(r) => r,
-            Err(_) => Err(format!("self-check did not finish within {:?}", self.cfg.trial_timeout)),
+            Err(_) => Err(format!(
+                "self-check did not finish within {:?}",
+                self.cfg.trial_timeout
+            )),
         };
         match result {
             Ok(()) => match self.slots.make_default(booted) {
@@ -188,7 +229,11 @@ impl Updater {
                     *self.default_slot.lock() = Some(booted);
                     let mut st = self.state.lock();
                     st.pending = None;
-                    st.record("committed", &self.running_version, Some(format!("slot {}", slots::slot_name(booted))));
+                    st.record(
+                        "committed",
+                        &self.running_version,
+                        Some(format!("slot {}", slots::slot_name(booted))),
+                    );
                     self.save(&st);
                     *self.phase.lock() = Phase::Committed;
                     tracing::warn!(version = %self.running_version, "update committed: this slot is now the default");
@@ -206,9 +251,17 @@ impl Updater {
         {
             let mut st = self.state.lock();
             if let Some(p) = st.pending.as_mut() {
-                p.trial_failure = Some(format!("{} on {}: {reason}", self.running_version, self.board));
+                p.trial_failure = Some(format!(
+                    "{} on {}: {reason}",
+                    self.running_version, self.board
+                ));
             } else {
-                st.pending = Some(Pending { version: self.running_version.clone(), slot: self.booted.unwrap_or(0), rebooting: true, trial_failure: Some(reason.clone()) });
+                st.pending = Some(Pending {
+                    version: self.running_version.clone(),
+                    slot: self.booted.unwrap_or(0),
+                    rebooting: true,
+                    trial_failure: Some(reason.clone()),
+                });
             }
             self.save(&st);
         }
@@ -221,7 +274,12 @@ impl Updater {
 
     /// Installs a bundle read from `src` into the inactive slot (blocking). With
     /// `reboot_now` (or no maintenance window configured) it then reboots into the trial.
-    pub fn install_blocking(&self, src: impl Read, force: bool, reboot_now: bool) -> Result<Manifest, String> {
+    pub fn install_blocking(
+        &self,
+        src: impl Read,
+        force: bool,
+        reboot_now: bool,
+    ) -> Result<Manifest, String> {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err("another install is running".into());
         }
@@ -240,14 +298,20 @@ impl Updater {
         }
         let booted = self.booted.ok_or("cannot tell which slot is booted")?;
         if *self.default_slot.lock() != Some(booted) {
-            return Err("this is a trial boot: it must commit (or roll back) before another update".into());
+            return Err(
+                "this is a trial boot: it must commit (or roll back) before another update".into(),
+            );
         }
         let keys = bundle::load_keys(&self.cfg.keys_dir).map_err(|e| e.to_string())?;
         let mut r = std::io::BufReader::with_capacity(256 * 1024, src);
         let m = bundle::read_header(&mut r, &keys).map_err(|e| e.to_string())?;
-        bundle::check_compatible(&m, &self.board, &self.running_version).map_err(|e| e.to_string())?;
+        bundle::check_compatible(&m, &self.board, &self.running_version)
+            .map_err(|e| e.to_string())?;
         if !force && self.state.lock().is_bad(&m.version) {
-            return Err(format!("version {} failed its trial on this box before; not retried without force", m.version));
+            return Err(format!(
+                "version {} failed its trial on this box before; not retried without force",
+                m.version
+            ));
         }
         if m.version == self.running_version && !force {
             return Err(format!("version {} is already running", m.version));
@@ -261,16 +325,34 @@ impl Updater {
         {
             let mut st = self.state.lock();
             st.slots.remove(&target.to_string());
-            st.pending = Some(Pending { version: m.version.clone(), slot: target, rebooting: false, trial_failure: None });
-            st.record("installing", &m.version, Some(format!("slot {}", slots::slot_name(target))));
+            st.pending = Some(Pending {
+                version: m.version.clone(),
+                slot: target,
+                rebooting: false,
+                trial_failure: None,
+            });
+            st.record(
+                "installing",
+                &m.version,
+                Some(format!("slot {}", slots::slot_name(target))),
+            );
             self.save(&st);
         }
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .map_err(|e| format!("{}: {e}", dev.display()))?;
         let cap = crate::init::disk::dev_bytes(&dev).unwrap_or(u64::MAX);
         tracing::info!(version = %m.version, slot = slots::slot_name(target), bytes = m.payload_size, "installing update");
         let t = std::time::Instant::now();
-        let res = bundle::stream_payload(&mut r, &m, &mut f, cap, |n| self.received.store(n, Ordering::Relaxed)).map_err(|e| e.to_string());
-        let synced = f.sync_all().map_err(|e| format!("{}: sync: {e}", dev.display()));
+        let res = bundle::stream_payload(&mut r, &m, &mut f, cap, |n| {
+            self.received.store(n, Ordering::Relaxed)
+        })
+        .map_err(|e| e.to_string());
+        let synced = f
+            .sync_all()
+            .map_err(|e| format!("{}: sync: {e}", dev.display()));
         if let Err(e) = res.and(synced) {
             let mut st = self.state.lock();
             st.pending = None;
@@ -280,7 +362,15 @@ impl Updater {
         }
         let mut st = self.state.lock();
         st.slots.insert(target.to_string(), m.version.clone());
-        st.record("installed", &m.version, Some(format!("slot {} in {:.1} s", slots::slot_name(target), t.elapsed().as_secs_f64())));
+        st.record(
+            "installed",
+            &m.version,
+            Some(format!(
+                "slot {} in {:.1} s",
+                slots::slot_name(target),
+                t.elapsed().as_secs_f64()
+            )),
+        );
         self.save(&st);
         *self.phase.lock() = Phase::Installed;
         tracing::warn!(version = %m.version, secs = t.elapsed().as_secs_f64(), "update written and verified");
@@ -297,7 +387,8 @@ impl Updater {
             p.rebooting = true;
             self.save(&st);
         }
-        std::fs::write("/run/reboot-param", "0 tryboot").map_err(|e| format!("/run/reboot-param: {e}"))?;
+        std::fs::write("/run/reboot-param", "0 tryboot")
+            .map_err(|e| format!("/run/reboot-param: {e}"))?;
         *self.phase.lock() = Phase::Rebooting;
         tracing::warn!("rebooting into the trial of the new slot (0 tryboot)");
         crate::system::request_after(crate::system::Down::Reboot, Duration::from_millis(500))
@@ -308,18 +399,38 @@ impl Updater {
     pub fn rollback(&self) -> Result<String, String> {
         let booted = self.booted.ok_or("rollback works only on the appliance")?;
         let other = slots::other(booted);
-        let version = self.state.lock().slots.get(&other.to_string()).cloned().ok_or_else(|| format!("slot {} holds no known previous version", slots::slot_name(other)))?;
+        let version = self
+            .state
+            .lock()
+            .slots
+            .get(&other.to_string())
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "slot {} holds no known previous version",
+                    slots::slot_name(other)
+                )
+            })?;
         let dev = self.slots.device(other)?;
         let mut bs = [0u8; 512];
-        std::fs::File::open(&dev).and_then(|mut f| f.read_exact(&mut bs)).map_err(|e| format!("{}: {e}", dev.display()))?;
+        std::fs::File::open(&dev)
+            .and_then(|mut f| f.read_exact(&mut bs))
+            .map_err(|e| format!("{}: {e}", dev.display()))?;
         if bs[510] != 0x55 || bs[511] != 0xAA {
-            return Err(format!("slot {} is not bootable (invalid)", slots::slot_name(other)));
+            return Err(format!(
+                "slot {} is not bootable (invalid)",
+                slots::slot_name(other)
+            ));
         }
         self.slots.make_default(other)?;
         *self.default_slot.lock() = Some(other);
         {
             let mut st = self.state.lock();
-            st.record("rollback", &version, Some(format!("from {} by command", self.running_version)));
+            st.record(
+                "rollback",
+                &version,
+                Some(format!("from {} by command", self.running_version)),
+            );
             self.save(&st);
         }
         let _ = std::fs::remove_file("/run/reboot-param");
@@ -331,24 +442,36 @@ impl Updater {
         let Some(w) = self.cfg.window else {
             return true;
         };
-        let secs = crate::util::now_secs() as i64 + self.cfg.tz_offset_minutes as i64 * 60;
+        let secs = crate::util::now_secs() + i64::from(self.cfg.tz_offset_minutes) * 60;
         in_window(w, (secs.rem_euclid(86_400) / 60) as u32)
     }
 
     /// Downloads `url` (resuming after a dropped connection) and installs it.
-    pub async fn install_url(self: &Arc<Self>, url: String, force: bool, now: bool) -> Result<Manifest, String> {
+    pub async fn install_url(
+        self: &Arc<Self>,
+        url: String,
+        force: bool,
+        now: bool,
+    ) -> Result<Manifest, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<bytes_chunk::Chunk>>(16);
         let dl = tokio::spawn(download(url, tx));
         let me = self.clone();
-        let res = tokio::task::spawn_blocking(move || me.install_blocking(ChannelReader::new(rx), force, now))
-            .await
-            .map_err(|e| format!("install task: {e}"))?;
+        let res = tokio::task::spawn_blocking(move || {
+            me.install_blocking(ChannelReader::new(rx), force, now)
+        })
+        .await
+        .map_err(|e| format!("install task: {e}"))?;
         dl.abort();
         res
     }
 
     /// Installs a bundle arriving as an HTTP request body.
-    pub async fn install_stream<S, E>(self: &Arc<Self>, mut body: S, force: bool, now: bool) -> Result<Manifest, String>
+    pub async fn install_stream<S, E>(
+        self: &Arc<Self>,
+        mut body: S,
+        force: bool,
+        now: bool,
+    ) -> Result<Manifest, String>
     where
         S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin + Send + 'static,
         E: std::fmt::Display + Send + 'static,
@@ -366,10 +489,16 @@ impl Updater {
                     }
                     continue;
                 }
-                let item = c.map(|b| b.to_vec()).map_err(|e| std::io::Error::other(e.to_string()));
+                let item = c
+                    .map(|b| b.to_vec())
+                    .map_err(|e| std::io::Error::other(e.to_string()));
                 let stop = item.is_err();
                 let tx2 = tx.clone();
-                if tokio::task::spawn_blocking(move || tx2.send(item)).await.map(|r| r.is_err()).unwrap_or(true) {
+                if tokio::task::spawn_blocking(move || tx2.send(item))
+                    .await
+                    .map(|r| r.is_err())
+                    .unwrap_or(true)
+                {
                     refused = true;
                 }
                 if stop {
@@ -378,9 +507,11 @@ impl Updater {
             }
         });
         let me = self.clone();
-        let res = tokio::task::spawn_blocking(move || me.install_blocking(ChannelReader::new(rx), force, now))
-            .await
-            .map_err(|e| format!("install task: {e}"))?;
+        let res = tokio::task::spawn_blocking(move || {
+            me.install_blocking(ChannelReader::new(rx), force, now)
+        })
+        .await
+        .map_err(|e| format!("install task: {e}"))?;
         let _ = tokio::time::timeout(Duration::from_secs(120), feeder).await;
         res
     }
@@ -394,7 +525,11 @@ impl Updater {
         let mut first = true;
         loop {
             let jitter = rand::random::<f64>() * 0.2 + 0.9;
-            let wait = if first { Duration::from_secs(60).min(self.cfg.interval) } else { self.cfg.interval.mul_f64(jitter) };
+            let wait = if first {
+                Duration::from_secs(60).min(self.cfg.interval)
+            } else {
+                self.cfg.interval.mul_f64(jitter)
+            };
             first = false;
             tokio::time::sleep(wait).await;
             match self.check(&base, false).await {
@@ -414,8 +549,15 @@ impl Updater {
             UpdateChannel::Pinned(v) => v.clone(),
         };
         let url = format!("{base}/{name}.json");
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().map_err(|e| e.to_string())?;
-        let resp = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
         if !resp.status().is_success() {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
@@ -423,25 +565,40 @@ impl Updater {
         if text.len() > 64 * 1024 {
             return Err(format!("{url}: channel file too large"));
         }
-        let ch: ChannelFile = serde_json::from_str(&text).map_err(|e| format!("{url}: not a channel file: {e}"))?;
+        let ch: ChannelFile =
+            serde_json::from_str(&text).map_err(|e| format!("{url}: not a channel file: {e}"))?;
         *self.last_check.lock() = Some(format!("{} at {}", ch.version, super::now_rfc3339()));
         let pinned = matches!(self.channel, UpdateChannel::Pinned(_));
         if ch.version == self.running_version {
             return Ok(format!("up to date ({})", ch.version));
         }
-        if !pinned && bundle::version_cmp(&ch.version, &self.running_version) != std::cmp::Ordering::Greater {
-            return Ok(format!("channel offers {} (not newer than {})", ch.version, self.running_version));
+        if !pinned
+            && bundle::version_cmp(&ch.version, &self.running_version)
+                != std::cmp::Ordering::Greater
+        {
+            return Ok(format!(
+                "channel offers {} (not newer than {})",
+                ch.version, self.running_version
+            ));
         }
         if self.state.lock().is_bad(&ch.version) {
             return Ok(format!("{} failed here before; not retried", ch.version));
         }
         if !pinned && !now && !in_wave(&self.store_id, ch.rollout.unwrap_or(100.0)) {
-            return Ok(format!("{} is rolling out to {}% of stores; not this one yet", ch.version, ch.rollout.unwrap_or(100.0)));
+            return Ok(format!(
+                "{} is rolling out to {}% of stores; not this one yet",
+                ch.version,
+                ch.rollout.unwrap_or(100.0)
+            ));
         }
         if !now && !self.in_window_now() {
             return Ok(format!("{} waits for the maintenance window", ch.version));
         }
-        let bundle_url = if ch.url.starts_with("http://") || ch.url.starts_with("https://") { ch.url.clone() } else { format!("{base}/{}", ch.url.trim_start_matches('/')) };
+        let bundle_url = if ch.url.starts_with("http://") || ch.url.starts_with("https://") {
+            ch.url.clone()
+        } else {
+            format!("{base}/{}", ch.url.trim_start_matches('/'))
+        };
         if let Some(size) = ch.size {
             self.total.store(size, Ordering::Relaxed);
         }
@@ -450,13 +607,31 @@ impl Updater {
     }
 
     async fn report_failures(&self, base: &str) {
-        let todo: Vec<BadVersion> = self.state.lock().bad_versions.iter().filter(|b| !b.reported).cloned().collect();
+        let todo: Vec<BadVersion> = self
+            .state
+            .lock()
+            .bad_versions
+            .iter()
+            .filter(|b| !b.reported)
+            .cloned()
+            .collect();
         for b in todo {
             let body = serde_json::json!({"storeId": self.store_id, "board": self.board, "runningVersion": self.running_version, "failedVersion": b.version, "reason": b.reason, "at": b.at});
-            let ok = reqwest::Client::new().post(format!("{base}/report")).timeout(Duration::from_secs(15)).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+            let ok = reqwest::Client::new()
+                .post(format!("{base}/report"))
+                .timeout(Duration::from_secs(15))
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
             if ok {
                 let mut st = self.state.lock();
-                for x in st.bad_versions.iter_mut().filter(|x| x.version == b.version) {
+                for x in st
+                    .bad_versions
+                    .iter_mut()
+                    .filter(|x| x.version == b.version)
+                {
                     x.reported = true;
                 }
                 self.save(&st);
@@ -477,14 +652,22 @@ struct ChannelFile {
     rollout: Option<f64>,
 }
 
+#[allow(clippy::unnecessary_cast)] // statvfs field types differ between targets
 /// The trial self-check: every database takes a write, TLS serves with the store CA,
 /// the data partition takes a synced write, and the image was not built to fail.
-async fn self_check(realms: &crate::realm::Realms, ca_pem: Option<&str>, port: u16, state_path: &std::path::Path) -> Result<(), String> {
+async fn self_check(
+    realms: &crate::realm::Realms,
+    ca_pem: Option<&str>,
+    port: u16,
+    state_path: &std::path::Path,
+) -> Result<(), String> {
     if std::path::Path::new("/etc/pos-hub/selfcheck-fail").exists() {
         return Err("this image was built to fail its self-check (test build)".into());
     }
     for r in realms.iter() {
-        r.check().await.map_err(|e| format!("realm {}: {e}", r.key()))?;
+        r.check()
+            .await
+            .map_err(|e| format!("realm {}: {e}", r.key()))?;
     }
     if let Some(pem) = ca_pem {
         tls_probe(pem, port).await?;
@@ -493,14 +676,16 @@ async fn self_check(realms: &crate::realm::Realms, ca_pem: Option<&str>, port: u
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         use std::io::Write;
         let mut f = std::fs::File::create(&probe).map_err(|e| format!("data partition: {e}"))?;
-        f.write_all(b"pos-hub self-check\n").map_err(|e| format!("data partition: {e}"))?;
+        f.write_all(b"pos-hub self-check\n")
+            .map_err(|e| format!("data partition: {e}"))?;
         f.sync_all().map_err(|e| format!("data partition: {e}"))?;
         let back = std::fs::read(&probe).map_err(|e| format!("data partition: {e}"))?;
         let _ = std::fs::remove_file(&probe);
         if back != b"pos-hub self-check\n" {
             return Err("data partition returned other bytes than written".into());
         }
-        let s = nix::sys::statvfs::statvfs(probe.parent().unwrap_or(std::path::Path::new("/"))).map_err(|e| e.to_string())?;
+        let s = nix::sys::statvfs::statvfs(probe.parent().unwrap_or(std::path::Path::new("/")))
+            .map_err(|e| e.to_string())?;
         let free = s.blocks_available() as u64 * s.fragment_size() as u64;
         if free < 8 << 20 {
             return Err(format!("data partition nearly full ({free} bytes free)"));
@@ -515,14 +700,22 @@ async fn self_check(realms: &crate::realm::Realms, ca_pem: Option<&str>, port: u
 async fn tls_probe(ca_pem: &str, port: u16) -> Result<(), String> {
     let ca = pem::parse(ca_pem).map_err(|e| format!("store CA: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca.contents().to_vec())).map_err(|e| format!("store CA: {e}"))?;
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.contents().to_vec(),
+        ))
+        .map_err(|e| format!("store CA: {e}"))?;
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let conn = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("TLS probe: connect: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("TLS probe: connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
     tokio::time::timeout(Duration::from_secs(10), conn.connect(name, tcp))
         .await
@@ -544,7 +737,11 @@ struct ChannelReader {
 
 impl ChannelReader {
     fn new(rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> Self {
-        ChannelReader { rx, buf: Vec::new(), pos: 0 }
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
     }
 }
 
@@ -570,7 +767,11 @@ impl Read for ChannelReader {
 /// Streams `url` into `tx`, resuming with `Range` after a dropped connection (5 tries).
 async fn download(url: String, tx: std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>) {
     use futures_util::StreamExt;
-    let client = match reqwest::Client::builder().connect_timeout(Duration::from_secs(15)).read_timeout(Duration::from_secs(60)).build() {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(Err(std::io::Error::other(e.to_string())));
@@ -587,7 +788,11 @@ async fn download(url: String, tx: std::sync::mpsc::SyncSender<std::io::Result<V
         }
         let err = match req.send().await {
             Ok(resp) if resp.status().is_success() => {
-                let mut skip = if got > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT { got } else { 0 };
+                let mut skip = if got > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                    got
+                } else {
+                    0
+                };
                 let mut stream = resp.bytes_stream();
                 let mut failed = None;
                 while let Some(c) = stream.next().await {
@@ -624,7 +829,9 @@ async fn download(url: String, tx: std::sync::mpsc::SyncSender<std::io::Result<V
             Err(e) => e.to_string(),
         };
         if tries >= 5 {
-            let _ = tx.send(Err(std::io::Error::other(format!("download {url}: {err} (gave up after {tries} tries)"))));
+            let _ = tx.send(Err(std::io::Error::other(format!(
+                "download {url}: {err} (gave up after {tries} tries)"
+            ))));
             return;
         }
         tracing::warn!(%url, error = %err, received = got, "download interrupted; resuming");

@@ -91,19 +91,26 @@ pub type TrustedKeys = BTreeMap<String, Vec<u8>>;
 /// Reads `*.pub` files (base64 of the raw 32-byte key; the file stem is the key id).
 pub fn load_keys(dir: &std::path::Path) -> Result<TrustedKeys, BundleError> {
     let mut keys = TrustedKeys::new();
-    let rd = std::fs::read_dir(dir).map_err(|e| BundleError::Key(format!("{}: {e}", dir.display())))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| BundleError::Key(format!("{}: {e}", dir.display())))?;
     for e in rd.flatten() {
         let p = e.path();
         if p.extension().and_then(|x| x.to_str()) != Some("pub") {
             continue;
         }
-        let text = std::fs::read_to_string(&p).map_err(|e| BundleError::Key(format!("{}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| BundleError::Key(format!("{}: {e}", p.display())))?;
         let raw = B64
             .decode(text.trim())
             .ok()
             .filter(|k| k.len() == 32)
-            .ok_or_else(|| BundleError::Key(format!("{}: not a base64 Ed25519 public key", p.display())))?;
-        let id = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            .ok_or_else(|| {
+                BundleError::Key(format!("{}: not a base64 Ed25519 public key", p.display()))
+            })?;
+        let id = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         keys.insert(id, raw);
     }
     Ok(keys)
@@ -117,13 +124,19 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
             Some((c, p)) => (c, Some(p)),
             None => (v, None),
         };
-        (core.split('.').map(|p| p.parse().unwrap_or(0)).collect(), pre)
+        (
+            core.split('.').map(|p| p.parse().unwrap_or(0)).collect(),
+            pre,
+        )
     }
     let (ca, pa) = split(a);
     let (cb, pb) = split(b);
     let n = ca.len().max(cb.len());
     for i in 0..n {
-        let (x, y) = (ca.get(i).copied().unwrap_or(0), cb.get(i).copied().unwrap_or(0));
+        let (x, y) = (
+            ca.get(i).copied().unwrap_or(0),
+            cb.get(i).copied().unwrap_or(0),
+        );
         if x != y {
             return x.cmp(&y);
         }
@@ -146,9 +159,12 @@ pub fn read_header<R: BufRead>(r: &mut R, keys: &TrustedKeys) -> Result<Manifest
     let mut line = Vec::new();
     r.take(MAX_HEADER as u64).read_until(b'\n', &mut line)?;
     if line.last() != Some(&b'\n') {
-        return Err(BundleError::Header("header line missing or longer than 64 KiB".into()));
+        return Err(BundleError::Header(
+            "header line missing or longer than 64 KiB".into(),
+        ));
     }
-    let env: Envelope = serde_json::from_slice(&line).map_err(|e| BundleError::Header(e.to_string()))?;
+    let env: Envelope =
+        serde_json::from_slice(&line).map_err(|e| BundleError::Header(e.to_string()))?;
     let manifest_bytes = B64
         .decode(&env.manifest)
         .map_err(|e| BundleError::Header(format!("manifest is not base64: {e}")))?;
@@ -166,11 +182,19 @@ pub fn read_header<R: BufRead>(r: &mut R, keys: &TrustedKeys) -> Result<Manifest
         }
     }
     if !ok {
-        return Err(BundleError::Signature(if tried.is_empty() { "none".into() } else { tried.join(", ") }));
+        return Err(BundleError::Signature(if tried.is_empty() {
+            "none".into()
+        } else {
+            tried.join(", ")
+        }));
     }
-    let m: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| BundleError::Header(format!("manifest: {e}")))?;
+    let m: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| BundleError::Header(format!("manifest: {e}")))?;
     if m.format != "slot-fat-gzip" {
-        return Err(BundleError::Header(format!("unknown payload format {:?}", m.format)));
+        return Err(BundleError::Header(format!(
+            "unknown payload format {:?}",
+            m.format
+        )));
     }
     Ok(m)
 }
@@ -211,7 +235,10 @@ pub fn stream_payload<R: Read, W: std::io::Write + std::io::Seek>(
     use std::io::SeekFrom;
     const HOLD: usize = 64 * 1024;
     if m.slot_size > slot_capacity {
-        return Err(BundleError::Payload(format!("slot image is {} bytes, the slot holds {slot_capacity}", m.slot_size)));
+        return Err(BundleError::Payload(format!(
+            "slot image is {} bytes, the slot holds {slot_capacity}",
+            m.slot_size
+        )));
     }
     // Invalidate the slot first: zero its boot sector.
     slot.seek(SeekFrom::Start(0))?;
@@ -229,13 +256,17 @@ pub fn stream_payload<R: Read, W: std::io::Write + std::io::Seek>(
     let mut buf = vec![0u8; 256 * 1024];
     let mut head_len = 0usize;
     loop {
-        let n = gz.read(&mut buf).map_err(|e| BundleError::Payload(format!("decompressing: {e}")))?;
+        let n = gz
+            .read(&mut buf)
+            .map_err(|e| BundleError::Payload(format!("decompressing: {e}")))?;
         if n == 0 {
             break;
         }
         let mut chunk = &buf[..n];
         if written + (chunk.len() as u64) > m.slot_size {
-            return Err(BundleError::Payload("decompressed payload is larger than the manifest says".into()));
+            return Err(BundleError::Payload(
+                "decompressed payload is larger than the manifest says".into(),
+            ));
         }
         if head_len < HOLD {
             let take = (HOLD - head_len).min(chunk.len());
@@ -258,13 +289,22 @@ pub fn stream_payload<R: Read, W: std::io::Write + std::io::Seek>(
     let count = hashing.count;
     let digest = hex(&hashing.hasher.finalize());
     if count != m.payload_size {
-        return Err(BundleError::Payload(format!("received {count} payload bytes, the manifest says {}", m.payload_size)));
+        return Err(BundleError::Payload(format!(
+            "received {count} payload bytes, the manifest says {}",
+            m.payload_size
+        )));
     }
     if digest != m.payload_sha256 {
-        return Err(BundleError::Payload(format!("SHA-256 {digest} but the manifest says {}", m.payload_sha256)));
+        return Err(BundleError::Payload(format!(
+            "SHA-256 {digest} but the manifest says {}",
+            m.payload_sha256
+        )));
     }
     if written != m.slot_size {
-        return Err(BundleError::Payload(format!("slot image is {written} bytes, the manifest says {}", m.slot_size)));
+        return Err(BundleError::Payload(format!(
+            "slot image is {written} bytes, the manifest says {}",
+            m.slot_size
+        )));
     }
     slot.flush()?;
     slot.seek(SeekFrom::Start(0))?;
@@ -306,8 +346,13 @@ pub struct CreateOptions<'a> {
     pub created: String,
 }
 
-pub fn create<R: Read, W: Write>(mut slot_image: R, o: &CreateOptions<'_>, out: &mut W) -> Result<Manifest, BundleError> {
-    let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(o.key_pkcs8).map_err(|e| BundleError::Key(format!("not an Ed25519 PKCS#8 key: {e}")))?;
+pub fn create<R: Read, W: Write>(
+    mut slot_image: R,
+    o: &CreateOptions<'_>,
+    out: &mut W,
+) -> Result<Manifest, BundleError> {
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(o.key_pkcs8)
+        .map_err(|e| BundleError::Key(format!("not an Ed25519 PKCS#8 key: {e}")))?;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
     let slot_size = std::io::copy(&mut slot_image, &mut gz)?;
     let payload = gz.finish()?;
@@ -397,16 +442,28 @@ mod tests {
         let (_, other_public) = key();
         let b = bundle(&slot_image(), &pkcs8, "rpi4", Some("0.1.0"));
         let keys = TrustedKeys::from([("k1".to_string(), other_public)]);
-        assert!(matches!(read_header(&mut Cursor::new(&b), &keys), Err(BundleError::Signature(_))));
-        assert!(matches!(read_header(&mut Cursor::new(b"hello"), &keys), Err(BundleError::Magic)));
+        assert!(matches!(
+            read_header(&mut Cursor::new(&b), &keys),
+            Err(BundleError::Signature(_))
+        ));
+        assert!(matches!(
+            read_header(&mut Cursor::new(b"hello"), &keys),
+            Err(BundleError::Magic)
+        ));
         let (pkcs8, public) = key();
         let b = bundle(&slot_image(), &pkcs8, "rpi5", Some("0.1.0"));
         let keys = TrustedKeys::from([("k1".to_string(), public)]);
         let m = read_header(&mut Cursor::new(&b), &keys).unwrap();
-        assert!(matches!(check_compatible(&m, "rpi4", "0.1.0"), Err(BundleError::Board { .. })));
+        assert!(matches!(
+            check_compatible(&m, "rpi4", "0.1.0"),
+            Err(BundleError::Board { .. })
+        ));
         let b = bundle(&slot_image(), &pkcs8, "rpi4", Some("0.1.5"));
         let m = read_header(&mut Cursor::new(&b), &keys).unwrap();
-        assert!(matches!(check_compatible(&m, "rpi4", "0.1.0"), Err(BundleError::TooOld { .. })));
+        assert!(matches!(
+            check_compatible(&m, "rpi4", "0.1.0"),
+            Err(BundleError::TooOld { .. })
+        ));
     }
 
     #[test]
@@ -419,8 +476,15 @@ mod tests {
         let mut r = Cursor::new(cut);
         let m = read_header(&mut r, &keys).unwrap();
         let mut slot = Cursor::new(vec![0x55u8; 400_000]);
-        assert!(matches!(stream_payload(&mut r, &m, &mut slot, 400_000, |_| {}), Err(BundleError::Payload(_))));
-        assert_eq!(&slot.get_ref()[..512], &[0u8; 512][..], "boot sector zeroed: the slot is marked invalid");
+        assert!(matches!(
+            stream_payload(&mut r, &m, &mut slot, 400_000, |_| {}),
+            Err(BundleError::Payload(_))
+        ));
+        assert_eq!(
+            &slot.get_ref()[..512],
+            &[0u8; 512][..],
+            "boot sector zeroed: the slot is marked invalid"
+        );
         // A flipped payload byte.
         let mut bad = b.clone();
         let n = bad.len();

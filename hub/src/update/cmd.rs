@@ -64,8 +64,10 @@ pub fn bundle_main(cmd: BundleCmd) -> i32 {
         BundleCmd::Inspect { bundle: path, keys } => {
             let res = (|| -> Result<bundle::Manifest, String> {
                 let keys = bundle::load_keys(&keys).map_err(|e| e.to_string())?;
-                let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                bundle::read_header(&mut std::io::BufReader::new(f), &keys).map_err(|e| e.to_string())
+                let f =
+                    std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                bundle::read_header(&mut std::io::BufReader::new(f), &keys)
+                    .map_err(|e| e.to_string())
             })();
             match res {
                 Ok(m) => {
@@ -82,27 +84,44 @@ pub fn bundle_main(cmd: BundleCmd) -> i32 {
 }
 
 fn create(a: &CreateArgs) -> Result<bundle::Manifest, String> {
-    let pem_text = std::fs::read_to_string(&a.key).map_err(|e| format!("{}: {e}", a.key.display()))?;
-    let der = pem::parse(&pem_text).map_err(|e| format!("{}: not a PEM key: {e}", a.key.display()))?;
-    let mut img = std::fs::File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let pem_text =
+        std::fs::read_to_string(&a.key).map_err(|e| format!("{}: {e}", a.key.display()))?;
+    let der =
+        pem::parse(&pem_text).map_err(|e| format!("{}: not a PEM key: {e}", a.key.display()))?;
+    let mut img =
+        std::fs::File::open(&a.image).map_err(|e| format!("{}: {e}", a.image.display()))?;
     let mut mbr = [0u8; 512];
-    img.read_exact(&mut mbr).map_err(|e| format!("{}: {e}", a.image.display()))?;
-    let parts = crate::init::disk::parse_mbr(&mbr).map_err(|e| format!("{}: {e}", a.image.display()))?;
+    img.read_exact(&mut mbr)
+        .map_err(|e| format!("{}: {e}", a.image.display()))?;
+    let parts =
+        crate::init::disk::parse_mbr(&mbr).map_err(|e| format!("{}: {e}", a.image.display()))?;
     let slot = parts[1];
     if slot.sectors == 0 {
-        return Err(format!("{}: no boot slot A (partition 2)", a.image.display()));
+        return Err(format!(
+            "{}: no boot slot A (partition 2)",
+            a.image.display()
+        ));
     }
     use std::io::{Seek, SeekFrom};
-    img.seek(SeekFrom::Start(slot.start as u64 * 512)).map_err(|e| e.to_string())?;
+    img.seek(SeekFrom::Start(slot.start as u64 * 512))
+        .map_err(|e| e.to_string())?;
     let slot_reader = img.take(slot.sectors as u64 * 512);
     let tmp = a.out.with_extension("partial");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?);
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?,
+    );
     let m = bundle::create(
         slot_reader,
         &bundle::CreateOptions {
             version: &a.version,
             board: &a.board,
-            compatible: a.compatible.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+            compatible: a
+                .compatible
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
             min_version: a.min_version.clone(),
             key_id: &a.key_id,
             key_pkcs8: der.contents(),
@@ -156,7 +175,10 @@ pub enum UpdateCmd {
 }
 
 pub fn update_main(a: UpdateArgs) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pos-hub update: {e}");
@@ -181,32 +203,62 @@ async fn update_cmd(a: UpdateArgs) -> Result<serde_json::Value, String> {
         Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => {
             let plain = base.replacen("https://", "http://", 1);
-            reqwest::get(format!("{plain}/ca.crt")).await.map_err(|e| format!("fetching the store CA: {e}"))?.bytes().await.map_err(|e| e.to_string())?.to_vec()
+            reqwest::get(format!("{plain}/ca.crt"))
+                .await
+                .map_err(|e| format!("fetching the store CA: {e}"))?
+                .bytes()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_vec()
         }
     };
     let cert = reqwest::Certificate::from_pem(&ca_pem).map_err(|e| format!("store CA: {e:?}"))?;
-    let client = reqwest::Client::builder().add_root_certificate(cert).tls_built_in_root_certs(false).build().map_err(|e| format!("{e:?}"))?;
-    let token = a.token.ok_or("an admin token is needed: --token or POS_HUB_ADMIN_TOKEN")?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(cert)
+        .tls_built_in_root_certs(false)
+        .build()
+        .map_err(|e| format!("{e:?}"))?;
+    let token = a
+        .token
+        .ok_or("an admin token is needed: --token or POS_HUB_ADMIN_TOKEN")?;
     let q = |now: bool, force: bool| format!("now={}&force={}", now as u8, force as u8);
     let req = match a.cmd {
         UpdateCmd::Status => client.get(format!("{base}/admin/update")),
-        UpdateCmd::Check { now } => client.post(format!("{base}/admin/update/check?{}", q(now, false))),
+        UpdateCmd::Check { now } => {
+            client.post(format!("{base}/admin/update/check?{}", q(now, false)))
+        }
         UpdateCmd::Rollback => client.post(format!("{base}/admin/update/rollback")),
         UpdateCmd::Install { source, now, force } => {
             if source.starts_with("http://") || source.starts_with("https://") {
-                client.post(format!("{base}/admin/update/install?{}", q(now, force))).query(&[("url", source)])
+                client
+                    .post(format!("{base}/admin/update/install?{}", q(now, force)))
+                    .query(&[("url", source)])
             } else {
-                let bytes = tokio::fs::read(&source).await.map_err(|e| format!("{source}: {e}"))?;
-                client.post(format!("{base}/admin/update/install?{}", q(now, force))).body(bytes)
+                let bytes = tokio::fs::read(&source)
+                    .await
+                    .map_err(|e| format!("{source}: {e}"))?;
+                client
+                    .post(format!("{base}/admin/update/install?{}", q(now, force)))
+                    .body(bytes)
             }
         }
     };
-    let resp = req.bearer_auth(token.trim()).send().await.map_err(|e| format!("{base}: {e}"))?;
+    let resp = req
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .map_err(|e| format!("{base}: {e}"))?;
     let status = resp.status();
-    let v: serde_json::Value = resp.json().await.map_err(|e| format!("HTTP {status}: {e}"))?;
+    let v: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("HTTP {status}: {e}"))?;
     if status.is_success() {
         Ok(v)
     } else {
-        Err(format!("HTTP {status}: {}", v.get("error").and_then(|e| e.as_str()).unwrap_or("")))
+        Err(format!(
+            "HTTP {status}: {}",
+            v.get("error").and_then(|e| e.as_str()).unwrap_or("")
+        ))
     }
 }

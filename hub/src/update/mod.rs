@@ -40,16 +40,36 @@ impl UpdateConfig {
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
         let url = match s.get("UPDATE_URL").map(str::trim).filter(|u| !u.is_empty()) {
             None => None,
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u.trim_end_matches('/').to_string()),
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some(u.trim_end_matches('/').to_string())
+            }
             Some(u) => return Err(err("UPDATE_URL", format!("{u:?} is not an http(s) URL"))),
         };
-        let window = match s.get("UPDATE_WINDOW").map(str::trim).filter(|w| !w.is_empty()) {
+        let window = match s
+            .get("UPDATE_WINDOW")
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
             None => None,
-            Some(w) => Some(parse_window(w).ok_or_else(|| err("UPDATE_WINDOW", format!("{w:?} is not a window like 02:00-05:00")))?),
+            Some(w) => Some(parse_window(w).ok_or_else(|| {
+                err(
+                    "UPDATE_WINDOW",
+                    format!("{w:?} is not a window like 02:00-05:00"),
+                )
+            })?),
         };
-        let tz_offset_minutes = match s.get("UPDATE_TZ_OFFSET").map(str::trim).filter(|w| !w.is_empty()) {
+        let tz_offset_minutes = match s
+            .get("UPDATE_TZ_OFFSET")
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
             None => 0,
-            Some(o) => parse_offset(o).ok_or_else(|| err("UPDATE_TZ_OFFSET", format!("{o:?} is not an offset like +01:00 or -05:00")))?,
+            Some(o) => parse_offset(o).ok_or_else(|| {
+                err(
+                    "UPDATE_TZ_OFFSET",
+                    format!("{o:?} is not an offset like +01:00 or -05:00"),
+                )
+            })?,
         };
         let dur = |key: &str, default: u64| match s.get(key) {
             Some(v) => parse_duration(key, v),
@@ -61,7 +81,10 @@ impl UpdateConfig {
             tz_offset_minutes,
             interval: dur("UPDATE_INTERVAL", 3600)?.max(Duration::from_secs(10)),
             trial_timeout: dur("UPDATE_TRIAL_TIMEOUT", 120)?,
-            keys_dir: s.get("UPDATE_KEYS_DIR").unwrap_or("/etc/pos-hub/bundle-keys").into(),
+            keys_dir: s
+                .get("UPDATE_KEYS_DIR")
+                .unwrap_or("/etc/pos-hub/bundle-keys")
+                .into(),
         })
     }
 }
@@ -165,7 +188,8 @@ impl State {
 
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        crate::util::write_atomic(path, &bytes, 0o644).map_err(|e| format!("{}: {e}", path.display()))
+        crate::util::write_atomic(path, &bytes, 0o644)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     pub fn record(&mut self, event: &str, version: &str, detail: Option<String>) {
@@ -200,8 +224,12 @@ mod tests {
         assert_eq!(parse_window("23:30-01:00"), Some((1410, 60)));
         assert!(parse_window("2-5").is_none());
         assert!(parse_window("25:00-01:00").is_none());
-        assert!(in_window((120, 300), 120) && in_window((120, 300), 299) && !in_window((120, 300), 300));
-        assert!(in_window((1410, 60), 1430) && in_window((1410, 60), 10) && !in_window((1410, 60), 600));
+        assert!(
+            in_window((120, 300), 120) && in_window((120, 300), 299) && !in_window((120, 300), 300)
+        );
+        assert!(
+            in_window((1410, 60), 1430) && in_window((1410, 60), 10) && !in_window((1410, 60), 600)
+        );
         assert_eq!(parse_offset("+01:00"), Some(60));
         assert_eq!(parse_offset("-05:30"), Some(-330));
     }
@@ -211,7 +239,9 @@ mod tests {
         assert!(!in_wave("s-001", 0.0));
         assert!(in_wave("s-001", 100.0));
         assert_eq!(in_wave("s-001", 37.0), in_wave("s-001", 37.0));
-        let n = (0..2000).filter(|i| in_wave(&format!("s-{i}"), 25.0)).count();
+        let n = (0..2000)
+            .filter(|i| in_wave(&format!("s-{i}"), 25.0))
+            .count();
         assert!((400..600).contains(&n), "about a quarter of stores: {n}");
     }
 
@@ -219,7 +249,10 @@ mod tests {
     fn config_validation() {
         let mut s = Settings::default();
         s.set("UPDATE_WINDOW", "2am");
-        assert!(UpdateConfig::from_settings(&s).unwrap_err().to_string().contains("UPDATE_WINDOW"));
+        assert!(UpdateConfig::from_settings(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("UPDATE_WINDOW"));
         let mut s = Settings::default();
         s.set("UPDATE_URL", "ftp://x");
         assert!(UpdateConfig::from_settings(&s).is_err());
@@ -237,7 +270,12 @@ mod tests {
         assert_eq!(State::load(&p), State::default());
         let mut s = State::default();
         s.record("installed", "0.2.0", None);
-        s.bad_versions.push(BadVersion { version: "0.3.0".into(), reason: "x".into(), at: "t".into(), reported: false });
+        s.bad_versions.push(BadVersion {
+            version: "0.3.0".into(),
+            reason: "x".into(),
+            at: "t".into(),
+            reported: false,
+        });
         s.save(&p).unwrap();
         assert_eq!(State::load(&p), s);
         assert!(State::load(&p).is_bad("0.3.0"));

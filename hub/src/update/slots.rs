@@ -57,7 +57,10 @@ pub fn parse_autoboot(text: &str) -> Option<Autoboot> {
 }
 
 pub fn format_autoboot(a: Autoboot) -> String {
-    format!("[all]\ntryboot_a_b=1\nboot_partition={}\n[tryboot]\nboot_partition={}\n", a.default, a.tryboot)
+    format!(
+        "[all]\ntryboot_a_b=1\nboot_partition={}\n[tryboot]\nboot_partition={}\n",
+        a.default, a.tryboot
+    )
 }
 
 /// Where the slots live on this box.
@@ -91,21 +94,25 @@ impl Slots {
             let p = self.config_dir.join("autoboot.txt");
             // Same length as before (only the digits swap): overwrite in place, one
             // sector, no FAT size change, so a power cut leaves the old or the new file.
-            let same_len = std::fs::metadata(&p).map(|m| m.len() == text.len() as u64).unwrap_or(false);
+            let same_len = std::fs::metadata(&p)
+                .map(|m| m.len() == text.len() as u64)
+                .unwrap_or(false);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .truncate(!same_len)
                 .create(true)
                 .open(&p)
                 .map_err(|e| format!("{}: {e}", p.display()))?;
-            f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             f.sync_all().map_err(|e| format!("{}: {e}", p.display()))
         })
     }
 
     /// The block device of partition `slot` on the boot disk.
     pub fn device(&self, slot: u32) -> Result<PathBuf, String> {
-        let d = crate::init::disk::find_boot_disk(std::time::Duration::from_secs(1)).map_err(|e| e.to_string())?;
+        let d = crate::init::disk::find_boot_disk(std::time::Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
         Ok(if slot == SLOT_A { d.slot_a } else { d.slot_b })
     }
 }
@@ -115,16 +122,32 @@ impl Slots {
 fn with_writable<T>(dir: &Path, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     use nix::mount::{mount, MsFlags};
     let is_mount = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(&*dir.to_string_lossy())))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(&*dir.to_string_lossy()))
+        })
         .unwrap_or(false);
     if !is_mount {
         return f();
     }
     let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_REMOUNT | base, None::<&str>).map_err(|e| format!("remount {} read-write: {e}", dir.display()))?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | base,
+        None::<&str>,
+    )
+    .map_err(|e| format!("remount {} read-write: {e}", dir.display()))?;
     let r = f();
     nix::unistd::sync();
-    let _ = mount(None::<&str>, dir, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | base, None::<&str>);
+    let _ = mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | base,
+        None::<&str>,
+    );
     r
 }
 
@@ -134,20 +157,52 @@ mod tests {
 
     #[test]
     fn autoboot_round_trip_and_swap() {
-        let a = parse_autoboot("[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n").unwrap();
-        assert_eq!(a, Autoboot { default: 2, tryboot: 3 });
-        let b = parse_autoboot(&format_autoboot(Autoboot { default: 3, tryboot: 2 })).unwrap();
-        assert_eq!(b, Autoboot { default: 3, tryboot: 2 });
-        assert!(format_autoboot(b).len() < 512, "the firmware reads at most 512 bytes");
-        assert_eq!(parse_autoboot("[all]\nboot_partition=3\n").unwrap().tryboot, 2);
+        let a =
+            parse_autoboot("[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n")
+                .unwrap();
+        assert_eq!(
+            a,
+            Autoboot {
+                default: 2,
+                tryboot: 3
+            }
+        );
+        let b = parse_autoboot(&format_autoboot(Autoboot {
+            default: 3,
+            tryboot: 2,
+        }))
+        .unwrap();
+        assert_eq!(
+            b,
+            Autoboot {
+                default: 3,
+                tryboot: 2
+            }
+        );
+        assert!(
+            format_autoboot(b).len() < 512,
+            "the firmware reads at most 512 bytes"
+        );
+        assert_eq!(
+            parse_autoboot("[all]\nboot_partition=3\n").unwrap().tryboot,
+            2
+        );
         assert!(parse_autoboot("garbage").is_none());
     }
 
     #[test]
     fn make_default_writes_a_plain_dir() {
         let d = tempfile::tempdir().unwrap();
-        let s = Slots { config_dir: d.path().into() };
+        let s = Slots {
+            config_dir: d.path().into(),
+        };
         s.make_default(3).unwrap();
-        assert_eq!(s.autoboot().unwrap(), Autoboot { default: 3, tryboot: 2 });
+        assert_eq!(
+            s.autoboot().unwrap(),
+            Autoboot {
+                default: 3,
+                tryboot: 2
+            }
+        );
     }
 }
