@@ -50,6 +50,8 @@ enum Cmd {
     },
     /// OTA updates of a hub, through its admin API: status, check, install, rollback.
     Update(crate::update::cmd::UpdateArgs),
+    /// Factory reset: wipe the data (keeping the store CA unless --wipe-ca), back to unclaimed.
+    Reset(crate::provision::reset::ResetArgs),
 }
 
 #[derive(Subcommand)]
@@ -144,6 +146,7 @@ pub fn main() -> i32 {
         Cmd::Ca { data_dir, cmd } => ca(data_dir, cmd),
         Cmd::Bundle { cmd } => crate::update::cmd::bundle_main(cmd),
         Cmd::Update(a) => crate::update::cmd::update_main(a),
+        Cmd::Reset(a) => crate::provision::reset::main(a),
         Cmd::Discover { timeout, realm } => discover(&timeout, realm.as_deref()),
         Cmd::Token {
             cmd: TokenCmd::Mint(a),
@@ -182,6 +185,12 @@ fn serve(a: ServeArgs) -> i32 {
         .clone()
         .or_else(|| settings.get("DATA_DIR").map(PathBuf::from))
         .or_else(|| dev.then(|| PathBuf::from("./data")));
+    // A box claimed on first boot keeps its realm on the data partition.
+    if let Some(dir) = &data_dir {
+        if let Err(e) = crate::provision::claim::merge_claimed(&mut settings, dir) {
+            return config_error(&a, Some(&settings), &e.to_string());
+        }
+    }
     if dev {
         let dir = data_dir.clone().unwrap_or_else(|| PathBuf::from("./data"));
         // --dev talks to no NTP server unless one is named.

@@ -96,6 +96,8 @@ pub struct Config {
     pub update_channel: UpdateChannel,
     /// UPDATE_URL, UPDATE_WINDOW and friends (see crate::update).
     pub update: crate::update::UpdateConfig,
+    /// Set when no realm is configured and a claim key is known: the box is unclaimed.
+    pub claim: Option<crate::provision::claim::ClaimKey>,
     pub mdns: bool,
     /// Interfaces to advertise on (MDNS_INTERFACES, comma-separated; empty = all).
     pub mdns_interfaces: Vec<String>,
@@ -267,7 +269,7 @@ fn keys_from_pem(key: &str, pem: &str) -> Result<Arc<KeySet>, ConfigError> {
         .map_err(|e| err(key, e.to_string()))
 }
 
-fn keys_from_base64(key: &str, b64: &str) -> Result<Arc<KeySet>, ConfigError> {
+pub(crate) fn keys_from_base64(key: &str, b64: &str) -> Result<Arc<KeySet>, ConfigError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| err(key, format!("not valid base64 ({e}); encode the PEM public key with `base64 -w0 key.pub.pem`")))?;
@@ -556,7 +558,13 @@ impl Config {
         // The single realm of the old `.env`.
         let tenant = s.get("TENANT_ID");
         let store = s.get("STORE_ID");
-        if tenant.is_some() || store.is_some() || realms.is_empty() {
+        // No realm anywhere but a claim key: the box starts unclaimed (setup page only).
+        let claim = if tenant.is_none() && store.is_none() && realms.is_empty() {
+            crate::provision::claim::claim_key(s)?
+        } else {
+            None
+        };
+        if tenant.is_some() || store.is_some() || (realms.is_empty() && claim.is_none()) {
             let tenant = tenant.ok_or_else(|| {
                 err(
                     "TENANT_ID",
@@ -638,6 +646,7 @@ impl Config {
             token_policy,
             update_channel,
             update: crate::update::UpdateConfig::from_settings(s)?,
+            claim,
             mdns,
             mdns_interfaces: s
                 .get("MDNS_INTERFACES")

@@ -32,6 +32,188 @@ pub struct Web {
     pub data_dir: std::path::PathBuf,
     /// The OTA update agent.
     pub updater: Arc<crate::update::Updater>,
+    /// No realm yet: `/` sends people to `/setup`.
+    pub unclaimed: bool,
+    /// Per realm: (UTC day, last seq before that day), for "events today".
+    pub day_marks: parking_lot::Mutex<std::collections::HashMap<String, (i64, u64)>>,
+}
+
+/// Events stored since midnight (UTC) in realm `r`.
+fn events_today(web: &Web, r: &crate::realm::Realm) -> u64 {
+    let now_ms = web.clock.now_secs() * 1000;
+    let day = now_ms.div_euclid(86_400_000);
+    let key = r.key();
+    let last = r.stats.last_seq.load(Ordering::Relaxed);
+    let cached = web.day_marks.lock().get(&key).copied();
+    let before = match cached {
+        Some((d, seq)) if d == day => seq,
+        _ => {
+            let seq = r
+                .with_reader(|s| s.last_seq_before(day * 86_400_000))
+                .unwrap_or(0);
+            web.day_marks.lock().insert(key, (day, seq));
+            seq
+        }
+    };
+    last.saturating_sub(before)
+}
+
+/// Prometheus metrics (text format 0.0.4), for localhost or an admin token.
+async fn metrics(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    use std::fmt::Write;
+    let mut m = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(m, "{name}{labels} {v}");
+        }
+    };
+    let realms: Vec<_> = web.realms.iter().cloned().collect();
+    let lbl = |r: &crate::realm::Realm| {
+        format!(
+            "{{tenant=\"{}\",store=\"{}\"}}",
+            r.cfg.tenant_id, r.cfg.store_id
+        )
+    };
+    family(
+        "poshub_up",
+        "gauge",
+        "1 while the hub serves",
+        vec![(String::new(), 1.0)],
+    );
+    family(
+        "poshub_uptime_seconds",
+        "gauge",
+        "Seconds since the hub started",
+        vec![(String::new(), web.started.elapsed().as_secs_f64())],
+    );
+    family(
+        "poshub_events_last_seq",
+        "counter",
+        "Highest event seq stored per realm",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.stats.last_seq.load(Ordering::Relaxed) as f64))
+            .collect(),
+    );
+    family(
+        "poshub_events_today",
+        "gauge",
+        "Events stored since midnight UTC per realm",
+        realms
+            .iter()
+            .map(|r| (lbl(r), events_today(&web, r) as f64))
+            .collect(),
+    );
+    family(
+        "poshub_devices_connected",
+        "gauge",
+        "Connected devices per realm",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.devices().len() as f64))
+            .collect(),
+    );
+    family(
+        "poshub_outbox_depth",
+        "gauge",
+        "LAN events not yet accepted by the cloud",
+        realms
+            .iter()
+            .map(|r| {
+                let lan = r.stats.lan_events.load(Ordering::Relaxed);
+                let pushed = r
+                    .bridge
+                    .get()
+                    .map(|b| b.pushed_lan.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                (lbl(r), lan.saturating_sub(pushed) as f64)
+            })
+            .collect(),
+    );
+    family(
+        "poshub_realm_healthy",
+        "gauge",
+        "1 when the realm's database answers",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.stats.healthy.load(Ordering::Relaxed) as u8 as f64))
+            .collect(),
+    );
+    let clock = serde_json::to_value(web.clock.status()).unwrap_or_default();
+    family(
+        "poshub_clock_synced",
+        "gauge",
+        "1 when the clock is synced to a time source",
+        vec![(
+            String::new(),
+            (clock.get("state").and_then(|v| v.as_str()) == Some("synced")) as u8 as f64,
+        )],
+    );
+    let power = web
+        .power
+        .lock()
+        .as_ref()
+        .map(|p| serde_json::to_value(p.status.lock().clone()).unwrap_or_default());
+    if let Some(p) = power {
+        family(
+            "poshub_power_on_battery",
+            "gauge",
+            "1 while the UPS runs on battery",
+            vec![(
+                String::new(),
+                p.get("onBatterySinceMs").is_some_and(|v| !v.is_null()) as u8 as f64,
+            )],
+        );
+    }
+    let u = web.updater.status();
+    family(
+        "poshub_update_trial",
+        "gauge",
+        "1 during a trial boot of a new version",
+        vec![(
+            String::new(),
+            u.get("trial").and_then(|v| v.as_bool()).unwrap_or(false) as u8 as f64,
+        )],
+    );
+    family(
+        "poshub_update_failed_versions",
+        "gauge",
+        "Versions that failed their trial here",
+        vec![(
+            String::new(),
+            u.get("badVersions")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .unwrap_or(0) as f64,
+        )],
+    );
+    family(
+        "poshub_info",
+        "gauge",
+        "Version and slot",
+        vec![(
+            format!(
+                "{{version=\"{}\",slot=\"{}\"}}",
+                web.updater.running_version,
+                u.get("bootedSlot").and_then(|v| v.as_str()).unwrap_or("")
+            ),
+            1.0,
+        )],
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m,
+    )
+        .into_response()
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -39,9 +221,11 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/ca.crt", get(ca_crt))
         .route("/admin/reboot", axum::routing::post(admin_reboot))
         .route("/admin/poweroff", axum::routing::post(admin_poweroff))
+        .route("/admin/reset", axum::routing::post(admin_reset))
         .route("/admin/update", get(admin_update_status))
         .route(
             "/admin/update/check",
@@ -59,18 +243,20 @@ pub fn router(web: Arc<Web>) -> Router {
         .with_state(web)
 }
 
-/// A plain landing page (the live status page of issue 8 will replace it).
-async fn index() -> Response {
+/// The live status page for the store admin (no external resources; it polls
+/// /status with the admin token kept in the browser). An unclaimed box sends people to
+/// its setup page.
+async fn index(State(web): State<Arc<Web>>) -> Response {
+    if web.unclaimed {
+        return axum::response::Redirect::temporary("/setup").into_response();
+    }
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        concat!(
-            "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>",
-            "<title>pos-hub</title></head><body><h1>pos-hub</h1><p>Store hub ",
-            env!("CARGO_PKG_VERSION"),
-            ".</p><ul><li><a href=/status>status</a></li><li><a href=/ca.crt>store CA certificate</a></li>",
-            "<li><a href=/healthz>health</a></li></ul></body></html>\n"
-        ),
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("status_page.html"),
     )
         .into_response()
 }
@@ -144,6 +330,8 @@ struct RealmStatus {
     last_error: Option<String>,
     device_count: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
+    events_today: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     devices: Option<Vec<DeviceEntry>>,
 }
 
@@ -215,6 +403,7 @@ async fn status(
                     None
                 },
                 device_count: devices.len(),
+                events_today: full.then(|| events_today(&web, r)),
                 devices: full.then_some(devices),
             }
         })
@@ -394,6 +583,51 @@ async fn admin_update_rollback(
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(serde_json::json!({"ok": false, "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResetBody {
+    #[serde(default)]
+    wipe_ca: bool,
+    confirm: String,
+}
+
+/// Factory reset (admin): init wipes the data partition at the next boot.
+async fn admin_reset(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !is_admin(&web, &addr, &headers) {
+        return unauthorized();
+    }
+    let Ok(Json(b)) = body else {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "send JSON {\"confirm\": \"RESET\", \"wipeCa\": false}"}))).into_response();
+    };
+    if b.confirm != "RESET" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "confirm must be \"RESET\""})),
+        )
+            .into_response();
+    }
+    match crate::provision::reset::request_on_appliance(b.wipe_ca) {
+        Ok(()) => {
+            tracing::warn!(%addr, wipe_ca = b.wipe_ca, "factory reset requested: rebooting");
+            (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"ok": true, "wipeCa": b.wipe_ca})),
+            )
+                .into_response()
+        }
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"ok": false, "error": e})),
         )
             .into_response(),
     }

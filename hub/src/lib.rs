@@ -12,6 +12,7 @@
 //! * [`serve`]    wires everything together; graceful shutdown
 //! * [`init`]     PID 1 duties when the hub boots the appliance
 //! * [`system`]   the box as the hub sees it under init: slot, read-only root, reboot
+//! * [`provision`] flashing a card, claiming an unclaimed box on first boot
 //! * [`update`]   OTA A/B updates: signed bundles, trial boot, commit, rollback, channels
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
@@ -25,6 +26,7 @@ pub mod http;
 pub mod init;
 pub mod log;
 pub mod power;
+pub mod provision;
 pub mod realm;
 pub mod realtime;
 pub mod serve;

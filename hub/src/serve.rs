@@ -249,8 +249,22 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         clock: clock.clone(),
         data_dir: cfg.data_dir.clone(),
         updater: updater.clone(),
+        unclaimed: cfg.claim.is_some(),
+        day_marks: Default::default(),
     });
-    let app = http::router(web.clone()).layer(layer);
+    let mut app = http::router(web.clone()).layer(layer);
+    if let Some(key) = cfg.claim.clone() {
+        tracing::warn!(port = cfg.port, "UNCLAIMED: this box accepts no events until it is claimed at https://<address>:{}/setup", cfg.port);
+        eprintln!("pos-hub: this box is not claimed yet: open https://<its address>:{}/setup and paste the store's claim token", cfg.port);
+        app = app.merge(crate::provision::claim::router(Arc::new(
+            crate::provision::claim::SetupState {
+                key,
+                data_dir: cfg.data_dir.clone(),
+                clock: clock.clone(),
+                claimed: Default::default(),
+            },
+        )));
+    }
 
     let addr = SocketAddr::new(cfg.bind, cfg.port);
     let listener = bind(addr, cfg.bind_explicit).await?;

@@ -290,6 +290,20 @@ impl Store {
     }
 
     /// The events set aside, newest first, at most `limit`.
+    /// The last seq stored before `hub_ts_ms` (0 if none). Scans back from the newest
+    /// event, so it costs as many rows as were stored since then (callers cache it).
+    pub fn last_seq_before(&self, hub_ts_ms: i64) -> Result<u64, LogError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM events WHERE hub_ts < ?1 ORDER BY seq DESC LIMIT 1",
+                [hub_ts_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
     pub fn set_aside_list(
         &self,
         limit: usize,
