@@ -125,3 +125,64 @@ test("a garbled hub.env keeps the box up with the error on the console and in /s
   assert.equal((await httpGet(box.port, "/healthz")).status, 503);
   await box.stop();
 });
+
+test("an unclaimed box is claimed over /setup, then reset by the admin API and by a RESET file: unclaimed again, empty log, same CA", async () => {
+  const { execFileSync } = await import("node:child_process");
+  const fs = await import("node:fs");
+  const path = await import("node:path");
+  const HUB = process.env.POS_HUB_BIN;
+  const dir = fs.mkdtempSync("/tmp/poshub-claim-");
+  const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
+  execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
+  execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
+  const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", "t-abc", "--store", "s-001", "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
+  const env = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`;
+  const { card } = cardFrom(IMAGE, { hubEnv: env });
+  let box = await boot(card);
+  cleanup.push(box);
+  await box.waitFor(/not claimed yet: open https/, 90000);
+  await box.healthz(60000);
+  const status = async () => JSON.parse((await httpsReq(box, "/status")).body);
+  const fp = (await status()).caFingerprint;
+  assert.equal((await status()).realms.length, 0);
+  const claim = async () => {
+    const r = await httpsReq(box, "/setup/claim", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ token: mint("claim") }) });
+    assert.equal(r.status, 200, r.body);
+    for (let i = 0; i < 100; i++) {
+      try { if ((await status()).realms[0]?.storeId === "s-001") return; } catch {}
+      await sleep(200);
+    }
+    throw new Error("the claimed realm never appeared");
+  };
+  await claim();
+  const s = await connect(box, mint("till", "till-1"));
+  assert.equal((await s.timeout(10000).emitWithAck("event", ev("before-reset"))).ok, true);
+  s.close();
+  // Reset through the admin API: init wipes the data partition at the next boot.
+  const r = await httpsReq(box, "/admin/reset", { method: "POST", headers: { authorization: `Bearer ${mint("admin", "owner")}`, "content-type": "application/json" }, body: JSON.stringify({ confirm: "RESET" }) });
+  assert.equal(r.status, 202, r.body);
+  const mark = box.console.length;
+  await box.waitFor(/FACTORY RESET requested: wiping the data partition \(keeping the store CA\)/, 90000, mark);
+  await box.waitFor(/not claimed yet/, 90000, mark);
+  await box.healthz(60000);
+  let st = await status();
+  assert.equal(st.realms.length, 0, "unclaimed again");
+  assert.equal(st.caFingerprint, fp, "same store CA");
+  await claim();
+  assert.equal((await status()).realms[0].lastSeq, 0, "the log is empty");
+  await box.stop();
+  // A RESET file put on the settings partition (a laptop) does the same, and is removed.
+  const off = (await import("./qemu.mjs")).partOffset(card, 1);
+  fs.writeFileSync(path.join(dir, "RESET"), "keep-ca\r\n");
+  execFileSync("mcopy", ["-i", `${card}@@${off}`, path.join(dir, "RESET"), "::RESET"], { env: { ...process.env, MTOOLS_SKIP_CHECK: "1" } });
+  box = await boot(card, { port: box.port });
+  cleanup.push(box);
+  await box.waitFor(/FACTORY RESET requested/, 90000);
+  await box.healthz(60000);
+  st = await status();
+  assert.equal(st.realms.length, 0);
+  assert.equal(st.caFingerprint, fp);
+  await box.stop();
+  const listing = execFileSync("mdir", ["-i", `${card}@@${off}`, "-b", "::"], { encoding: "utf8", env: { ...process.env, MTOOLS_SKIP_CHECK: "1" } });
+  assert.doesNotMatch(listing, /RESET/, "init removed the RESET file");
+});
