@@ -50,6 +50,8 @@ enum Cmd {
     },
     /// OTA updates of a hub, through its admin API: status, check, install, rollback.
     Update(crate::update::cmd::UpdateArgs),
+    /// Write a firmware image to a card (or file) with this store's settings in hub.env.
+    Flash(crate::provision::flash::FlashArgs),
     /// Factory reset: wipe the data (keeping the store CA unless --wipe-ca), back to unclaimed.
     Reset(crate::provision::reset::ResetArgs),
 }
@@ -146,6 +148,7 @@ pub fn main() -> i32 {
         Cmd::Ca { data_dir, cmd } => ca(data_dir, cmd),
         Cmd::Bundle { cmd } => crate::update::cmd::bundle_main(cmd),
         Cmd::Update(a) => crate::update::cmd::update_main(a),
+        Cmd::Flash(a) => crate::provision::flash::run(a),
         Cmd::Reset(a) => crate::provision::reset::main(a),
         Cmd::Discover { timeout, realm } => discover(&timeout, realm.as_deref()),
         Cmd::Token {

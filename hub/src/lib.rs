@@ -26,13 +26,7 @@ pub mod http;
 pub mod init;
 pub mod log;
 pub mod power;
-/// Putting a box into service: claiming an unflashed box on first boot, factory reset.
-pub mod provision {
-    #[path = "claim.rs"]
-    pub mod claim;
-    #[path = "reset.rs"]
-    pub mod reset;
-}
+pub mod provision;
 pub mod realm;
 pub mod realtime;
 pub mod serve;
