@@ -59,7 +59,8 @@ pub struct FlashArgs {
     /// (and without --dev) the box starts unclaimed and is claimed on first boot.
     #[arg(long, value_name = "TENANT:STORE")]
     pub realm: Option<String>,
-    /// The cloud's public key (PEM), base64-encoded (`base64 -w0 key.pub.pem`).
+    /// The cloud's public key (PEM), base64-encoded (`base64 -w0 key.pub.pem`). Without
+    /// --realm it becomes the claim key of an unclaimed box (CLAIM_PUBLIC_KEY_BASE64).
     #[arg(long, value_name = "B64", conflicts_with = "cluster_key_file")]
     pub cluster_key_base64: Option<String>,
     /// The cloud's public key as a PEM file.
@@ -99,8 +100,6 @@ pub enum FlashError {
     BadRealm(String),
     #[error("--realm needs the cloud's public key, to check device tokens offline: pass --cluster-key-file key.pub.pem or --cluster-key-base64 \"$(base64 -w0 key.pub.pem)\"")]
     MissingKey,
-    #[error("--cluster-key-file/--cluster-key-base64 are for a store's box: pass --realm TENANT:STORE too (without a realm the box starts unclaimed)")]
-    KeyWithoutRealm,
     #[error("--dev runs the dev realm t-dev:s-dev with its own key: drop --realm and --cluster-key-* for a dev box, or drop --dev for a store's box")]
     DevWithRealm,
     #[error("cannot read the cluster key file {path}: {source}")]
@@ -358,9 +357,8 @@ impl StoreSettings {
         if realm.is_some() && key_b64.is_none() {
             return Err(FlashError::MissingKey);
         }
-        if realm.is_none() && key_b64.is_some() {
-            return Err(FlashError::KeyWithoutRealm);
-        }
+        // Without a realm the tenant's cluster key is the claim key: the box starts
+        // unclaimed and accepts a claim token signed with it (see provision::claim).
         let cloud = match (&a.cloud_url, &a.cloud_token) {
             (None, None) => None,
             (Some(_), None) => return Err(FlashError::UrlWithoutToken),
@@ -426,8 +424,13 @@ impl StoreSettings {
             e.push(("TENANT_ID", t.clone()));
             e.push(("STORE_ID", s.clone()));
         }
-        if let Some(k) = &self.key_b64 {
-            e.push(("CLUSTER_PUBLIC_KEY_BASE64", k.clone()));
+        match (&self.key_b64, &self.realm) {
+            (Some(k), Some(_)) => e.push(("CLUSTER_PUBLIC_KEY_BASE64", k.clone())),
+            (Some(k), None) => {
+                e.push(("CLAIM_PUBLIC_KEY_BASE64", k.clone()));
+                e.push(("DEV", "off".to_string()));
+            }
+            (None, _) => {}
         }
         if let Some((u, t)) = &self.cloud {
             e.push(("CLOUD_BRIDGE_URL", u.clone()));
@@ -1835,12 +1838,16 @@ mod tests {
             StoreSettings::from_args(&x),
             Err(FlashError::MissingKey)
         ));
+        // A key without a realm: the box starts unclaimed with it as its claim key.
         let mut x = args();
         x.cluster_key_base64 = Some(b64.clone());
-        assert!(matches!(
-            StoreSettings::from_args(&x),
-            Err(FlashError::KeyWithoutRealm)
-        ));
+        let st = StoreSettings::from_args(&x).unwrap();
+        let env = st.hub_env("");
+        assert!(
+            env.contains("CLAIM_PUBLIC_KEY_BASE64=")
+                && env.contains("DEV=off")
+                && !env.contains("TENANT_ID")
+        );
         let mut x = a.clone();
         x.dev = true;
         assert!(matches!(
