@@ -34,7 +34,8 @@ fn hostname() -> String {
         .unwrap_or_else(|| "pos-hub".into())
 }
 
-/// Advertises one service per realm `(tenantId, storeId)` on `port`.
+/// Advertises one service per realm `(tenantId, storeId)` on `port` (one marked
+/// `state=unclaimed` when there is no realm yet).
 /// `interfaces` limits it to the named interfaces (empty = all).
 pub fn advertise(
     realms: &[(String, String)],
@@ -56,19 +57,36 @@ pub fn advertise(
     }
     let host = hostname();
     let mut fullnames = Vec::new();
-    for (tenant, store) in realms {
+    // An unclaimed box advertises itself too, so a setup tool can find its /setup page.
+    let unclaimed = [(String::new(), String::new())];
+    let list: &[(String, String)] = if realms.is_empty() {
+        &unclaimed
+    } else {
+        realms
+    };
+    for (tenant, store) in list {
+        let is_unclaimed = tenant.is_empty();
         // Instance names are limited to 63 bytes.
-        let mut instance = format!("POS Hub - {host} ({store}/{tenant})");
+        let mut instance = if is_unclaimed {
+            format!("POS Hub - {host} (unclaimed)")
+        } else {
+            format!("POS Hub - {host} ({store}/{tenant})")
+        };
         while instance.len() > 63 {
             instance.pop();
         }
         let mut props = vec![
-            ("storeId", store.as_str()),
-            ("tenantId", tenant.as_str()),
             ("version", "1"),
             ("tls", if tls { "1" } else { "0" }),
             ("hub", crate::VERSION),
         ];
+        if is_unclaimed {
+            props.push(("state", "unclaimed"));
+            props.push(("setup", "/setup"));
+        } else {
+            props.push(("storeId", store.as_str()));
+            props.push(("tenantId", tenant.as_str()));
+        }
         if let Some(fp) = ca_fp {
             props.push(("caFp", fp));
         }

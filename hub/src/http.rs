@@ -332,6 +332,8 @@ struct RealmStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     events_today: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    schema_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     devices: Option<Vec<DeviceEntry>>,
 }
 
@@ -404,6 +406,7 @@ async fn status(
                 },
                 device_count: devices.len(),
                 events_today: full.then(|| events_today(&web, r)),
+                schema_version: if full { r.with_reader(|s| s.schema_version()).ok() } else { None },
                 devices: full.then_some(devices),
             }
         })

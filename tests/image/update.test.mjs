@@ -52,7 +52,7 @@ async function nextBoot(box, n, part) {
   return from;
 }
 
-test("v1 installs v2 from the channel file, trial-boots, commits; v2 keeps v1's events; rollback by command", async () => {
+test("v1 installs v2 (with a schema change) from the channel file, trial-boots, commits; v2 keeps v1's events; rollback by command still opens on v1", async () => {
   const www = fs.mkdtempSync("/tmp/poshub-www-");
   execFileSync(path.join(ROOT, "scripts/publish-update"), ["--dir", www, "--channel", "stable", "--bundle", B2, "--rollout", "100"]);
   const srv = await staticServer(www);
@@ -75,6 +75,7 @@ test("v1 installs v2 from the channel file, trial-boots, commits; v2 keeps v1's 
   assert.equal(st.version, "0.2.0");
   assert.equal(st.update.bootedSlot, "B");
   assert.equal(st.update.defaultSlot, "B");
+  assert.equal(st.realms[0].schemaVersion, 2, "v2 migrated the log to its schema v2");
   assert.deepEqual(await allIds(box, device), ["v1-a", "v1-b"]);
   await sendAcked(box, device, ["v2-a"]);
   // The channel still offers 0.2.0: up to date, no new install.
@@ -88,7 +89,10 @@ test("v1 installs v2 from the channel file, trial-boots, commits; v2 keeps v1's 
   const st2 = await status(box, admin);
   assert.equal(st2.update.runningVersion, "0.1.0");
   assert.equal(st2.update.defaultSlot, "A");
+  assert.equal(st2.realms[0].schemaVersion, 2, "v1 opened the database v2 migrated");
   assert.deepEqual(await allIds(box, device), ["v1-a", "v1-b", "v2-a"]);
+  await sendAcked(box, device, ["v1-after-rollback"]);
+  assert.deepEqual(await allIds(box, device), ["v1-a", "v1-b", "v2-a", "v1-after-rollback"]);
   await box.stop();
   srv.close();
 });

@@ -122,6 +122,18 @@ impl Store {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(corrupt)?;
         }
+        // Test builds of a later version (image/build --test-schema-v2) carry a
+        // migration this version does not: it must stay additive (new tables, new
+        // nullable columns) so that an older slot still opens the database after a
+        // rollback. The older hub only ever raises user_version, never lowers it.
+        if Path::new("/etc/pos-hub/test-schema-v2").exists() && v < 2 {
+            conn.execute_batch(
+                "ALTER TABLE events ADD COLUMN v2_note TEXT;
+                 CREATE TABLE IF NOT EXISTS v2_notes(seq INTEGER PRIMARY KEY, note TEXT NOT NULL);
+                 PRAGMA user_version = 2;",
+            )
+            .map_err(corrupt)?;
+        }
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -290,6 +302,13 @@ impl Store {
     }
 
     /// The events set aside, newest first, at most `limit`.
+    /// The database's schema version (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64, LogError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
     /// The last seq stored before `hub_ts_ms` (0 if none). Scans back from the newest
     /// event, so it costs as many rows as were stored since then (callers cache it).
     pub fn last_seq_before(&self, hub_ts_ms: i64) -> Result<u64, LogError> {
@@ -380,6 +399,34 @@ mod tests {
 
     fn ev(id: &str) -> NewEvent {
         NewEvent::new(id, "t", r#"{"n":1}"#, None).unwrap()
+    }
+
+    #[test]
+    fn opens_a_database_a_later_version_migrated_additively() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.db");
+        {
+            let mut s = Store::open(&p).unwrap();
+            s.begin().unwrap();
+            s.insert(1, &ev("a"), "d1", 10, Origin::Lan).unwrap();
+            s.commit().unwrap();
+        }
+        {
+            // What a later version might do: a new nullable column, a new table, a higher version.
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("ALTER TABLE events ADD COLUMN later TEXT; CREATE TABLE later_t(x); PRAGMA user_version = 7;").unwrap();
+        }
+        let mut s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 7, "never lowered");
+        s.begin().unwrap();
+        assert_eq!(s.insert(2, &ev("b"), "d1", 11, Origin::Lan).unwrap(), None);
+        s.commit().unwrap();
+        let mut got = vec![];
+        Store::open_reader(&p)
+            .unwrap()
+            .read_page(0, u64::MAX, 10, |seq, _| got.push(seq))
+            .unwrap();
+        assert_eq!(got, vec![1, 2]);
     }
 
     #[test]
