@@ -59,14 +59,7 @@ fn events_today(web: &Web, r: &crate::realm::Realm) -> u64 {
 }
 
 /// Prometheus metrics (text format 0.0.4), for localhost or an admin token.
-async fn metrics(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
+async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
     use std::fmt::Write;
     let mut m = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
@@ -438,15 +431,31 @@ fn is_admin(web: &Web, addr: &SocketAddr, headers: &HeaderMap) -> bool {
     all || one.is_some()
 }
 
-async fn admin_down(
-    web: Arc<Web>,
-    addr: SocketAddr,
-    headers: HeaderMap,
-    down: crate::system::Down,
-) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "admin token required (Authorization: Bearer <admin token>)"}))).into_response();
+/// An administrator: localhost, or a caller with an admin token of one of the hub's
+/// realms. Handlers that take it answer everyone else 401.
+pub struct Admin(pub SocketAddr);
+
+impl axum::extract::FromRequestParts<Arc<Web>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        web: &Arc<Web>,
+    ) -> Result<Self, Response> {
+        let addr = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(unauthorized)?;
+        if is_admin(web, &addr, &parts.headers) {
+            Ok(Admin(addr))
+        } else {
+            Err(unauthorized())
+        }
     }
+}
+
+async fn admin_down(addr: SocketAddr, down: crate::system::Down) -> Response {
     if !crate::system::under_init() {
         return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "not running under pos-hub init: reboot the machine yourself"}))).into_response();
     }
@@ -465,20 +474,12 @@ async fn admin_down(
         .into_response()
 }
 
-async fn admin_reboot(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    admin_down(web, addr, headers, crate::system::Down::Reboot).await
+async fn admin_reboot(Admin(addr): Admin) -> Response {
+    admin_down(addr, crate::system::Down::Reboot).await
 }
 
-async fn admin_poweroff(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    admin_down(web, addr, headers, crate::system::Down::PowerOff).await
+async fn admin_poweroff(Admin(addr): Admin) -> Response {
+    admin_down(addr, crate::system::Down::PowerOff).await
 }
 
 fn unauthorized() -> Response {
@@ -501,26 +502,15 @@ fn flag(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("1" | "true" | "yes" | "on" | ""))
 }
 
-async fn admin_update_status(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
+async fn admin_update_status(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
     Json(web.updater.status()).into_response()
 }
 
 async fn admin_update_check(
     State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _admin: Admin,
     axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
 ) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
     let Some(base) = web.updater.cfg.url.clone() else {
         return (
             StatusCode::CONFLICT,
@@ -540,14 +530,10 @@ async fn admin_update_check(
 
 async fn admin_update_install(
     State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _admin: Admin,
     axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
     body: axum::body::Body,
 ) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
     let (force, now) = (flag(&q.force), flag(&q.now));
     let res = match q.url.clone() {
         Some(url) => web.updater.install_url(url, force, now).await,
@@ -563,14 +549,7 @@ async fn admin_update_install(
     }
 }
 
-async fn admin_update_rollback(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
+async fn admin_update_rollback(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
     let u = web.updater.clone();
     match tokio::task::spawn_blocking(move || u.rollback()).await {
         Ok(Ok(v)) => (
@@ -601,14 +580,9 @@ struct ResetBody {
 
 /// Factory reset (admin): init wipes the data partition at the next boot.
 async fn admin_reset(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Admin(addr): Admin,
     body: Result<Json<ResetBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !is_admin(&web, &addr, &headers) {
-        return unauthorized();
-    }
     let Ok(Json(b)) = body else {
         return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "send JSON {\"confirm\": \"RESET\", \"wipeCa\": false}"}))).into_response();
     };
