@@ -80,6 +80,8 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
     let batch = batch_size();
     let mut limit = batch;
+    let mut pacer = Pacer::new(max_rate(), busy_rate());
+    pacer.assume_busy(std::time::Instant::now());
     loop {
         if realm.is_shutting_down() {
             return;
@@ -109,14 +111,18 @@ pub async fn run(
             Step::Done => {
                 backoff.reset();
                 limit = batch;
-                // Catching up after a day offline must not slow the LAN: pace the
-                // push (the disk and CPU are shared with the devices' commits).
-                let min = Duration::from_secs_f64(page.len() as f64 / max_rate());
+                // Catching up after a day offline must not slow the LAN: the disk
+                // and CPU are shared with the devices' commits, so the push yields
+                // to them while devices are writing.
+                let lan = realm.stats.lan_events.load(Ordering::Relaxed);
+                let min = pacer.after_batch(page.len(), lan, std::time::Instant::now());
                 if let Some(rest) = min.checked_sub(started.elapsed()) {
                     tokio::time::sleep(rest).await;
                 }
             }
             Step::Retry(d) => {
+                // When the cloud comes back, start gently: devices may be writing.
+                pacer.assume_busy(std::time::Instant::now());
                 let wait = d.unwrap_or_else(|| backoff.next());
                 tokio::time::sleep(wait.max(Duration::from_millis(50))).await
             }
@@ -161,13 +167,65 @@ fn batch_size() -> usize {
         .unwrap_or(100)
 }
 
-/// The most events per second pushed while catching up (CLOUD_PUSH_MAX_RATE).
+/// The most events per second pushed while catching up with no device writing
+/// (CLOUD_PUSH_MAX_RATE).
 fn max_rate() -> f64 {
-    std::env::var("CLOUD_PUSH_MAX_RATE")
+    rate_var("CLOUD_PUSH_MAX_RATE", 20_000.0)
+}
+
+/// The most events per second pushed while devices are writing (CLOUD_PUSH_BUSY_RATE).
+fn busy_rate() -> f64 {
+    rate_var("CLOUD_PUSH_BUSY_RATE", 1_000.0)
+}
+
+fn rate_var(key: &str, default: f64) -> f64 {
+    std::env::var(key)
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|r| *r >= 1.0)
-        .unwrap_or(6_000.0)
+        .unwrap_or(default)
+}
+
+/// How long the LAN counts as busy after its last event.
+const BUSY_FOR: Duration = Duration::from_secs(2);
+
+/// Paces the push: full speed while the LAN is quiet, the busy rate while devices
+/// have written within the last [`BUSY_FOR`].
+struct Pacer {
+    max_rate: f64,
+    busy_rate: f64,
+    last_lan: Option<u64>,
+    lan_seen: Option<std::time::Instant>,
+}
+
+impl Pacer {
+    fn new(max_rate: f64, busy_rate: f64) -> Self {
+        Pacer {
+            max_rate,
+            busy_rate: busy_rate.min(max_rate),
+            last_lan: None,
+            lan_seen: None,
+        }
+    }
+
+    /// Paces at the busy rate for the next [`BUSY_FOR`] whatever the LAN does.
+    fn assume_busy(&mut self, now: std::time::Instant) {
+        self.lan_seen = Some(now);
+    }
+
+    /// The least time a batch of `n` events should take, given the realm's LAN
+    /// event count now.
+    fn after_batch(&mut self, n: usize, lan_events: u64, now: std::time::Instant) -> Duration {
+        if self.last_lan.is_some_and(|l| l != lan_events) {
+            self.lan_seen = Some(now);
+        }
+        self.last_lan = Some(lan_events);
+        let busy = self
+            .lan_seen
+            .is_some_and(|t| now.duration_since(t) < BUSY_FOR);
+        let rate = if busy { self.busy_rate } else { self.max_rate };
+        Duration::from_secs_f64(n as f64 / rate)
+    }
 }
 
 pub(crate) fn timeout() -> Duration {
@@ -341,5 +399,51 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
         format!("cannot connect: {e}")
     } else {
         e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn pacer_slows_down_while_devices_write_and_speeds_up_after() {
+        let mut p = Pacer::new(20_000.0, 1_000.0);
+        let t0 = Instant::now();
+        // Quiet LAN: full speed.
+        assert_eq!(p.after_batch(100, 5, t0), Duration::from_millis(5));
+        assert_eq!(
+            p.after_batch(100, 5, t0 + Duration::from_millis(5)),
+            Duration::from_millis(5)
+        );
+        // A device wrote: the busy rate.
+        let t1 = t0 + Duration::from_millis(10);
+        assert_eq!(p.after_batch(100, 6, t1), Duration::from_millis(100));
+        assert_eq!(
+            p.after_batch(100, 6, t1 + Duration::from_secs(1)),
+            Duration::from_millis(100)
+        );
+        // Two seconds without LAN events: full speed again.
+        assert_eq!(
+            p.after_batch(100, 6, t1 + BUSY_FOR),
+            Duration::from_millis(5)
+        );
+        // After a failed push (the cloud was away), gently for a while.
+        let t2 = t1 + BUSY_FOR * 2;
+        p.assume_busy(t2);
+        assert_eq!(p.after_batch(100, 6, t2), Duration::from_millis(100));
+        assert_eq!(
+            p.after_batch(100, 6, t2 + BUSY_FOR),
+            Duration::from_millis(5)
+        );
+    }
+
+    #[test]
+    fn busy_rate_never_exceeds_the_max_rate() {
+        let mut p = Pacer::new(500.0, 1_000.0);
+        let t0 = Instant::now();
+        p.after_batch(100, 1, t0);
+        assert_eq!(p.after_batch(100, 2, t0), Duration::from_millis(200));
     }
 }

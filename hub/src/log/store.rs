@@ -38,6 +38,10 @@ pub struct Row {
     pub json: String,
 }
 
+/// WAL pages after which the writer checkpoints by itself (only if the
+/// checkpointer thread falls behind: about 40 MiB).
+const WRITER_AUTOCHECKPOINT: i64 = 10_000;
+
 /// An open realm database.
 pub struct Store {
     conn: Connection,
@@ -111,6 +115,11 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(corrupt)?;
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(corrupt)?;
+        // The writer folds the WAL back only as a backstop; a checkpointer thread
+        // (see `writer::Checkpointer`) does it beside the writer so commits (and
+        // the acks waiting on them) never wait for a checkpoint.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)
             .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", "OFF")
             .map_err(corrupt)?;
@@ -384,6 +393,34 @@ impl Store {
     pub fn check_writable(&mut self) -> Result<(), LogError> {
         self.conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
         Ok(())
+    }
+
+    /// Opens a connection that only checkpoints (beside the writer).
+    pub fn open_checkpointer(path: &Path) -> Result<Self, LogError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Copies what it can of the WAL into the main file without blocking the
+    /// writer or readers. Returns the WAL's frames and how many are now copied.
+    pub fn checkpoint_passive(&self) -> Result<(i64, i64), LogError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })?)
     }
 
     /// Folds the WAL into the main file (at shutdown).

@@ -96,8 +96,68 @@ pub struct LogStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// Checkpoints a realm's WAL from its own thread and connection, so the writer's
+/// commits never stall behind the copy into the main file and its fsync.
+struct Checkpointer {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the checkpointer looks at the WAL.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Checkpointer {
+    fn start(path: &std::path::Path) -> Self {
+        let (stop, rx) = crossbeam_channel::bounded::<()>(0);
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let store = match Store::open_checkpointer(&path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no checkpointer; the writer checkpoints by itself");
+                        return;
+                    }
+                };
+                let mut warned = false;
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    match store.checkpoint_passive() {
+                        Ok(_) => warned = false,
+                        Err(e) if !warned => {
+                            warned = true;
+                            tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; will retry");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })
+            .ok();
+        Checkpointer {
+            stop: Some(stop),
+            thread,
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The writer's state; run it with [`Writer::run`] on its own thread.
 pub struct Writer<R, T> {
+    checkpointer: Checkpointer,
     store: Store,
     next_seq: u64,
     rx: Receiver<WriteReq<R, T>>,
@@ -125,6 +185,7 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
         Ok(Self {
+            checkpointer: Checkpointer::start(store.path()),
             store,
             next_seq: last + 1,
             rx,
@@ -165,6 +226,7 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 break;
             }
         }
+        self.checkpointer.stop();
         if let Err(e) = self.store.checkpoint() {
             tracing::warn!(path = %self.store.path().display(), error = %e, "checkpoint at close failed");
         }
@@ -383,6 +445,56 @@ mod tests {
             reply: Chan(tx.clone()),
             meta: None,
         }
+    }
+
+    /// The checkpointer thread folds committed WAL frames into the main file
+    /// while the writer keeps writing, so the writer never has to.
+    #[test]
+    fn checkpointer_folds_the_wal_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let store = Store::open(&path).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        let (tx, rx) = bounded(10_000);
+        let stats = Arc::new(LogStats::default());
+        let w = Writer::new(
+            store,
+            rx,
+            Box::new(|_: Vec<Committed<u32>>| {}),
+            1000,
+            stats,
+        )
+        .unwrap();
+        let h = std::thread::spawn(move || w.run());
+        let (rtx, rrx) = mpsc::channel();
+        for i in 0..3000 {
+            tx.send(append(&format!("e{i}"), &rtx)).unwrap();
+        }
+        for _ in 0..3000 {
+            rrx.recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap();
+        }
+        // Nobody else checkpoints (the writer's own threshold is far away), so
+        // the events reach the main file only through the checkpointer.
+        let wal = std::fs::metadata(dir.path().join("r.db-wal"))
+            .unwrap()
+            .len();
+        assert!(wal > 200_000, "WAL only {wal} bytes");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let main = std::fs::metadata(&path).unwrap().len();
+            if main > before + 100_000 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "main file still {main} bytes: the WAL was not checkpointed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        tx.send(WriteReq::Close).unwrap();
+        let store = h.join().unwrap();
+        assert_eq!(store.last_seq().unwrap(), 3000);
     }
 
     /// Everything queued before the writer starts goes into one transaction, in

@@ -838,3 +838,111 @@ async fn download(url: String, tx: std::sync::mpsc::SyncSender<std::io::Result<V
         tokio::time::sleep(Duration::from_secs(2u64.pow(tries))).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A one-file HTTP server that drops the first connection halfway through the
+    /// body; later requests get the rest (206 for a Range) or, with
+    /// `honour_range` off, the whole body again (200). Returns the Range headers seen.
+    fn flaky_server(
+        body: Vec<u8>,
+        honour_range: bool,
+    ) -> (String, std::thread::JoinHandle<Vec<Option<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/b.bundle", l.local_addr().expect("addr"));
+        let h = std::thread::spawn(move || {
+            let mut ranges = Vec::new();
+            for (i, conn) in l.incoming().enumerate() {
+                let Ok(mut c) = conn else { break };
+                let mut range = None;
+                let mut r = BufReader::new(c.try_clone().expect("clone"));
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = Some(v.trim().trim_end_matches('-').to_string());
+                    }
+                }
+                ranges.push(range.clone());
+                let from = match (&range, honour_range) {
+                    (Some(r), true) => r.parse::<usize>().expect("range"),
+                    _ => 0,
+                };
+                let status = if from > 0 {
+                    "206 Partial Content"
+                } else {
+                    "200 OK"
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len() - from
+                );
+                let _ = c.write_all(head.as_bytes());
+                if i == 0 {
+                    // The connection drops halfway.
+                    let _ = c.write_all(&body[..body.len() / 2]);
+                    let _ = c.flush();
+                    drop(c);
+                    continue;
+                }
+                let _ = c.write_all(&body[from..]);
+                break;
+            }
+            ranges
+        });
+        (url, h)
+    }
+
+    async fn fetch_all(url: String) -> Vec<u8> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            ChannelReader::new(rx)
+                .read_to_end(&mut out)
+                .map(|_| out)
+                .map_err(|e| e.to_string())
+        });
+        download(url, tx).await;
+        reader.join().expect("reader").expect("download")
+    }
+
+    fn body() -> Vec<u8> {
+        (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn download_resumes_with_range_after_a_dropped_connection() {
+        let b = body();
+        let (url, server) = flaky_server(b.clone(), true);
+        let got = fetch_all(url).await;
+        let ranges = server.join().expect("server");
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0], None);
+        let resumed_at: usize = ranges[1]
+            .as_deref()
+            .expect("a Range request")
+            .parse()
+            .expect("n");
+        assert!(
+            resumed_at > 0 && resumed_at <= b.len() / 2,
+            "resumed at {resumed_at}"
+        );
+        assert!(got == b, "the resumed download differs from the file");
+    }
+
+    #[tokio::test]
+    async fn download_skips_what_it_has_when_the_server_ignores_range() {
+        let b = body();
+        let (url, server) = flaky_server(b.clone(), false);
+        let got = fetch_all(url).await;
+        let ranges = server.join().expect("server");
+        assert!(ranges[1].is_some());
+        assert!(got == b, "the download differs from the file");
+    }
+}

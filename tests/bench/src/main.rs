@@ -644,7 +644,20 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         7,
     )
     .await;
-    let db = hub.dir.join("cloud.db");
+    // The cloud is another machine in a shop: by default its database lives in
+    // memory (/dev/shm) so its fsyncs do not queue on the hub's disk; set
+    // BENCH_CLOUD_DIR to put it elsewhere (e.g. beside the hub's to see that cost).
+    let cloud_dir = std::env::var_os("BENCH_CLOUD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let shm = Path::new("/dev/shm");
+            if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                hub.dir.clone()
+            }
+        });
+    let db = cloud_dir.join(format!("pos-hub-bench-cloud-{}.db", std::process::id()));
     let mut cloud = tokio::process::Command::new(&cloud_bin)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--db"])
         .arg(&db)
@@ -695,6 +708,12 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         ),
     ));
     let _ = cloud.start_kill();
+    let _ = cloud.wait().await;
+    for ext in ["", "-wal", "-shm"] {
+        let mut p = db.clone().into_os_string();
+        p.push(ext);
+        let _ = std::fs::remove_file(p);
+    }
     hub.stop().await;
 }
 
