@@ -122,6 +122,8 @@ pub struct Config {
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
+    /// The cloud bridge's knobs (CLOUD_TIMEOUT, CLOUD_PUSH_BATCH, ...), for every realm.
+    pub bridge: crate::bridge::Tuning,
 }
 
 /// Raw key/value settings: the env file overlaid by the process environment.
@@ -544,6 +546,26 @@ impl Config {
         let clock_set = switch(s, "CLOCK_SET", false)?;
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
+        let bridge = {
+            let d = crate::bridge::Tuning::default();
+            let dur_or = |key: &str, default: Duration| match s.get(key) {
+                None => Ok(default),
+                Some(v) => parse_duration(key, v),
+            };
+            let feed_wait = dur_or("CLOUD_FEED_WAIT", d.feed_wait)?;
+            if feed_wait > Duration::from_secs(30) {
+                return Err(err("CLOUD_FEED_WAIT", "must be at most 30s"));
+            }
+            crate::bridge::Tuning {
+                backoff_max: dur_or("CLOUD_BACKOFF_MAX", d.backoff_max)?
+                    .max(Duration::from_millis(1)),
+                timeout: dur_or("CLOUD_TIMEOUT", d.timeout)?.max(Duration::from_millis(100)),
+                feed_wait,
+                push_batch: num("CLOUD_PUSH_BATCH", d.push_batch, 1, 500)?,
+                max_rate: num("CLOUD_PUSH_MAX_RATE", d.max_rate as usize, 1, 10_000_000)? as f64,
+                busy_rate: num("CLOUD_PUSH_BUSY_RATE", d.busy_rate as usize, 1, 10_000_000)? as f64,
+            }
+        };
         let token_policy = Policy {
             issuer: s.get("TOKEN_ISSUER").map(String::from),
             audience: s.get("TOKEN_AUDIENCE").map(String::from),
@@ -661,6 +683,7 @@ impl Config {
             dev: false,
             group_commit_max,
             socket_buffer,
+            bridge,
             tls,
             tls_extra_names,
             tls_check_interval,
@@ -715,6 +738,25 @@ mod tests {
         assert_eq!(c.token_offline_grace, Duration::from_secs(72 * 3600));
     }
 
+    /// The bridge's knobs come from the same settings (the env file too), not only
+    /// from the process environment.
+    #[test]
+    fn bridge_tuning_from_settings() {
+        let b64 = pub_b64();
+        let mut s = settings(&[
+            ("TENANT_ID", "t"),
+            ("STORE_ID", "s"),
+            ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str()),
+        ]);
+        let c = Config::from_settings(&s, None, None, None).unwrap();
+        assert_eq!(c.bridge, crate::bridge::Tuning::default());
+        s.set("CLOUD_TIMEOUT", "2s");
+        s.set("CLOUD_PUSH_BUSY_RATE", "250");
+        let c = Config::from_settings(&s, None, None, None).unwrap();
+        assert_eq!(c.bridge.timeout, Duration::from_secs(2));
+        assert_eq!(c.bridge.busy_rate, 250.0);
+    }
+
     #[test]
     fn every_bad_value_names_its_key() {
         let b64 = pub_b64();
@@ -742,6 +784,12 @@ mod tests {
             ("UPS_GPIO", "pin17"),
             ("CLOCK_SET", "sometimes"),
             ("TLS_EXTRA_NAMES", "bad name!"),
+            ("CLOUD_TIMEOUT", "a while"),
+            ("CLOUD_FEED_WAIT", "5m"),
+            ("CLOUD_BACKOFF_MAX", "-1s"),
+            ("CLOUD_PUSH_BATCH", "501"),
+            ("CLOUD_PUSH_MAX_RATE", "fast"),
+            ("CLOUD_PUSH_BUSY_RATE", "0"),
         ];
         for (k, v) in cases {
             let mut s = settings(&base);

@@ -185,7 +185,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     )?);
     for r in realms.iter() {
         if let (Some(url), Some(token)) = (&r.cfg.cloud_bridge_url, &r.cfg.cloud_bridge_token) {
-            let ep = crate::bridge::Endpoints::new(url, r.cfg.cloud_feed_url.as_deref(), token);
+            let ep = crate::bridge::Endpoints::new(
+                url,
+                r.cfg.cloud_feed_url.as_deref(),
+                token,
+                cfg.bridge.clone(),
+            );
             let state = Arc::new(crate::bridge::BridgeState::default());
             let _ = r.bridge.set(state.clone());
             match crate::bridge::start(r.clone(), ep.clone(), state, clock.clone()).await {

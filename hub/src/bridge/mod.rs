@@ -18,18 +18,50 @@ use serde::Serialize;
 use crate::realm::Realm;
 use crate::util::now_ms;
 
-/// Where a realm's bridge talks to.
+/// Where a realm's bridge talks to, and how hard.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub push_url: String,
     pub feed_url: String,
     pub token: String,
+    pub tuning: Tuning,
+}
+
+/// The bridge's knobs (validated with the rest of the configuration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuning {
+    /// Cap of the exponential backoff (CLOUD_BACKOFF_MAX).
+    pub backoff_max: Duration,
+    /// Request timeout (CLOUD_TIMEOUT); a feed long-poll adds `feed_wait`.
+    pub timeout: Duration,
+    /// How long the cloud may hold a feed long-poll (CLOUD_FEED_WAIT, 0-30 s).
+    pub feed_wait: Duration,
+    /// Events per push request (CLOUD_PUSH_BATCH, 1-500: smaller bursts keep the
+    /// LAN's latency while catching up).
+    pub push_batch: usize,
+    /// Events/s pushed at most while no device is writing (CLOUD_PUSH_MAX_RATE).
+    pub max_rate: f64,
+    /// Events/s pushed at most while devices are writing (CLOUD_PUSH_BUSY_RATE).
+    pub busy_rate: f64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            backoff_max: Duration::from_secs(60),
+            timeout: Duration::from_secs(30),
+            feed_wait: Duration::from_secs(25),
+            push_batch: 100,
+            max_rate: 20_000.0,
+            busy_rate: 1_000.0,
+        }
+    }
 }
 
 impl Endpoints {
     /// The feed URL is CLOUD_FEED_URL, or the push URL with its last path segment
     /// (`ingest`) replaced by `feed`.
-    pub fn new(push_url: &str, feed_url: Option<&str>, token: &str) -> Self {
+    pub fn new(push_url: &str, feed_url: Option<&str>, token: &str, tuning: Tuning) -> Self {
         let feed = match feed_url {
             Some(f) => f.to_string(),
             None => match push_url.rsplit_once('/') {
@@ -41,6 +73,7 @@ impl Endpoints {
             push_url: push_url.to_string(),
             feed_url: feed,
             token: token.to_string(),
+            tuning,
         }
     }
 }
@@ -179,9 +212,19 @@ mod tests {
 
     #[test]
     fn feed_url_derived_from_push_url() {
-        let e = Endpoints::new("https://api.example/v1/events/ingest", None, "t");
+        let e = Endpoints::new(
+            "https://api.example/v1/events/ingest",
+            None,
+            "t",
+            Tuning::default(),
+        );
         assert_eq!(e.feed_url, "https://api.example/v1/events/feed");
-        let e = Endpoints::new("https://x/ingest", Some("https://y/feed"), "t");
+        let e = Endpoints::new(
+            "https://x/ingest",
+            Some("https://y/feed"),
+            "t",
+            Tuning::default(),
+        );
         assert_eq!(e.feed_url, "https://y/feed");
     }
 

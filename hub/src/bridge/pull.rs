@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::push::{describe, ep_cap, timeout};
+use super::push::describe;
 use super::{retry_after, Backoff, BridgeState, Endpoints};
 use crate::log::{EventError, NewEvent, Origin};
 use crate::realm::Realm;
@@ -21,14 +21,6 @@ use crate::realm::Realm;
 const CURSOR_KEY: &str = "bridge.cloud_cursor";
 /// The largest feed page accepted.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
-/// Seconds the cloud may hold a long-poll (CLOUD_FEED_WAIT, default 25 s).
-fn wait_secs() -> u64 {
-    std::env::var("CLOUD_FEED_WAIT")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .map(|d| d.as_secs().clamp(0, 30))
-        .unwrap_or(25)
-}
 
 pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {
     let r = realm.clone();
@@ -115,7 +107,7 @@ pub async fn run(
     ep: Endpoints,
     state: Arc<BridgeState>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
+    let mut backoff = Backoff::new(Duration::from_millis(250), ep.tuning.backoff_max);
     loop {
         if realm.is_shutting_down() {
             return;
@@ -129,9 +121,9 @@ pub async fn run(
                 ("storeId", realm.cfg.store_id.as_str()),
                 ("cursor", cursor.as_str()),
                 ("limit", "500"),
-                ("wait", &wait_secs().to_string()),
+                ("wait", &ep.tuning.feed_wait.as_secs().to_string()),
             ])
-            .timeout(timeout() + Duration::from_secs(wait_secs()));
+            .timeout(ep.tuning.timeout + ep.tuning.feed_wait);
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {

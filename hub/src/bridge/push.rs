@@ -77,10 +77,10 @@ pub async fn run(
     state: Arc<BridgeState>,
     clock: Arc<crate::clock::Clock>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), ep_cap());
-    let batch = batch_size();
+    let mut backoff = Backoff::new(Duration::from_millis(250), ep.tuning.backoff_max);
+    let batch = ep.tuning.push_batch.clamp(1, MAX_EVENTS);
     let mut limit = batch;
-    let mut pacer = Pacer::new(max_rate(), busy_rate());
+    let mut pacer = Pacer::new(ep.tuning.max_rate, ep.tuning.busy_rate);
     pacer.assume_busy(std::time::Instant::now());
     loop {
         if realm.is_shutting_down() {
@@ -150,42 +150,6 @@ pub async fn run(
     }
 }
 
-pub(crate) fn ep_cap() -> Duration {
-    std::env::var("CLOUD_BACKOFF_MAX")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .unwrap_or(Duration::from_secs(60))
-}
-
-/// Events per push (CLOUD_PUSH_BATCH, 1-500, default 100: smaller bursts keep the
-/// LAN's latency while catching up).
-fn batch_size() -> usize {
-    std::env::var("CLOUD_PUSH_BATCH")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map(|n| n.clamp(1, MAX_EVENTS))
-        .unwrap_or(100)
-}
-
-/// The most events per second pushed while catching up with no device writing
-/// (CLOUD_PUSH_MAX_RATE).
-fn max_rate() -> f64 {
-    rate_var("CLOUD_PUSH_MAX_RATE", 20_000.0)
-}
-
-/// The most events per second pushed while devices are writing (CLOUD_PUSH_BUSY_RATE).
-fn busy_rate() -> f64 {
-    rate_var("CLOUD_PUSH_BUSY_RATE", 1_000.0)
-}
-
-fn rate_var(key: &str, default: f64) -> f64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|r| *r >= 1.0)
-        .unwrap_or(default)
-}
-
 /// How long the LAN counts as busy after its last event.
 const BUSY_FOR: Duration = Duration::from_secs(2);
 
@@ -228,13 +192,6 @@ impl Pacer {
     }
 }
 
-pub(crate) fn timeout() -> Duration {
-    std::env::var("CLOUD_TIMEOUT")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .unwrap_or(Duration::from_secs(30))
-}
-
 async fn push_batch(
     realm: &Arc<Realm>,
     client: &reqwest::Client,
@@ -266,7 +223,7 @@ async fn push_batch(
         .bearer_auth(&ep.token)
         .header("Idempotency-Key", &key)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .timeout(timeout())
+        .timeout(ep.tuning.timeout)
         .body(body)
         .send()
         .await;

@@ -107,7 +107,7 @@ struct Checkpointer {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Checkpointer {
-    fn start(path: &std::path::Path) -> Self {
+    fn start(path: &std::path::Path, stats: Arc<LogStats>) -> Self {
         let (stop, rx) = crossbeam_channel::bounded::<()>(0);
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
@@ -121,11 +121,20 @@ impl Checkpointer {
                     }
                 };
                 let mut warned = false;
+                // Nothing to do while no commit happened since a complete checkpoint.
+                let mut done_at: Option<u64> = None;
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    let batches = stats.batches.load(Ordering::Relaxed);
+                    if done_at == Some(batches) {
+                        continue;
+                    }
                     match store.checkpoint_passive() {
-                        Ok(_) => warned = false,
+                        Ok((frames, copied)) => {
+                            warned = false;
+                            done_at = (frames == copied).then_some(batches);
+                        }
                         Err(e) if !warned => {
                             warned = true;
                             tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; will retry");
@@ -185,7 +194,7 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
         Ok(Self {
-            checkpointer: Checkpointer::start(store.path()),
+            checkpointer: Checkpointer::start(store.path(), stats.clone()),
             store,
             next_seq: last + 1,
             rx,
