@@ -257,7 +257,9 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         unclaimed: cfg.claim.is_some(),
         day_marks: Default::default(),
     });
-    let mut app = http::router(web.clone()).layer(layer);
+    let mut app = http::router(web.clone())
+        .layer(layer)
+        .layer(axum::middleware::map_request(realtime::detach_request));
     if let Some(key) = cfg.claim.clone() {
         tracing::warn!(port = cfg.port, "UNCLAIMED: this box accepts no events until it is claimed at https://<address>:{}/setup", cfg.port);
         eprintln!("pos-hub: this box is not claimed yet: open https://<its address>:{}/setup and paste the store's claim token", cfg.port);
