@@ -95,6 +95,13 @@ export async function staticServer(dir) {
   return { port: srv.address().port, reports, close: () => srv.close() };
 }
 
+/** Processes (QEMU, run-qemu) whose command line names `card`. */
+function qemusOn(card) {
+  try {
+    return execFileSync("pgrep", ["-f", "--", card], { encoding: "utf8" }).split("\n").filter(Boolean).map(Number);
+  } catch { return []; } // pgrep exits 1 when nothing matches
+}
+
 /** Boots `card` with scripts/run-qemu; the console accumulates in `.console`. */
 export async function boot(card, { port, guestfwd } = {}) {
   port ??= await freePort();
@@ -124,15 +131,21 @@ export async function boot(card, { port, guestfwd } = {}) {
         await sleep(200);
       }
     },
-    /** Power cut: SIGKILL QEMU (the harness then exits). */
+    /** Power cut: SIGKILL the firmware loop (run-qemu, so it boots nothing more) and
+     * every QEMU on this card. A cut between two boots (a reboot) finds the next QEMU
+     * perhaps started but not yet in the pidfile, hence the search by card path. */
     async powerCut() {
-      const pid = Number(fs.readFileSync(pidfile, "utf8"));
-      try { process.kill(pid, "SIGKILL"); } catch {}
+      box.killNow();
+      for (let i = 0; i < 50 && qemusOn(card).length; i++) {
+        for (const pid of qemusOn(card)) { try { process.kill(pid, "SIGKILL"); } catch {} }
+        await sleep(100);
+      }
       await Promise.race([box.exited, sleep(10000)]);
     },
     killNow() {
-      try { process.kill(Number(fs.readFileSync(pidfile, "utf8")), "SIGKILL"); } catch {}
       try { child.kill("SIGKILL"); } catch {}
+      try { process.kill(Number(fs.readFileSync(pidfile, "utf8")), "SIGKILL"); } catch {}
+      for (const pid of qemusOn(card)) { try { process.kill(pid, "SIGKILL"); } catch {} }
     },
     async stop() { box.killNow(); await Promise.race([box.exited, sleep(5000)]); },
   };
