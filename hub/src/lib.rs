@@ -5,8 +5,10 @@
 //! * [`config`]   settings from env / `.env` / realms file, validated at start
 //! * [`log`]      the durable event log (SQLite) and its single writer per realm
 //! * [`auth`]     cluster tokens (JWT) verified offline against configured keys
+//! * [`conn`]     a TCP connection the hub can cut (reset) whatever layers sit on it
+//! * [`link`]     one device connection: Socket.IO packets, its queue, overflow = cut
 //! * [`realm`]    the registry of realms: log writer, live devices, fan-out
-//! * [`realtime`] Socket.IO handlers: connect, event/events, sync, catch-up
+//! * [`realtime`] the Socket.IO handshake and messages: connect, event/events, sync
 //! * [`http`]     axum routes: /healthz, /status, /ca.crt
 //! * [`tls`]      the store CA, leaf certificates, TLS and plain HTTP on one port
 //! * [`serve`]    wires everything together; graceful shutdown
@@ -21,9 +23,11 @@ pub mod bridge;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod discovery;
 pub mod http;
 pub mod init;
+pub mod link;
 pub mod log;
 pub mod power;
 pub mod provision;

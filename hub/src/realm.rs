@@ -17,17 +17,13 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use socketioxide::extract::{AckSender, SocketRef};
-use socketioxide::socket::Sid;
-use socketioxide::{SendError, SocketError};
 
 use crate::config::RealmConfig;
-use crate::log::event::encode_stored;
+use crate::link::sio;
+use crate::link::{self, Sid, Sock, Str, Why};
+use crate::log::event::encode_stored_into;
 use crate::log::writer::{refuse, LogStats};
 use crate::log::{Committed, EventError, LogError, Outcome, Reply, Store, WriteReq, Writer};
-
-/// The socket type of the hub.
-pub type Sock = SocketRef;
 
 /// Serializes already-encoded JSON as it is (no re-parse, no re-encode).
 pub struct RawJson<'a>(pub &'a str);
@@ -42,13 +38,6 @@ impl Serialize for RawJson<'_> {
         st.serialize_field(TOKEN, self.0)?;
         st.end()
     }
-}
-
-#[derive(Serialize)]
-struct AckOk {
-    ok: bool,
-    seq: u64,
-    duplicate: bool,
 }
 
 #[derive(Serialize)]
@@ -73,59 +62,59 @@ impl<'a> AckErr<'a> {
             },
         }
     }
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum OutcomeJson<'a> {
-    Ok(AckOk),
-    Err(AckErr<'a>),
-}
-
-fn outcome_json(o: &Outcome) -> OutcomeJson<'_> {
-    match o {
-        Outcome::Stored(seq) => OutcomeJson::Ok(AckOk {
-            ok: true,
-            seq: *seq,
-            duplicate: false,
-        }),
-        Outcome::Duplicate(seq) => OutcomeJson::Ok(AckOk {
-            ok: true,
-            seq: *seq,
-            duplicate: true,
-        }),
-        Outcome::Rejected(e) => OutcomeJson::Err(AckErr::new(e)),
+    /// The refusal as JSON.
+    pub fn json(e: &EventError) -> String {
+        serde_json::to_string(&AckErr::new(e))
+            .unwrap_or_else(|_| format!("{{\"ok\":false,\"error\":{{\"code\":\"{}\"}}}}", e.code()))
     }
 }
 
-#[derive(Serialize)]
-struct BatchAck<'a> {
-    ok: bool,
-    results: Vec<OutcomeJson<'a>>,
+/// Writes one outcome as `{ok, seq, duplicate}` or `{ok:false, error}`.
+fn push_outcome(out: &mut String, o: &Outcome) {
+    match o {
+        Outcome::Stored(seq) | Outcome::Duplicate(seq) => {
+            out.push_str("{\"ok\":true,\"seq\":");
+            sio::push_u64(out, *seq);
+            out.push_str(if matches!(o, Outcome::Duplicate(_)) {
+                ",\"duplicate\":true}"
+            } else {
+                ",\"duplicate\":false}"
+            });
+        }
+        Outcome::Rejected(e) => out.push_str(&AckErr::json(e)),
+    }
 }
 
 /// How an append is answered.
 pub enum AckReply {
-    /// A Socket.IO ack. The socket is kept to disconnect it if its queue is full:
-    /// an ack is never dropped without the device knowing.
-    Socket { ack: AckSender, sock: Sock },
+    /// A Socket.IO ack to the device's packet `id`. If its queue is full the
+    /// device is cut: an ack is never dropped without the device knowing.
+    Socket { sock: Sock, id: u64 },
     /// An in-process caller (the cloud bridge, tests).
     Channel(tokio::sync::oneshot::Sender<Vec<Outcome>>),
     /// Nobody waits (an `event` without ack callback).
     None,
 }
 
-fn send_or_drop<T: Serialize>(ack: AckSender, sock: &Sock, v: &T) {
-    if let Err(SendError::Socket(SocketError::InternalChannelFull)) = ack.send(v) {
-        tracing::warn!(sid = %sock.id, "device's send queue is full; disconnecting it so it resumes from its cursor");
-        let _ = sock.clone().disconnect();
+impl AckReply {
+    /// Answers with ready-made JSON (a refusal before the writer saw it).
+    pub fn send_json(self, json: &str) {
+        if let AckReply::Socket { sock, id } = self {
+            link::send_or_cut(&sock, link::str_of(sio::ack(id, json)));
+        }
     }
 }
 
 impl Reply for AckReply {
     fn one(self, o: &Outcome) {
         match self {
-            AckReply::Socket { ack, sock } => send_or_drop(ack, &sock, &outcome_json(o)),
+            AckReply::Socket { sock, id } => {
+                let mut out = String::with_capacity(64);
+                sio::ack_start(&mut out, id);
+                push_outcome(&mut out, o);
+                sio::ack_end(&mut out);
+                link::send_or_cut(&sock, link::str_of(out));
+            }
             AckReply::Channel(tx) => {
                 let _ = tx.send(vec![o.clone()]);
             }
@@ -134,14 +123,20 @@ impl Reply for AckReply {
     }
     fn many(self, os: &[Outcome]) {
         match self {
-            AckReply::Socket { ack, sock } => send_or_drop(
-                ack,
-                &sock,
-                &BatchAck {
-                    ok: true,
-                    results: os.iter().map(outcome_json).collect(),
-                },
-            ),
+            AckReply::Socket { sock, id } => {
+                let mut out = String::with_capacity(32 + 48 * os.len());
+                sio::ack_start(&mut out, id);
+                out.push_str("{\"ok\":true,\"results\":[");
+                for (i, o) in os.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    push_outcome(&mut out, o);
+                }
+                out.push_str("]}");
+                sio::ack_end(&mut out);
+                link::send_or_cut(&sock, link::str_of(out));
+            }
             AckReply::Channel(tx) => {
                 let _ = tx.send(os.to_vec());
             }
@@ -163,11 +158,8 @@ enum Fan {
         after: Option<u64>,
     },
     Leave(Sid),
-    /// A hub notice to every device (e.g. `hub.power`).
-    Notice {
-        event: &'static str,
-        json: String,
-    },
+    /// A hub notice to every device (e.g. `hub.power`), encoded once.
+    Notice(Str),
     Close,
 }
 
@@ -242,12 +234,18 @@ impl Realm {
         let key = cfg.key();
         let mut threads = Vec::new();
         let name = format!("log-{}", cfg.store_id);
+        // Both threads answer and close device connections, which spawns on the
+        // async runtime: they run inside its context.
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let rt2 = rt.clone();
         threads.push(spawn_named(&name, move || {
+            let _ctx = rt.as_ref().map(|h| h.enter());
             let store = writer.run();
             drop(store);
         })?);
         let fs = fanned_seq.clone();
         threads.push(spawn_named(&format!("fan-{}", cfg.store_id), move || {
+            let _ctx = rt2.as_ref().map(|h| h.enter());
             FanOut {
                 reader,
                 live: Vec::new(),
@@ -344,7 +342,9 @@ impl Realm {
 
     /// Sends a hub notice to every live device of the realm.
     pub fn notice(&self, event: &'static str, json: String) {
-        let _ = self.fan_tx.send(Fan::Notice { event, json });
+        let _ = self
+            .fan_tx
+            .send(Fan::Notice(link::str_of(sio::event(event, &json))));
     }
 
     /// Runs `f` on a pooled read-only connection (blocking: call from a blocking task).
@@ -415,6 +415,9 @@ impl Realm {
 
     /// Replays what `sock` missed since `since`, then hands it to the fan-out,
     /// which sends the last few events, `synced`, and live events from then on.
+    ///
+    /// The replay waits while the device's queue is full (a slow device is not cut
+    /// for being slow), but a device that takes nothing for [`STALL`] is cut.
     pub async fn catch_up(self: Arc<Self>, sock: Sock, since: Option<u64>) {
         let Some(mut after) = since else {
             let _ = self.fan_tx.send(Fan::Join { sock, after: None });
@@ -422,34 +425,47 @@ impl Realm {
         };
         loop {
             let head = self.fanned_seq();
-            if head <= after + TAIL {
+            if head <= after.saturating_add(TAIL) {
                 break;
             }
             let realm = self.clone();
-            let page = match tokio::task::spawn_blocking(move || realm.read_page(after, PAGE)).await
+            let page = match tokio::task::spawn_blocking(move || {
+                realm.read_page_packets(after, PAGE)
+            })
+            .await
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
                     tracing::error!(realm = %self.key(), error = %e, "replay read failed; disconnecting device");
-                    let _ = sock.disconnect();
+                    link::cut(&sock, Why::ReadFailed);
                     return;
                 }
                 Err(_) => return,
             };
-            if page.is_empty() {
+            let Some(last) = page.last().map(|(seq, _)| *seq) else {
                 break;
+            };
+            if !send_waiting(&sock, page.iter().map(|(_, p)| p)).await {
+                return;
             }
-            for (seq, json) in &page {
-                if !emit_waiting(&sock, "event", json).await {
-                    return;
-                }
-                after = *seq;
-            }
+            after = last;
         }
         let _ = self.fan_tx.send(Fan::Join {
             sock,
             after: Some(after),
         });
+    }
+
+    /// Reads one page as ready-to-send `event` packets.
+    fn read_page_packets(&self, after: u64, limit: usize) -> Result<Vec<(u64, Str)>, LogError> {
+        let upto = self.fanned_seq.load(Ordering::Acquire);
+        self.with_reader(|r| {
+            let mut out = Vec::with_capacity(limit.min(PAGE));
+            r.read_page(after, upto, limit, |seq, json| {
+                out.push((seq, link::str_of(sio::event("event", &json))))
+            })?;
+            Ok(out)
+        })
     }
 
     /// Stops taking events, commits what is queued, closes the database.
@@ -482,21 +498,34 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHand
         })
 }
 
-/// Emits `json` as `event`, waiting while the socket's queue is full. Returns false
-/// if the socket is gone.
-async fn emit_waiting(sock: &Sock, event: &str, json: &str) -> bool {
-    for _ in 0..30_000 {
-        match sock.emit(event, &RawJson(json)) {
-            Ok(()) => return true,
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+/// How long a catching-up device may take nothing before it is cut.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Queues `packets` in order, waiting while the device's queue is full. Returns
+/// false if the device is gone or was cut for taking nothing for [`STALL`].
+async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Str> + Clone) -> bool {
+    let mut rest = packets;
+    let mut stalled_since: Option<std::time::Instant> = None;
+    loop {
+        match link::try_send_all(sock, rest.clone()) {
+            Ok(_) => return true,
+            Err((n, link::SendError::Full)) => {
+                if n > 0 {
+                    stalled_since = None;
+                    for _ in 0..n {
+                        rest.next();
+                    }
+                }
+                let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > STALL {
+                    link::cut(sock, Why::CatchUpStalled);
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err(_) => return false,
+            Err((_, link::SendError::Closed)) => return false,
         }
     }
-    // Stuck for about 30 s: let it reconnect.
-    let _ = sock.clone().disconnect();
-    false
 }
 
 struct Live {
@@ -510,11 +539,6 @@ struct FanOut {
     fanned: Arc<AtomicU64>,
 }
 
-#[derive(Serialize)]
-struct Synced {
-    seq: u64,
-}
-
 impl FanOut {
     fn run(mut self, rx: Receiver<Fan>) {
         for msg in rx {
@@ -522,14 +546,14 @@ impl FanOut {
                 Fan::Batch(batch) => self.batch(batch),
                 Fan::Join { sock, after } => self.join(sock, after),
                 Fan::Leave(sid) => self.live.retain(|l| l.sid != sid),
-                Fan::Notice { event, json } => {
-                    let mut dead = Vec::new();
+                Fan::Notice(packet) => {
+                    let mut gone = Vec::new();
                     for l in &self.live {
-                        if l.sock.emit(event, &RawJson(&json)).is_err() {
-                            dead.push(l.sid);
+                        if let Err(e) = link::try_send(&l.sock, packet.clone()) {
+                            gone.push((l.sid, e));
                         }
                     }
-                    self.drop_dead(dead);
+                    self.drop_gone(gone);
                 }
                 Fan::Close => break,
             }
@@ -538,53 +562,58 @@ impl FanOut {
     }
 
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
-        // Encode each event once; every socket gets the same JSON.
-        let encoded: Vec<(Tag, String)> = batch
+        // Encode each event once, as the whole Socket.IO packet; every socket gets
+        // the same bytes.
+        let packets: Vec<(Tag, Str)> = batch
             .iter()
             .map(|c| {
-                (
-                    c.tag,
-                    encode_stored(
-                        c.seq,
-                        c.event.id(),
-                        c.event.typ(),
-                        c.event.payload(),
-                        &c.device,
-                        c.event.ts(),
-                        c.hub_ts,
-                        c.origin,
-                    ),
-                )
+                let e = &c.event;
+                let mut out = String::with_capacity(
+                    112 + e.id().len() + e.typ().len() + e.payload().len() + c.device.len(),
+                );
+                sio::event_start(&mut out, "event");
+                encode_stored_into(
+                    &mut out,
+                    c.seq,
+                    e.id(),
+                    e.typ(),
+                    e.payload(),
+                    &c.device,
+                    e.ts(),
+                    c.hub_ts,
+                    c.origin,
+                );
+                sio::event_end(&mut out);
+                (c.tag, link::str_of(out))
             })
             .collect();
-        // Socket by socket, all of the batch at once: each socket's writer task then
-        // wakes once and sends the batch in one write.
-        let mut dead = Vec::new();
+        // Socket by socket, all of the batch at once: its writer wakes once and
+        // writes the batch in one go. A socket whose queue is full is cut; the
+        // others never wait for it.
+        let mut gone = Vec::new();
         for l in &self.live {
-            for (tag, json) in &encoded {
-                if Some(l.sid) == *tag {
-                    continue;
-                }
-                if let Err(e) = l.sock.emit("event", &RawJson(json)) {
-                    if let SendError::Socket(SocketError::InternalChannelFull) = e {
-                        tracing::warn!(sid = %l.sid, "device fell too far behind; disconnecting it so it resumes from its cursor");
-                    }
-                    dead.push(l.sid);
-                    break;
-                }
+            let own = Some(l.sid);
+            let mine = packets
+                .iter()
+                .filter(|(tag, _)| *tag != own)
+                .map(|(_, p)| p);
+            if let Err((_, e)) = link::try_send_all(&l.sock, mine) {
+                gone.push((l.sid, e));
             }
         }
-        self.drop_dead(dead);
+        self.drop_gone(gone);
         if let Some(c) = batch.last() {
             self.fanned.store(c.seq, Ordering::Release);
         }
     }
 
-    fn drop_dead(&mut self, dead: Vec<Sid>) {
-        for sid in dead {
+    fn drop_gone(&mut self, gone: Vec<(Sid, link::SendError)>) {
+        for (sid, e) in gone {
             if let Some(i) = self.live.iter().position(|l| l.sid == sid) {
                 let l = self.live.swap_remove(i);
-                let _ = l.sock.disconnect();
+                if e == link::SendError::Full {
+                    link::cut(&l.sock, Why::QueueFull);
+                }
             }
         }
     }
@@ -592,36 +621,48 @@ impl FanOut {
     fn join(&mut self, sock: Sock, after: Option<u64>) {
         let head = self.fanned.load(Ordering::Acquire);
         if let Some(after) = after {
+            // The last few events (at most TAIL, and whatever the fan-out sent
+            // meanwhile): without waiting, or the device is cut.
             let mut from = after;
             while from < head {
-                let mut ok = true;
+                let mut page = Vec::new();
                 let r = self.reader.read_page(from, head, PAGE, |seq, json| {
-                    if ok && sock.emit("event", &RawJson(&json)).is_err() {
-                        ok = false;
-                    }
+                    page.push(link::str_of(sio::event("event", &json)));
                     from = seq;
                 });
                 match r {
                     Ok(0) => break,
-                    Ok(_) if ok => {}
-                    Ok(_) => {
-                        tracing::warn!(sid = %sock.id, "device's queue overflowed during catch-up; disconnecting it");
-                        let _ = sock.disconnect();
-                        return;
-                    }
+                    Ok(_) => match link::try_send_all(&sock, page.iter()) {
+                        Ok(_) => {}
+                        Err((_, e)) => {
+                            if e == link::SendError::Full {
+                                link::cut(&sock, Why::QueueFull);
+                            }
+                            return;
+                        }
+                    },
                     Err(e) => {
                         tracing::error!(error = %e, "catch-up read failed; disconnecting device");
-                        let _ = sock.disconnect();
+                        link::cut(&sock, Why::ReadFailed);
                         return;
                     }
                 }
             }
         }
-        if sock.emit("synced", &Synced { seq: head }).is_err() {
-            let _ = sock.disconnect();
-            return;
+        let mut synced = String::with_capacity(32);
+        sio::event_start(&mut synced, "synced");
+        synced.push_str("{\"seq\":");
+        sio::push_u64(&mut synced, head);
+        synced.push('}');
+        sio::event_end(&mut synced);
+        match link::try_send(&sock, link::str_of(synced)) {
+            Ok(()) => {
+                sock.data.live.store(true, Ordering::Release);
+                self.live.push(Live { sid: sock.id, sock });
+            }
+            Err(link::SendError::Full) => link::cut(&sock, Why::QueueFull),
+            Err(link::SendError::Closed) => {}
         }
-        self.live.push(Live { sid: sock.id, sock });
     }
 }
 
@@ -657,6 +698,22 @@ impl Realms {
         self.by_key.get(&(tenant.to_string(), store.to_string()))
     }
 
+    /// The realm and its index in the list (the index is what a connection keeps).
+    pub fn find(&self, tenant: &str, store: &str) -> Option<(usize, &Arc<Realm>)> {
+        if self.list.len() == 1 {
+            let r = &self.list[0];
+            return (r.cfg.tenant_id == tenant && r.cfg.store_id == store).then_some((0, r));
+        }
+        let r = self.by_key.get(&(tenant.to_string(), store.to_string()))?;
+        let i = self.list.iter().position(|x| Arc::ptr_eq(x, r))?;
+        Some((i, r))
+    }
+
+    /// The realm at `index` (from [`Realms::find`]).
+    pub fn at(&self, index: usize) -> Option<&Arc<Realm>> {
+        self.list.get(index)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Realm>> {
         self.list.iter()
     }
@@ -677,13 +734,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raw_json_goes_through_socketio_encoding_verbatim() {
-        let s = serde_json::to_string(&(RawJson(r#"{"a":1}"#),)).unwrap();
-        assert_eq!(s, r#"[{"a":1}]"#);
-        use socketioxide_core::parser::Parse;
-        let v = socketioxide_parser_common::CommonParser
-            .encode_value(&RawJson(r#"{"a":[1,"x"]}"#), Some("event"))
-            .unwrap();
-        assert_eq!(v.as_str().unwrap().as_str(), r#"["event",{"a":[1,"x"]}]"#);
+    fn acks_are_the_json_devices_expect() {
+        let cases = [
+            (
+                Outcome::Stored(7),
+                r#"{"ok":true,"seq":7,"duplicate":false}"#,
+            ),
+            (
+                Outcome::Duplicate(3),
+                r#"{"ok":true,"seq":3,"duplicate":true}"#,
+            ),
+        ];
+        for (o, want) in cases {
+            let mut s = String::new();
+            push_outcome(&mut s, &o);
+            assert_eq!(s, want);
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            assert_eq!(v["ok"], true);
+        }
+        let mut s = String::new();
+        push_outcome(&mut s, &Outcome::Rejected(EventError::BadId));
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["code"], "invalid_id");
+    }
+
+    #[test]
+    fn raw_json_serializes_verbatim() {
+        let s = serde_json::to_string(&(RawJson(r#"{"a":[1,"x"]}"#),)).unwrap();
+        assert_eq!(s, r#"[{"a":[1,"x"]}]"#);
     }
 }

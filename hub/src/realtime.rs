@@ -1,29 +1,39 @@
-//! Socket.IO for store devices: the handshake (token check, realm, catch-up cursor)
-//! and the `event`, `events` and `sync` messages.
+//! Socket.IO for store devices, over Engine.IO (engineioxide): the handshake
+//! (token, realm, catch-up cursor) and the `event`, `events` and `sync` messages.
 //!
-//! Ordering: socketioxide runs a socket's async handlers concurrently, so the
-//! hub does its work in the *extractor* ([`SubmitOne`], [`SubmitMany`]), which
-//! socketioxide calls synchronously, in arrival order, for each packet. The event
-//! is validated and queued to the realm's writer right there; one device's events
-//! are therefore stored in the order it sent them.
+//! Ordering: Engine.IO hands a connection's messages to [`Hub`] one at a time, in
+//! arrival order, on the connection's own task; each event is validated and queued
+//! to the realm's writer right there, synchronously. One device's events are
+//! therefore stored in the order it sent them, and no task is spawned per event.
+//!
+//! Hostile input: nothing a connection sends can hold more than a few words of
+//! state or wait on anything shared. A packet that is not Socket.IO closes that
+//! connection; binary attachments are counted and skipped, never kept; a
+//! connection that has not completed the Socket.IO handshake within
+//! [`CONNECT_TIMEOUT`], or fails it [`MAX_REFUSED`] times, is closed. The limits
+//! of the layers below are set in [`build`].
 
-use std::convert::Infallible;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
+use engineioxide::config::EngineIoConfig;
+use engineioxide::handler::EngineIoHandler;
+use engineioxide::layer::EngineIoLayer;
+use engineioxide::socket::DisconnectReason;
+use parking_lot::Mutex;
 use serde::Deserialize;
-use socketioxide::adapter::LocalAdapter;
-use socketioxide::extract::{AckSender, SocketRef, State, TryData};
-use socketioxide::handler::{ConnectHandler, FromMessageParts};
-use socketioxide::socket::Socket;
-use socketioxide::{SocketIo, SocketIoConfig};
-use socketioxide_core::Value;
 
 use crate::auth::token::{self, TokenError};
 use crate::auth::Policy;
-use crate::log::event::{parse_batch_packet, parse_event_packet, push_json_str, EventError};
+use crate::conn::Cut;
+use crate::link::sio::{self, EventArgs, Packet};
+use crate::link::{self, Device, Sid, Sock, Socket, Why};
+use crate::log::event::{batch_from_arg, event_from_arg, push_json_str, EventError};
 use crate::log::{Appended, Origin, WriteReq};
-use crate::realm::{AckErr, AckReply, DeviceEntry, RawJson, Realm, Realms, PAGE};
+use crate::realm::{AckErr, AckReply, DeviceEntry, Realms, PAGE};
 use crate::util::now_ms;
 
 /// What the Socket.IO side needs to admit devices.
@@ -34,44 +44,137 @@ pub struct Gate {
     pub clock: Arc<crate::clock::Clock>,
 }
 
-/// The largest WebSocket message accepted: a full `events` batch of small events.
-/// A single event's payload is limited separately to 64 KiB.
+/// The largest WebSocket message (and HTTP long-polling body) accepted: a full
+/// `events` batch of small events. A single event's payload is limited to 64 KiB.
 pub const MAX_MESSAGE: usize = 8 << 20;
-
 /// The WebSocket read buffer per connection (grows for larger messages).
 pub const WS_READ_BUFFER: usize = 1024;
+/// A connection must complete the Socket.IO handshake within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refused CONNECTs on one connection before it is closed.
+pub const MAX_REFUSED: u8 = 3;
+/// Engine.IO heartbeat: a ping every interval, a pong due within the timeout
+/// (a connection stuck in a half-sent frame cannot answer and is closed).
+pub const PING_INTERVAL: Duration = Duration::from_secs(25);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// A polling-to-WebSocket upgrade must finish within this.
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds the Socket.IO layer for `/socket.io/`.
-pub fn build(
+/// The Engine.IO handler: every device connection of every realm.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     gate: Arc<Gate>,
-    socket_buffer: usize,
-) -> (socketioxide::layer::SocketIoLayer, SocketIo) {
-    let mut config = SocketIoConfig::default();
-    config.engine_config.max_buffer_size = socket_buffer;
-    let (layer, io) = SocketIo::builder()
-        .max_buffer_size(socket_buffer)
+    /// Every open connection (for shutdown and for upgrades to find theirs).
+    sockets: Mutex<HashMap<Sid, Weak<Socket>>>,
+    stopping: AtomicBool,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("connections", &self.inner.sockets.lock().len())
+            .finish()
+    }
+}
+
+/// Builds the Engine.IO layer for `/socket.io/` and the handle to stop it.
+pub fn build(gate: Arc<Gate>, socket_buffer: usize) -> (EngineIoLayer<Hub>, Hub) {
+    let config = EngineIoConfig::builder()
+        .req_path("/socket.io")
+        .max_buffer_size(socket_buffer + link::HEADROOM)
         .max_payload(MAX_MESSAGE as u64)
         .ws_max_message_size(MAX_MESSAGE)
         .ws_max_frame_size(MAX_MESSAGE)
-        .connect_timeout(Duration::from_secs(20))
         .ws_read_buffer_size(WS_READ_BUFFER)
-        .with_state(gate)
-        .build_layer();
-    io.ns("/", on_connect.with(authenticate));
-    (layer, io)
+        .ping_interval(PING_INTERVAL)
+        .ping_timeout(PING_TIMEOUT)
+        .upgrade_timeout(UPGRADE_TIMEOUT)
+        .build();
+    let hub = Hub {
+        inner: Arc::new(Inner {
+            gate,
+            sockets: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        }),
+    };
+    (
+        EngineIoLayer::from_config(Arc::new(hub.clone()), config),
+        hub,
+    )
 }
 
-/// Copies a Socket.IO request's URI and headers out of hyper's connection read buffer.
+impl Hub {
+    /// Closes every connection (devices reconnect to the next hub) and waits up to
+    /// `within` for their queues to flush.
+    pub async fn close(&self, within: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let socks: Vec<Sock> = self
+            .inner
+            .sockets
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for s in &socks {
+            link::cut(s, Why::Shutdown);
+        }
+        let all = futures_util::future::join_all(socks.iter().map(|s| s.closed()));
+        let _ = tokio::time::timeout(within, all).await;
+    }
+
+    /// How many connections are open (devices and handshakes).
+    pub fn connections(&self) -> usize {
+        self.inner.sockets.lock().len()
+    }
+}
+
+/// Request middleware for `/socket.io/`: copies the request's URI and headers out of
+/// hyper's read buffer, and gives an upgrading WebSocket's connection to its session.
 ///
-/// hyper parses them as slices of its 8 KiB read buffer, and socketioxide keeps the
-/// handshake request's parts for the life of the socket, so without this every connected
-/// device pins that buffer: about a third of an idle connection's memory. Other requests
-/// pass untouched.
-pub async fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
-    use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+/// hyper parses the URI and header values as slices of its 8 KiB connection read
+/// buffer, and Engine.IO keeps the handshake request's parts for the life of the
+/// socket, so without the copy every connected device pins that buffer. Other
+/// requests pass untouched.
+pub async fn prepare(
+    axum::extract::State(hub): axum::extract::State<Hub>,
+    req: axum::extract::Request,
+) -> axum::extract::Request {
     if !req.uri().path().starts_with("/socket.io") {
         return req;
     }
+    let req = detach_request(req);
+    // A polling session upgrading to WebSocket: the WebSocket runs on this request's
+    // connection, which is the one to cut if the device stops reading.
+    if let (Some(sid), Some(cut)) = (upgrade_sid(req.uri()), req.extensions().get::<Arc<Cut>>()) {
+        let sock = hub.inner.sockets.lock().get(&sid).and_then(Weak::upgrade);
+        if let Some(s) = sock {
+            s.data.set_cut(cut.clone());
+        }
+    }
+    req
+}
+
+fn upgrade_sid(uri: &axum::http::Uri) -> Option<Sid> {
+    let q = uri.query()?;
+    let mut sid = None;
+    let mut ws = false;
+    for kv in q.split('&') {
+        match kv.split_once('=') {
+            Some(("sid", v)) => sid = v.parse::<Sid>().ok(),
+            Some(("transport", "websocket")) => ws = true,
+            _ => {}
+        }
+    }
+    sid.filter(|_| ws)
+}
+
+/// Copies a request's URI and headers into buffers of their own.
+pub fn detach_request(req: axum::extract::Request) -> axum::extract::Request {
+    use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
     let (mut parts, body) = req.into_parts();
     if let Ok(uri) = parts.uri.to_string().parse::<Uri>() {
         parts.uri = uri;
@@ -86,15 +189,6 @@ pub async fn detach_request(req: axum::extract::Request) -> axum::extract::Reque
     }
     parts.headers = headers;
     axum::extract::Request::from_parts(parts, body)
-}
-
-/// Per-socket state, kept in the socket's extensions.
-pub struct DeviceCtx {
-    pub realm: Arc<Realm>,
-    pub device_id: Arc<str>,
-    pub role: String,
-    pub since: Option<u64>,
-    pub in_grace: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -128,163 +222,212 @@ fn parse_since(v: Option<&serde_json::Value>) -> Result<Option<u64>, Refused> {
     }
 }
 
-/// Connect middleware: checks the token and picks the realm. Runs before the
-/// device is told it is connected, so handlers are in place before its first event.
-async fn authenticate(
-    s: SocketRef,
-    State(gate): State<Arc<Gate>>,
-    auth: TryData<AuthIn>,
-) -> Result<(), Refused> {
-    let auth = auth.0.unwrap_or_default();
-    let token = match &auth.token {
-        Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
-        _ => return Err(Refused(TokenError::MissingToken.code())),
-    };
-    let since = parse_since(auth.since.as_ref())?;
-    let (tenant, store) = token::peek_realm(token).map_err(|e| Refused(e.code()))?;
-    let Some(realm) = gate.realms.get(&tenant, &store) else {
-        return Err(Refused(TokenError::WrongRealm.code()));
-    };
-    if realm.is_shutting_down() {
-        return Err(Refused("shutting_down"));
-    }
-    let v = token::verify(&realm.cfg.keys, token, gate.clock.now_secs(), &gate.policy).map_err(|e| {
-        tracing::debug!(sid = %s.id, realm = %realm.key(), code = e.code(), "connection refused");
-        Refused(e.code())
-    })?;
-    let c = v.claims;
-    if c.tenant_id != realm.cfg.tenant_id || c.store_id != realm.cfg.store_id {
-        return Err(Refused(TokenError::WrongRealm.code()));
-    }
-    let in_grace = match v.expired_by {
-        None => {
-            realm.admit(&c.device_id, &c.role, c.exp);
-            false
-        }
-        Some(by) if by <= gate.grace_secs && realm.is_admitted(&c.device_id) => {
-            tracing::info!(device = %c.device_id, realm = %realm.key(), expired_secs = by, "admitted in offline grace");
-            true
-        }
-        Some(by) => {
-            tracing::debug!(device = %c.device_id, expired_secs = by, "expired token refused");
-            return Err(Refused(TokenError::Expired(by).code()));
-        }
-    };
-    s.extensions.insert(Arc::new(DeviceCtx {
-        realm: realm.clone(),
-        device_id: Arc::from(c.device_id.as_str()),
-        role: c.role,
-        since,
-        in_grace,
-    }));
-    s.on("event", async |_: SubmitOne| {});
-    s.on("events", async |_: SubmitMany| {});
-    s.on("sync", on_sync);
-    s.on_disconnect(async |s: SocketRef| {
-        if let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() {
-            ctx.realm.device_left(s.id);
-        }
-    });
-    Ok(())
+/// An admitted device: who it is, where, and from which seq it catches up.
+struct Admitted {
+    device: Device,
+    since: Option<u64>,
 }
 
-async fn on_connect(s: SocketRef) {
-    let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
-        return;
-    };
-    ctx.realm.device_connected(
-        s.id,
-        DeviceEntry {
-            device_id: ctx.device_id.to_string(),
-            role: ctx.role.clone(),
+impl Inner {
+    /// Checks the handshake's token and picks the realm.
+    fn authenticate(&self, sid: Sid, auth: &AuthIn) -> Result<Admitted, Refused> {
+        let gate = &self.gate;
+        let token = match &auth.token {
+            Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
+            _ => return Err(Refused(TokenError::MissingToken.code())),
+        };
+        let since = parse_since(auth.since.as_ref())?;
+        let (tenant, store) = token::peek_realm(token).map_err(|e| Refused(e.code()))?;
+        let Some((index, realm)) = gate.realms.find(&tenant, &store) else {
+            return Err(Refused(TokenError::WrongRealm.code()));
+        };
+        if realm.is_shutting_down() || self.stopping.load(Ordering::Relaxed) {
+            return Err(Refused("shutting_down"));
+        }
+        let v = token::verify(&realm.cfg.keys, token, gate.clock.now_secs(), &gate.policy)
+            .map_err(|e| {
+                tracing::debug!(%sid, realm = %realm.key(), code = e.code(), "connection refused");
+                Refused(e.code())
+            })?;
+        let c = v.claims;
+        if c.tenant_id != realm.cfg.tenant_id || c.store_id != realm.cfg.store_id {
+            return Err(Refused(TokenError::WrongRealm.code()));
+        }
+        let in_grace = match v.expired_by {
+            None => {
+                realm.admit(&c.device_id, &c.role, c.exp);
+                false
+            }
+            Some(by) if by <= gate.grace_secs && realm.is_admitted(&c.device_id) => {
+                tracing::info!(device = %c.device_id, realm = %realm.key(), expired_secs = by, "admitted in offline grace");
+                true
+            }
+            Some(by) => {
+                tracing::debug!(device = %c.device_id, expired_secs = by, "expired token refused");
+                return Err(Refused(TokenError::Expired(by).code()));
+            }
+        };
+        Ok(Admitted {
+            device: Device {
+                realm: index,
+                device_id: Arc::from(c.device_id.as_str()),
+                role: Arc::from(c.role.as_str()),
+                in_grace,
+            },
+            since,
+        })
+    }
+
+    fn connect(&self, s: &Sock, ns: &str, auth: Option<&str>) {
+        if ns != "/" {
+            return send(s, sio::connect_error(ns, "Invalid namespace"));
+        }
+        if s.data.device.get().is_some() {
+            return; // a second CONNECT on a connected socket is ignored
+        }
+        let auth: AuthIn = auth
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default();
+        let admitted = match self.authenticate(s.id, &auth) {
+            Ok(a) => a,
+            Err(Refused(code)) => {
+                send(s, sio::connect_error("/", code));
+                if s.data.refused.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REFUSED {
+                    link::cut(s, Why::NoHandshake);
+                }
+                return;
+            }
+        };
+        let Some(realm) = self.gate.realms.at(admitted.device.realm).cloned() else {
+            return;
+        };
+        let entry = DeviceEntry {
+            device_id: admitted.device.device_id.to_string(),
+            role: admitted.device.role.to_string(),
             connected_since: now_ms(),
-            in_grace: ctx.in_grace,
-        },
-    );
-    tracing::debug!(sid = %s.id, device = %ctx.device_id, realm = %ctx.realm.key(), since = ?ctx.since, "device connected");
-    ctx.realm.clone().catch_up(s, ctx.since).await;
-}
-
-type Sock = Arc<Socket<LocalAdapter>>;
-
-fn reply_for(s: &Sock, v: &mut Value, ack_id: &Option<i64>) -> AckReply {
-    if ack_id.is_none() {
-        return AckReply::None;
+            in_grace: admitted.device.in_grace,
+        };
+        let device_id = admitted.device.device_id.clone();
+        if s.data.device.set(admitted.device).is_err() {
+            return;
+        }
+        realm.device_connected(s.id, entry);
+        send(s, sio::connect_ok(&s.id.to_string()));
+        tracing::debug!(sid = %s.id, device = %device_id, realm = %realm.key(), since = ?admitted.since, "device connected");
+        tokio::spawn(realm.catch_up(s.clone(), admitted.since));
     }
-    match (
-        AckSender::from_message_parts(s, v, ack_id),
-        SocketRef::from_message_parts(s, v, ack_id),
-    ) {
-        (Ok(ack), Ok(sock)) => AckReply::Socket { ack, sock },
-        _ => AckReply::None,
-    }
-}
 
-fn text(v: &Value) -> Result<&str, EventError> {
-    match v {
-        Value::Str(s, bins) if bins.as_ref().is_none_or(|b| b.is_empty()) => Ok(s.as_str()),
-        _ => Err(EventError::Binary),
-    }
-}
-
-fn refuse_now(reply: AckReply, e: &EventError) {
-    if let AckReply::Socket { ack, .. } = reply {
-        let _ = ack.send(&AckErr::new(e));
-    }
-}
-
-/// Validates one packet with `parse` and queues it to the realm's writer, right
-/// here in the extractor (synchronous, in arrival order); refusals are acked now.
-fn submit(
-    s: &Sock,
-    v: &mut Value,
-    ack_id: &Option<i64>,
-    parse: fn(&str) -> Result<Appended, EventError>,
-) {
-    let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
-        return;
-    };
-    let reply = reply_for(s, v, ack_id);
-    match text(v).and_then(parse) {
-        Ok(events) => ctx.realm.submit(WriteReq::Append {
-            events,
-            device: ctx.device_id.clone(),
-            origin: Origin::Lan,
-            tag: Some(s.id),
-            reply,
-            meta: None,
-        }),
-        Err(e) => refuse_now(reply, &e),
+    fn event(&self, s: &Sock, id: Option<u64>, data: &str) {
+        let Some(dev) = s.data.device.get() else {
+            return; // not connected to "/": Socket.IO ignores it
+        };
+        let Some(realm) = self.gate.realms.at(dev.realm) else {
+            return;
+        };
+        let Some(args) = EventArgs::parse(data) else {
+            return link::cut(s, Why::BadPacket);
+        };
+        let reply = match id {
+            Some(id) => AckReply::Socket {
+                sock: s.clone(),
+                id,
+            },
+            None => AckReply::None,
+        };
+        let events = match &*args.name {
+            "event" => event_from_arg(args.arg).map(Appended::One),
+            "events" => batch_from_arg(args.arg).map(Appended::Many),
+            "sync" => return sync(realm.clone(), reply, args.arg),
+            _ => Err(EventError::UnknownEvent),
+        };
+        match events {
+            Ok(events) => realm.submit(WriteReq::Append {
+                events,
+                device: dev.device_id.clone(),
+                origin: Origin::Lan,
+                tag: Some(s.id),
+                reply,
+                meta: None,
+            }),
+            Err(e) => reply.send_json(&AckErr::json(&e)),
+        }
     }
 }
 
-/// `event {id, type, payload, ts?}`: validated and queued in arrival order.
-pub struct SubmitOne;
-
-impl FromMessageParts<LocalAdapter> for SubmitOne {
-    type Error = Infallible;
-    fn from_message_parts(
-        s: &Sock,
-        v: &mut Value,
-        ack_id: &Option<i64>,
-    ) -> Result<Self, Infallible> {
-        submit(s, v, ack_id, |p| parse_event_packet(p).map(Appended::One));
-        Ok(SubmitOne)
-    }
+fn send(s: &Socket, packet: String) {
+    link::send_or_cut(s, link::str_of(packet));
 }
 
-/// `events [..]`: up to 500 events, stored in order, one result each.
-pub struct SubmitMany;
+impl EngineIoHandler for Hub {
+    type Data = link::Session;
 
-impl FromMessageParts<LocalAdapter> for SubmitMany {
-    type Error = Infallible;
-    fn from_message_parts(
-        s: &Sock,
-        v: &mut Value,
-        ack_id: &Option<i64>,
-    ) -> Result<Self, Infallible> {
-        submit(s, v, ack_id, |p| parse_batch_packet(p).map(Appended::Many));
-        Ok(SubmitMany)
+    fn on_connect(self: Arc<Self>, s: Sock) {
+        if let Some(cut) = s.req_parts.extensions.get::<Arc<Cut>>() {
+            s.data.set_cut(cut.clone());
+        }
+        self.inner.sockets.lock().insert(s.id, Arc::downgrade(&s));
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return link::cut(&s, Why::Shutdown);
+        }
+        let weak = Arc::downgrade(&s);
+        tokio::spawn(async move {
+            tokio::time::sleep(CONNECT_TIMEOUT).await;
+            if let Some(s) = weak.upgrade() {
+                if s.data.device.get().is_none() {
+                    link::cut(&s, Why::NoHandshake);
+                }
+            }
+        });
+    }
+
+    fn on_disconnect(&self, s: Sock, reason: DisconnectReason) {
+        self.inner.sockets.lock().remove(&s.id);
+        if let Some(dev) = s.data.device.get() {
+            if let Some(realm) = self.inner.gate.realms.at(dev.realm) {
+                realm.device_left(s.id);
+            }
+            tracing::debug!(sid = %s.id, device = %dev.device_id, ?reason, by_hub = ?s.data.closed_by_hub(), "device disconnected");
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, msg: engineioxide::Str, s: Sock) {
+        let packet = match sio::parse(&msg) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(sid = %s.id, error = %e, "not a Socket.IO packet; closing the connection");
+                return link::cut(&s, Why::BadPacket);
+            }
+        };
+        if s.data.skip_binaries.load(Ordering::Relaxed) > 0 {
+            // Attachments must follow their packet at once.
+            return link::cut(&s, Why::BadPacket);
+        }
+        match packet {
+            Packet::Connect { ns, auth } => self.inner.connect(&s, ns, auth),
+            Packet::Disconnect { ns: "/" } => s.close(DisconnectReason::TransportClose),
+            Packet::Disconnect { .. } | Packet::Ack { .. } => {}
+            Packet::Event { ns: "/", id, data } => self.inner.event(&s, id, data),
+            Packet::Event { .. } => {}
+            Packet::Binary {
+                id,
+                attachments,
+                ack,
+                ..
+            } => {
+                s.data.skip_binaries.store(attachments, Ordering::Relaxed);
+                if let (Some(id), false, Some(_)) = (id, ack, s.data.device.get()) {
+                    send(&s, sio::ack(id, &AckErr::json(&EventError::Binary)));
+                }
+            }
+        }
+    }
+
+    fn on_binary(self: &Arc<Self>, _data: Bytes, s: Sock) {
+        let left = s.data.skip_binaries.load(Ordering::Relaxed);
+        if left == 0 {
+            return link::cut(&s, Why::BadPacket);
+        }
+        s.data.skip_binaries.store(left - 1, Ordering::Relaxed);
     }
 }
 
@@ -297,41 +440,43 @@ struct SyncReq {
 }
 
 /// `sync {since, limit}` -> `{ok, events:[..], lastSeq}`: one page on request.
-async fn on_sync(s: SocketRef, req: TryData<SyncReq>, ack: AckSender) {
-    let Some(ctx) = s.extensions.get::<Arc<DeviceCtx>>() else {
+fn sync(
+    realm: Arc<crate::realm::Realm>,
+    reply: AckReply,
+    arg: Option<&serde_json::value::RawValue>,
+) {
+    let req: SyncReq = match arg.map(|a| serde_json::from_str(a.get())) {
+        Some(Ok(r)) => r,
+        _ => return reply.send_json(&AckErr::json(&EventError::Invalid)),
+    };
+    if matches!(reply, AckReply::None) {
         return;
-    };
-    let req = match req.0 {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = ack.send(&AckErr::new(&EventError::Invalid));
-            return;
-        }
-    };
-    let limit = req.limit.unwrap_or(500).clamp(1, PAGE);
-    let realm = ctx.realm.clone();
-    let since = req.since;
-    let page = tokio::task::spawn_blocking(move || realm.read_page(since, limit)).await;
-    let page = match page {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            let _ = ack.send(&AckErr::new(&EventError::Storage(e.to_string())));
-            return;
-        }
-        Err(_) => return,
-    };
-    let mut out = String::with_capacity(64 + page.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
-    out.push_str("{\"ok\":true,\"events\":[");
-    for (i, (_, json)) in page.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(json);
     }
-    out.push_str("],\"lastSeq\":");
-    out.push_str(&ctx.realm.fanned_seq().to_string());
-    out.push('}');
-    let _ = ack.send(&RawJson(&out));
+    let limit = req.limit.unwrap_or(500).clamp(1, PAGE);
+    tokio::spawn(async move {
+        let r = realm.clone();
+        let page = tokio::task::spawn_blocking(move || r.read_page(req.since, limit)).await;
+        let page = match page {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return reply.send_json(&AckErr::json(&EventError::Storage(e.to_string())))
+            }
+            Err(_) => return,
+        };
+        let mut out =
+            String::with_capacity(64 + page.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
+        out.push_str("{\"ok\":true,\"events\":[");
+        for (i, (_, json)) in page.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(json);
+        }
+        out.push_str("],\"lastSeq\":");
+        sio::push_u64(&mut out, realm.fanned_seq());
+        out.push('}');
+        reply.send_json(&out);
+    });
 }
 
 /// Escapes a string for JSON (re-exported for hub notices).
@@ -352,8 +497,8 @@ mod tests {
         p >= b && p < b + buf.len()
     }
 
-    #[tokio::test]
-    async fn socket_io_requests_no_longer_point_into_the_read_buffer() {
+    #[test]
+    fn socket_io_requests_no_longer_point_into_the_read_buffer() {
         // As hyper does: the URI and header values are slices of one connection buffer.
         let mut raw = vec![b'x'; 8192];
         raw[..40].copy_from_slice(b"/socket.io/?EIO=4&transport=websocket&a=");
@@ -368,7 +513,7 @@ mod tests {
             .header("x-till", "7")
             .body(axum::body::Body::empty())
             .unwrap();
-        let out = detach_request(req).await;
+        let out = detach_request(req);
         assert_eq!(out.uri(), "/socket.io/?EIO=4&transport=websocket&a=");
         assert_eq!(out.headers()["connection"], "keep-alive");
         assert_eq!(out.headers()["x-till"], "7");
@@ -376,18 +521,41 @@ mod tests {
         assert!(!inside(&buf, out.uri().query().unwrap().as_bytes()));
     }
 
-    #[tokio::test]
-    async fn other_requests_pass_untouched() {
-        let buf = Bytes::from_static(b"keep-alive");
-        let req = axum::extract::Request::builder()
-            .uri("/status")
-            .header(
-                "connection",
-                HeaderValue::from_maybe_shared(buf.clone()).unwrap(),
-            )
-            .body(axum::body::Body::empty())
+    #[test]
+    fn upgrades_are_recognised_by_sid_and_transport() {
+        let sid = Sid::new();
+        let u: Uri = format!("/socket.io/?EIO=4&transport=websocket&sid={sid}")
+            .parse()
             .unwrap();
-        let out = detach_request(req).await;
-        assert!(inside(&buf, out.headers()["connection"].as_bytes()));
+        assert_eq!(upgrade_sid(&u), Some(sid));
+        let u: Uri = format!("/socket.io/?EIO=4&transport=polling&sid={sid}")
+            .parse()
+            .unwrap();
+        assert_eq!(upgrade_sid(&u), None);
+        let u: Uri = "/socket.io/?EIO=4&transport=websocket".parse().unwrap();
+        assert_eq!(upgrade_sid(&u), None);
+    }
+
+    #[test]
+    fn since_accepts_only_a_cursor() {
+        use serde_json::json;
+        assert_eq!(parse_since(None).unwrap(), None);
+        assert_eq!(parse_since(Some(&json!(null))).unwrap(), None);
+        assert_eq!(parse_since(Some(&json!(42))).unwrap(), Some(42));
+        assert_eq!(parse_since(Some(&json!("42"))).unwrap(), Some(42));
+        for bad in [
+            json!(-1),
+            json!("abc"),
+            json!(1e30),
+            json!({}),
+            json!([1]),
+            json!(1.5),
+        ] {
+            assert_eq!(
+                parse_since(Some(&bad)).unwrap_err().0,
+                "invalid_since",
+                "{bad}"
+            );
+        }
     }
 }

@@ -257,9 +257,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         unclaimed: cfg.claim.is_some(),
         day_marks: Default::default(),
     });
-    let mut app = http::router(web.clone())
-        .layer(layer)
-        .layer(axum::middleware::map_request(realtime::detach_request));
+    let mut app =
+        http::router(web.clone())
+            .layer(layer)
+            .layer(axum::middleware::map_request_with_state(
+                io.clone(),
+                realtime::prepare,
+            ));
     if let Some(key) = cfg.claim.clone() {
         tracing::warn!(port = cfg.port, "UNCLAIMED: this box accepts no events until it is claimed at https://<address>:{}/setup", cfg.port);
         eprintln!("pos-hub: this box is not claimed yet: open https://<its address>:{}/setup and paste the store's claim token", cfg.port);
@@ -355,7 +359,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let r = realms.clone();
     let _ = tokio::task::spawn_blocking(move || r.close_all()).await;
     // 2. Tell devices goodbye, stop the server.
-    let _ = tokio::time::timeout(Duration::from_secs(3), io.close()).await;
+    io.close(Duration::from_secs(3)).await;
     let _ = stop_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(3), server)
         .await

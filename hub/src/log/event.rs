@@ -53,6 +53,8 @@ pub enum EventError {
     TooMany,
     #[error("binary attachments are not accepted; send JSON")]
     Binary,
+    #[error("unknown message: the hub takes event, events and sync")]
+    UnknownEvent,
     #[error("the hub is busy; retry shortly")]
     Busy,
     #[error("the hub is shutting down; retry after it restarts")]
@@ -72,6 +74,7 @@ impl EventError {
             EventError::BadTs => "invalid_ts",
             EventError::TooMany => "too_many_events",
             EventError::Binary => "binary_not_supported",
+            EventError::UnknownEvent => "unknown_event",
             EventError::Busy => "busy",
             EventError::ShuttingDown => "shutting_down",
             EventError::Storage(_) => "storage_error",
@@ -179,17 +182,22 @@ impl NewEvent {
 /// Parses the arguments of an `event` packet: `["event", {..}]`.
 pub fn parse_event_packet(packet: &str) -> Result<NewEvent, EventError> {
     let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
-    match args.get(1) {
+    event_from_arg(args.get(1).copied())
+}
+
+/// The event in an `event` packet's argument.
+pub fn event_from_arg(arg: Option<&RawValue>) -> Result<NewEvent, EventError> {
+    match arg {
         Some(raw) => NewEvent::from_json(raw.get()),
         None => Err(EventError::Invalid),
     }
 }
 
-/// Parses the arguments of an `events` packet: `["events", [{..}, ..]]`. The outer
-/// error refuses the whole batch; inner errors refuse single events.
-pub fn parse_batch_packet(packet: &str) -> Result<Vec<Result<NewEvent, EventError>>, EventError> {
-    let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
-    let list = args.get(1).ok_or(EventError::TooMany)?;
+/// The events in an `events` packet's argument (an array of 1 to 500 events).
+pub fn batch_from_arg(
+    arg: Option<&RawValue>,
+) -> Result<Vec<Result<NewEvent, EventError>>, EventError> {
+    let list = arg.ok_or(EventError::TooMany)?;
     let items: Vec<&RawValue> =
         serde_json::from_str(list.get()).map_err(|_| EventError::TooMany)?;
     if items.is_empty() || items.len() > MAX_BATCH {
@@ -199,6 +207,13 @@ pub fn parse_batch_packet(packet: &str) -> Result<Vec<Result<NewEvent, EventErro
         .into_iter()
         .map(|r| NewEvent::from_json(r.get()))
         .collect())
+}
+
+/// Parses the arguments of an `events` packet: `["events", [{..}, ..]]`. The outer
+/// error refuses the whole batch; inner errors refuse single events.
+pub fn parse_batch_packet(packet: &str) -> Result<Vec<Result<NewEvent, EventError>>, EventError> {
+    let args: Vec<&RawValue> = serde_json::from_str(packet).map_err(|_| EventError::Invalid)?;
+    batch_from_arg(args.get(1).copied())
 }
 
 /// Writes `s` as a JSON string literal.
@@ -235,14 +250,34 @@ pub fn encode_stored(
 ) -> String {
     let mut out =
         String::with_capacity(96 + id.len() + typ.len() + payload.len() + device_id.len());
+    encode_stored_into(
+        &mut out, seq, id, typ, payload, device_id, ts, hub_ts, origin,
+    );
+    out
+}
+
+/// [`encode_stored`] appended to `out` (the fan-out builds the whole packet in
+/// one buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_stored_into(
+    out: &mut String,
+    seq: u64,
+    id: &str,
+    typ: &str,
+    payload: &str,
+    device_id: &str,
+    ts: Option<&str>,
+    hub_ts: i64,
+    origin: Origin,
+) {
     let _ = write!(out, "{{\"seq\":{seq},\"id\":");
-    push_json_str(&mut out, id);
+    push_json_str(out, id);
     out.push_str(",\"type\":");
-    push_json_str(&mut out, typ);
+    push_json_str(out, typ);
     out.push_str(",\"payload\":");
     out.push_str(payload);
     out.push_str(",\"deviceId\":");
-    push_json_str(&mut out, device_id);
+    push_json_str(out, device_id);
     out.push_str(",\"ts\":");
     out.push_str(ts.unwrap_or("null"));
     let _ = write!(
@@ -250,7 +285,6 @@ pub fn encode_stored(
         ",\"hubTs\":{hub_ts},\"origin\":\"{}\"}}",
         origin.as_str()
     );
-    out
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use rustls::sign::CertifiedKey;
 use tower::ServiceExt;
 
 use super::ca::{CaError, LeafNames, StoreCa, RENEW_DAYS};
+use crate::conn::{Cut, Cuttable};
 
 /// The current leaf, swappable while serving. None while the clock is known to be
 /// wrong: TLS handshakes then fail until a leaf can be dated correctly.
@@ -171,7 +172,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             match acceptor {
-                None => serve_http(stream, router, peer, Mode::Plain).await,
+                None => serve_http(Cuttable::new(stream), router, peer, Mode::Plain).await,
                 Some(acceptor) => {
                     let mut first = [0u8; 1];
                     match tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first))
@@ -180,7 +181,7 @@ pub async fn serve(
                         Ok(Ok(1)) if first[0] == 0x16 => {
                             match tokio::time::timeout(
                                 Duration::from_secs(10),
-                                acceptor.accept(stream),
+                                acceptor.accept(Cuttable::new(stream)),
                             )
                             .await
                             {
@@ -191,7 +192,10 @@ pub async fn serve(
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
                         }
-                        Ok(Ok(1)) => serve_http(stream, router, peer, Mode::PlainLimited).await,
+                        Ok(Ok(1)) => {
+                            serve_http(Cuttable::new(stream), router, peer, Mode::PlainLimited)
+                                .await
+                        }
                         _ => {}
                     }
                 }
@@ -209,12 +213,26 @@ enum Mode {
     Https,
 }
 
-async fn serve_http<I>(io: I, router: Router, peer: SocketAddr, mode: Mode)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+/// A stream that knows the [`Cut`] of its TCP connection.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    fn cut(&self) -> Arc<Cut>;
+}
+impl Conn for Cuttable {
+    fn cut(&self) -> Arc<Cut> {
+        self.handle()
+    }
+}
+impl Conn for tokio_rustls::server::TlsStream<Cuttable> {
+    fn cut(&self) -> Arc<Cut> {
+        self.get_ref().0.handle()
+    }
+}
+
+async fn serve_http<I: Conn>(io: I, router: Router, peer: SocketAddr, mode: Mode) {
+    let cut = io.cut();
     let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(cut.clone());
         let router = router.clone();
         async move {
             if mode == Mode::PlainLimited {
