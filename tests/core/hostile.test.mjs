@@ -158,6 +158,12 @@ test("hostile clients never stall a well-behaved device (every connect and ack w
     assert.equal((await httpGet(hub.port, "/healthz")).status, 200);
     console.log(`# hostile rounds: ${ROUNDS}; worst connect ${worst.connect.toFixed(1)} ms, worst ack ${worst.ack.toFixed(1)} ms (bound ${BOUND_MS} ms)`);
     bystander.close();
+  } catch (e) {
+    const dir = process.env.TEST_ARTIFACTS || "/tmp/poshub-artifacts";
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, "hostile-hub.log"), hub.log());
+    console.log(`# hub log in ${dir}/hostile-hub.log`);
+    throw e;
   } finally { assert.equal(await hub.stop(), 0); }
 });
 
