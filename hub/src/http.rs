@@ -81,6 +81,14 @@ async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
         "1 while the hub serves",
         vec![(String::new(), 1.0)],
     );
+    if let Some(n) = crate::allocs::total() {
+        family(
+            "poshub_heap_allocations_total",
+            "counter",
+            "Heap allocations by the hub process so far",
+            vec![(String::new(), n as f64)],
+        );
+    }
     family(
         "poshub_uptime_seconds",
         "gauge",

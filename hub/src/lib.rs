@@ -2,6 +2,7 @@
 //!
 //! The crate is split by concern; lower layers never import upper ones:
 //!
+//! * [`allocs`]   counts heap allocations (for /metrics and the benchmark)
 //! * [`config`]   settings from env / `.env` / realms file, validated at start
 //! * [`log`]      the durable event log (SQLite) and its single writer per realm
 //! * [`auth`]     cluster tokens (JWT) verified offline against configured keys
@@ -18,6 +19,7 @@
 //! * [`update`]   OTA A/B updates: signed bundles, trial boot, commit, rollback, channels
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
+pub mod allocs;
 pub mod auth;
 pub mod bridge;
 pub mod cli;

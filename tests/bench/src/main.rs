@@ -135,6 +135,19 @@ impl Hub {
         ticks * 1_000_000 / hz
     }
 
+    /// A counter from the hub's `/metrics` (localhost may read it).
+    async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    }
+
     fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .unwrap_or_default()
@@ -334,6 +347,7 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
     let n = if a.quick { 10 } else { a.devices };
     let t0 = Instant::now();
+    let allocs0 = hub.metric("poshub_heap_allocations_total").await;
     let cpu0 = hub.cpu_us();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -367,6 +381,7 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu = hub.cpu_us() - cpu0;
+    let allocs1 = hub.metric("poshub_heap_allocations_total").await;
     let eps = total.acked as f64 / secs;
     report.push((
         "durable events/s (".to_string() + &n.to_string() + " devices, ws)",
@@ -376,6 +391,12 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
         "hub CPU per event".into(),
         format!("{:.1} us", cpu as f64 / total.acked.max(1) as f64),
     ));
+    if let (Some(a0), Some(a1)) = (allocs0, allocs1) {
+        report.push((
+            format!("hub heap allocations per event (incl. {} fan-out sends)", n - 1),
+            format!("{:.1}", (a1 - a0) / total.acked.max(1) as f64),
+        ));
+    }
     report.push((
         "fan-out messages received/s".into(),
         format!("{:.0}", total.fanout_in as f64 / secs),
