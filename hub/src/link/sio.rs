@@ -176,15 +176,42 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for EventArgs<'a> {
                 f.write_str("an array [name, args..]")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let name: std::borrow::Cow<'a, str> = seq
+                let name: CowStr<'a> = seq
                     .next_element()?
                     .ok_or_else(|| de::Error::custom("an event needs a name"))?;
+                let name = name.0;
                 let arg: Option<&'a RawValue> = seq.next_element()?;
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(EventArgs { name, arg })
             }
         }
         d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
+/// A string borrowed from the frame unless it has escapes (serde's own `Cow`
+/// always copies).
+struct CowStr<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for CowStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = CowStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
     }
 }
 
