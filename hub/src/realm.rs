@@ -291,11 +291,20 @@ impl Realm {
         }
     }
 
+    /// True while the data partition is full (events refused with `storage_full`).
+    pub fn storage_full(&self) -> bool {
+        self.stats.storage_full.load(Ordering::Relaxed)
+    }
+
     /// Asks the writer whether the database is writable (for `/healthz`).
     pub async fn check(&self) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.is_shutting_down() {
             return Err("shutting down".into());
+        }
+        if self.storage_full() {
+            // An empty transaction still commits on a full partition: say what events get.
+            return Err("storage_full: the data partition is full; new events are refused until space is freed (reads, catch-up and the cloud push keep working)".into());
         }
         self.writer_tx
             .try_send(WriteReq::Check(tx))

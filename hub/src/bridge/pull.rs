@@ -194,7 +194,7 @@ pub async fn run(
                     state.pulled.fetch_add(stored as u64, Ordering::Relaxed);
                     if outcomes
                         .iter()
-                        .any(|o| matches!(o, crate::log::Outcome::Rejected(EventError::Storage(_))))
+                        .any(|o| matches!(o, crate::log::Outcome::Rejected(EventError::Storage(_) | EventError::StorageFull)))
                     {
                         ok = false;
                         break;

@@ -31,6 +31,25 @@ pub enum LogError {
     Thread(String),
 }
 
+impl LogError {
+    /// True when SQLite reported the disk full (`SQLITE_FULL`: it maps a write's
+    /// `ENOSPC` to that code).
+    pub fn is_full(&self) -> bool {
+        let e = match self {
+            LogError::Open { source, .. } | LogError::Corrupt { source, .. } => source,
+            LogError::Sql(e) => e,
+            LogError::Thread(_) => return false,
+        };
+        matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// True for an I/O error reported by SQLite (`SQLITE_IOERR_*`): with the
+    /// partition out of space this is how a failed fsync or truncate shows.
+    pub fn is_io(&self) -> bool {
+        matches!(self, LogError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::SystemIoFailure)
+    }
+}
+
 /// One row as read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -167,6 +186,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conn_for_test(&self) -> &Connection {
+        &self.conn
     }
 
     pub fn last_seq(&self) -> Result<u64, LogError> {

@@ -93,7 +93,23 @@ pub struct LogStats {
     pub lan_events: AtomicU64,
     pub batches: AtomicU64,
     pub healthy: AtomicBool,
+    /// The data partition is full: events are refused with `storage_full` until a
+    /// commit (or the writer's own probe) succeeds again.
+    pub storage_full: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// While the partition is full, how often the writer checks whether space came back.
+const SPACE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Free bytes under which a failed write counts as "partition full" even when
+/// SQLite reported a generic I/O error (a failed fsync or truncate).
+const FULL_BELOW: u64 = 256 * 1024;
+
+/// Free bytes the partition needs before the writer's probe declares it writable
+/// again (so a probe that fits in reused WAL space does not flap the state).
+fn space_to_recover(total: u64) -> u64 {
+    (total / 100).clamp(1 << 20, 8 << 20)
 }
 
 /// Checkpoints a realm's WAL from its own thread and connection, so the writer's
@@ -193,6 +209,14 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         let last = store.last_seq()?;
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
+        let dir = store.path().parent().unwrap_or(std::path::Path::new("."));
+        if crate::util::fs_space(dir).is_some_and(|(_, free)| free < FULL_BELOW) {
+            // Started on a full partition: say so now, not at the first refused event.
+            tracing::error!(path = %store.path().display(), "the data partition is full: events are refused until space is freed");
+            stats.storage_full.store(true, Ordering::Relaxed);
+            stats.healthy.store(false, Ordering::Relaxed);
+            *stats.last_error.lock() = Some("storage_full: the data partition is full; events are refused until space is freed".into());
+        }
         Ok(Self {
             checkpointer: Checkpointer::start(store.path(), stats.clone()),
             store,
@@ -209,9 +233,21 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
     pub fn run(mut self) -> Store {
         let mut reqs: Vec<WriteReq<R, T>> = Vec::with_capacity(1024);
         loop {
-            let first = match self.rx.recv() {
-                Ok(r) => r,
-                Err(_) => break,
+            let first = if self.stats.storage_full.load(Ordering::Relaxed) {
+                // Recover by itself when space comes back, even if no device writes.
+                match self.rx.recv_timeout(SPACE_PROBE_EVERY) {
+                    Ok(r) => r,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        self.probe_space();
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
             };
             reqs.push(first);
             let mut n = count(&reqs[0]);
@@ -240,6 +276,52 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
             tracing::warn!(path = %self.store.path().display(), error = %e, "checkpoint at close failed");
         }
         self.store
+    }
+
+    /// The data partition's directory.
+    fn dir(&self) -> &std::path::Path {
+        self.store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+    }
+
+    /// Whether failure `e` means the partition is full.
+    fn is_full(&self, e: &LogError) -> bool {
+        e.is_full()
+            || (e.is_io()
+                && crate::util::fs_space(self.dir()).is_some_and(|(_, free)| free < FULL_BELOW))
+    }
+
+    /// While full: once the partition has room again, proves it with a tiny
+    /// committed write and takes events again.
+    fn probe_space(&mut self) {
+        let Some((total, free)) = crate::util::fs_space(self.dir()) else {
+            return;
+        };
+        if free < space_to_recover(total) {
+            return;
+        }
+        let r = self.store.begin().and_then(|_| {
+            self.store
+                .meta_set("space_probe", &now_ms().to_string())
+                .and_then(|_| self.store.commit())
+        });
+        match r {
+            Ok(()) => self.writable_again(),
+            Err(e) => {
+                self.store.rollback();
+                tracing::debug!(error = %e, "space probe failed");
+            }
+        }
+    }
+
+    fn writable_again(&mut self) {
+        let was_full = self.stats.storage_full.swap(false, Ordering::Relaxed);
+        if !self.stats.healthy.swap(true, Ordering::Relaxed) || was_full {
+            *self.stats.last_error.lock() = None;
+            tracing::info!(path = %self.store.path().display(), was_full, "event log writable again");
+        }
     }
 
     fn process(&mut self, reqs: &mut Vec<WriteReq<R, T>>) {
@@ -353,8 +435,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     .lan_events
                     .fetch_add(lan_added, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                if !self.stats.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(path = %self.store.path().display(), "event log writable again");
+                if !self.stats.healthy.load(Ordering::Relaxed)
+                    || self.stats.storage_full.load(Ordering::Relaxed)
+                {
+                    self.writable_again();
                 }
                 for p in pending {
                     let o = &outcomes[p.start..p.start + p.n];
@@ -374,11 +458,26 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
             Some(e) => {
                 self.store.rollback();
                 self.next_seq = first_seq;
-                let msg = e.to_string();
-                tracing::error!(path = %self.store.path().display(), error = %msg, "event log write failed; batch refused");
-                self.stats.healthy.store(false, Ordering::Relaxed);
+                let full = self.is_full(&e);
+                let msg = if full {
+                    format!("storage_full: the data partition is full ({e}); events are refused until space is freed")
+                } else {
+                    e.to_string()
+                };
+                // One line per incident, not one per refused batch.
+                let was_full = self.stats.storage_full.swap(full, Ordering::Relaxed);
+                let was_healthy = self.stats.healthy.swap(false, Ordering::Relaxed);
+                if was_healthy || was_full != full {
+                    tracing::error!(path = %self.store.path().display(), error = %msg, "event log write failed; refusing events until it works again");
+                } else {
+                    tracing::debug!(error = %msg, "batch refused");
+                }
                 *self.stats.last_error.lock() = Some(msg.clone());
-                let refused = EventError::Storage(msg.clone());
+                let refused = if full {
+                    EventError::StorageFull
+                } else {
+                    EventError::Storage(msg.clone())
+                };
                 for p in pending {
                     let all = vec![Outcome::Rejected(refused.clone()); p.n];
                     if p.many {
@@ -564,6 +663,63 @@ mod tests {
         assert_eq!(stats.batches.load(Ordering::Relaxed), 1);
         assert_eq!(store.last_seq().unwrap(), 101);
         assert_eq!(store.meta_get("k").unwrap().as_deref(), Some("v"));
+    }
+
+    /// SQLITE_FULL (here from `max_page_count`, as ENOSPC gives it on a full
+    /// partition) refuses with `storage_full`, not a generic error, and the writer
+    /// takes events again as soon as a commit works.
+    #[test]
+    fn a_full_database_refuses_with_storage_full_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.db")).unwrap();
+        let pages: i64 = store
+            .conn_for_test()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store
+            .conn_for_test()
+            .pragma_update(None, "max_page_count", pages + 2)
+            .unwrap();
+        let (tx, rx) = bounded(100);
+        let stats = Arc::new(LogStats::default());
+        let w = Writer::new(store, rx, Box::new(|_| {}), 100, stats.clone()).unwrap();
+        let h = std::thread::spawn(move || w.run());
+        let (rtx, rrx) = mpsc::channel();
+        let big = |id: &str| WriteReq::Append {
+            events: Appended::One(
+                NewEvent::new(id, "t", &format!("\"{}\"", "x".repeat(20_000)), None).unwrap(),
+            ),
+            device: Arc::from("d"),
+            origin: Origin::Lan,
+            tag: 7u32,
+            reply: Chan(rtx.clone()),
+            meta: None,
+        };
+        tx.send(big("a")).unwrap();
+        let got = rrx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(got, vec![Outcome::Rejected(EventError::StorageFull)]);
+        assert_eq!(EventError::StorageFull.code(), "storage_full");
+        assert!(stats.storage_full.load(Ordering::Relaxed));
+        assert!(stats.last_error.lock().as_deref().unwrap().starts_with("storage_full"));
+        // Space comes back.
+        let (done, wait) = tokio::sync::oneshot::channel();
+        tx.send(WriteReq::Apply {
+            f: Box::new(|s| {
+                s.conn_for_test()
+                    .pragma_update(None, "max_page_count", 1_000_000)?;
+                Ok(())
+            }),
+            done,
+        })
+        .unwrap();
+        let _ = wait.blocking_recv();
+        tx.send(big("a")).unwrap();
+        let got = rrx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(got, vec![Outcome::Stored(1)]);
+        assert!(!stats.storage_full.load(Ordering::Relaxed));
+        assert!(stats.healthy.load(Ordering::Relaxed));
+        tx.send(WriteReq::Close).unwrap();
+        h.join().unwrap();
     }
 
     /// A batch that fails to commit is refused as a whole, seqs are not burnt,
