@@ -157,6 +157,24 @@ async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
             .map(|r| (lbl(r), r.storage_full() as u8 as f64))
             .collect(),
     );
+    family(
+        "poshub_events_oldest_seq",
+        "gauge",
+        "Oldest event seq still stored per realm (retention deletes older ones)",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.oldest_seq().unwrap_or(0) as f64))
+            .collect(),
+    );
+    family(
+        "poshub_db_bytes",
+        "gauge",
+        "Bytes of the realm's database on disk (main file and WAL)",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.db_bytes() as f64))
+            .collect(),
+    );
     let sys = crate::system::status(&web.data_dir);
     if let (Some(total), Some(free)) = (sys.data_bytes_total, sys.data_bytes_free) {
         family(
@@ -359,6 +377,11 @@ struct RealmStatus {
     healthy: bool,
     /// The data partition is full: events are refused with `storage_full`.
     storage_full: bool,
+    /// The oldest seq still stored (retention deletes older ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_seq: Option<u64>,
+    /// Bytes of the realm's database on disk (main file and WAL).
+    db_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
     device_count: usize,
@@ -433,6 +456,8 @@ async fn status(
                 },
                 healthy: r.stats.healthy.load(Ordering::Relaxed),
                 storage_full: r.storage_full(),
+                oldest_seq: r.oldest_seq(),
+                db_bytes: r.db_bytes(),
                 last_error: if full {
                     r.stats.last_error.lock().clone()
                 } else {

@@ -177,10 +177,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             cfg.ntp_interval,
         ));
     }
+    let retention = crate::log::writer::Retention {
+        keep: cfg.log_retention,
+        every: cfg.log_prune_interval,
+        bridged: false, // per realm: set by Realm::open from its cloud settings
+    };
     let realms = Arc::new(Realms::open(
         &cfg.realms,
         &cfg.data_dir,
         cfg.group_commit_max,
+        retention,
     )?);
     for r in realms.iter() {
         if let (Some(url), Some(token)) = (&r.cfg.cloud_bridge_url, &r.cfg.cloud_bridge_token) {

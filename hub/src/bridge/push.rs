@@ -17,7 +17,7 @@ use crate::util::now_ms;
 
 pub const MAX_EVENTS: usize = 500;
 pub const MAX_BYTES: usize = 1 << 20;
-const CURSOR_KEY: &str = "bridge.pushed_cursor";
+use crate::log::store::PUSHED_CURSOR_KEY as CURSOR_KEY;
 
 /// Loads the pushed cursor and derived counters.
 pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {

@@ -97,6 +97,90 @@ pub struct LogStats {
     /// commit (or the writer's own probe) succeeds again.
     pub storage_full: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// The oldest seq still stored (0 while the log is empty); retention raises it.
+    pub oldest_seq: AtomicU64,
+    /// Events retention deleted since the hub started.
+    pub pruned: AtomicU64,
+}
+
+/// A realm log's retention (`LOG_RETENTION`), applied by its maintenance thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Events older than this go (when pushed, if bridged); `None` keeps everything.
+    pub keep: Option<std::time::Duration>,
+    /// How often the thread looks for events to prune.
+    pub every: std::time::Duration,
+    /// The realm pushes to a cloud: only events at or below the durable pushed
+    /// cursor may go. Without a cloud, retention applies to every event.
+    pub bridged: bool,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep: None,
+            every: std::time::Duration::from_secs(60),
+            bridged: false,
+        }
+    }
+}
+
+/// Events deleted per prune transaction (each a few milliseconds of write lock).
+const PRUNE_BATCH: usize = 500;
+/// Pages returned to the file system per incremental-vacuum transaction (1-2 MiB).
+const VACUUM_PAGES: u32 = 256;
+/// The pause between two prune or vacuum transactions, so the writer gets the lock.
+const MAINTENANCE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// One retention pass: prunes in small batches, then gives the freed pages back.
+fn prune_pass(store: &mut Store, stats: &LogStats, ret: &Retention, warned: &mut bool) {
+    let Some(keep) = ret.keep else { return };
+    let cutoff = now_ms() - keep.as_millis().min(i64::MAX as u128) as i64;
+    let mut total = 0u64;
+    loop {
+        match store.prune_batch(cutoff, ret.bridged, PRUNE_BATCH) {
+            Ok((n, oldest)) => {
+                *warned = false;
+                stats.oldest_seq.store(oldest.unwrap_or(0), Ordering::Relaxed);
+                total += n;
+                if (n as usize) < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                if !*warned {
+                    *warned = true;
+                    tracing::warn!(path = %store.path().display(), error = %e, "retention: pruning failed; will retry");
+                }
+                break;
+            }
+        }
+        std::thread::sleep(MAINTENANCE_PAUSE);
+    }
+    if total == 0 {
+        return;
+    }
+    stats.pruned.fetch_add(total, Ordering::Relaxed);
+    let mut free_left = 0;
+    for _ in 0..10_000 {
+        match store.vacuum_some(VACUUM_PAGES) {
+            Ok(0) => break,
+            Ok(n) => free_left = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: incremental vacuum failed");
+                break;
+            }
+        }
+        std::thread::sleep(MAINTENANCE_PAUSE);
+    }
+    tracing::info!(
+        path = %store.path().display(),
+        pruned = total,
+        oldest_seq = stats.oldest_seq.load(Ordering::Relaxed),
+        free_pages_left = free_left,
+        db_bytes = store.db_bytes(),
+        "retention: pruned old events"
+    );
 }
 
 /// While the partition is full, how often the writer checks whether space came back.
@@ -123,13 +207,13 @@ struct Checkpointer {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Checkpointer {
-    fn start(path: &std::path::Path, stats: Arc<LogStats>) -> Self {
+    fn start(path: &std::path::Path, stats: Arc<LogStats>, retention: Retention) -> Self {
         let (stop, rx) = crossbeam_channel::bounded::<()>(0);
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
-                let store = match Store::open_checkpointer(&path) {
+                let mut store = match Store::open_checkpointer(&path) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "no checkpointer; the writer checkpoints by itself");
@@ -137,11 +221,21 @@ impl Checkpointer {
                     }
                 };
                 let mut warned = false;
+                let mut prune_warned = false;
+                // The first pass a little after start, then every `retention.every`.
+                let mut last_prune = std::time::Instant::now()
+                    .checked_sub(retention.every.saturating_sub(CHECKPOINT_EVERY * 4))
+                    .unwrap_or_else(std::time::Instant::now);
                 // Nothing to do while no commit happened since a complete checkpoint.
                 let mut done_at: Option<u64> = None;
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    if retention.keep.is_some() && last_prune.elapsed() >= retention.every {
+                        prune_pass(&mut store, &stats, &retention, &mut prune_warned);
+                        last_prune = std::time::Instant::now();
+                        done_at = None;
+                    }
                     let batches = stats.batches.load(Ordering::Relaxed);
                     if done_at == Some(batches) {
                         continue;
@@ -182,7 +276,8 @@ impl Drop for Checkpointer {
 
 /// The writer's state; run it with [`Writer::run`] on its own thread.
 pub struct Writer<R, T> {
-    checkpointer: Checkpointer,
+    checkpointer: Option<Checkpointer>,
+    retention: Retention,
     store: Store,
     next_seq: u64,
     rx: Receiver<WriteReq<R, T>>,
@@ -217,8 +312,12 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
             stats.healthy.store(false, Ordering::Relaxed);
             *stats.last_error.lock() = Some("storage_full: the data partition is full; events are refused until space is freed".into());
         }
+        stats
+            .oldest_seq
+            .store(store.oldest_seq()?.unwrap_or(0), Ordering::Relaxed);
         Ok(Self {
-            checkpointer: Checkpointer::start(store.path(), stats.clone()),
+            checkpointer: None,
+            retention: Retention::default(),
             store,
             next_seq: last + 1,
             rx,
@@ -228,9 +327,20 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         })
     }
 
+    /// Sets the log's retention (applied by the maintenance thread beside the writer).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
     /// Runs until `Close` (or until every sender is gone). Returns the store so the
     /// caller can close it.
     pub fn run(mut self) -> Store {
+        self.checkpointer = Some(Checkpointer::start(
+            self.store.path(),
+            self.stats.clone(),
+            self.retention,
+        ));
         let mut reqs: Vec<WriteReq<R, T>> = Vec::with_capacity(1024);
         loop {
             let first = if self.stats.storage_full.load(Ordering::Relaxed) {
@@ -271,7 +381,9 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 break;
             }
         }
-        self.checkpointer.stop();
+        if let Some(c) = self.checkpointer.as_mut() {
+            c.stop();
+        }
         if let Err(e) = self.store.checkpoint() {
             tracing::warn!(path = %self.store.path().display(), error = %e, "checkpoint at close failed");
         }
@@ -450,6 +562,14 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 }
                 for c in checks {
                     let _ = c.send(Ok(()));
+                }
+                if let Some(c) = committed.first() {
+                    let _ = self.stats.oldest_seq.compare_exchange(
+                        0,
+                        c.seq,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                 }
                 if !committed.is_empty() {
                     (self.out)(committed);
