@@ -448,7 +448,9 @@ impl Config {
                 if d < Duration::from_secs(1) {
                     return Err(err(
                         "LOG_RETENTION",
-                        format!("{v:?} is too short: give a duration like 90d (at least 1s), or off"),
+                        format!(
+                            "{v:?} is too short: give a duration like 90d (at least 1s), or off"
+                        ),
                     ));
                 }
                 Some(d)

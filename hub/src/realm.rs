@@ -305,7 +305,8 @@ impl Realm {
     /// `Some(oldest kept seq)` when a device resuming after `since` would miss
     /// events retention already deleted (it must be told, not given a gap).
     pub fn cursor_expired(&self, since: u64) -> Option<u64> {
-        self.oldest_seq().filter(|oldest| since.saturating_add(1) < *oldest)
+        self.oldest_seq()
+            .filter(|oldest| since.saturating_add(1) < *oldest)
     }
 
     /// Bytes of the realm's database on disk (main file and WAL).

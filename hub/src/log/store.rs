@@ -216,8 +216,12 @@ impl Store {
             .conn
             .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
         {
-            Ok(()) => tracing::info!(path = %self.path.display(), bytes = size, ms = t.elapsed().as_millis() as u64, "event log converted to incremental vacuum"),
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "could not convert the event log to incremental vacuum; freed pages are reused instead"),
+            Ok(()) => {
+                tracing::info!(path = %self.path.display(), bytes = size, ms = t.elapsed().as_millis() as u64, "event log converted to incremental vacuum")
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not convert the event log to incremental vacuum; freed pages are reused instead")
+            }
         }
     }
 
@@ -700,7 +704,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.db");
         let mut s = Store::open(&p).unwrap();
-        assert_eq!(s.auto_vacuum().unwrap(), 2, "new databases use incremental vacuum");
+        assert_eq!(
+            s.auto_vacuum().unwrap(),
+            2,
+            "new databases use incremental vacuum"
+        );
         let big = format!("\"{}\"", "x".repeat(2000));
         s.begin().unwrap();
         for i in 1..=3000u64 {

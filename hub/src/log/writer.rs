@@ -141,7 +141,9 @@ fn prune_pass(store: &mut Store, stats: &LogStats, ret: &Retention, warned: &mut
         match store.prune_batch(cutoff, ret.bridged, PRUNE_BATCH) {
             Ok((n, oldest)) => {
                 *warned = false;
-                stats.oldest_seq.store(oldest.unwrap_or(0), Ordering::Relaxed);
+                stats
+                    .oldest_seq
+                    .store(oldest.unwrap_or(0), Ordering::Relaxed);
                 total += n;
                 if (n as usize) < PRUNE_BATCH {
                     break;
@@ -310,7 +312,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
             tracing::error!(path = %store.path().display(), "the data partition is full: events are refused until space is freed");
             stats.storage_full.store(true, Ordering::Relaxed);
             stats.healthy.store(false, Ordering::Relaxed);
-            *stats.last_error.lock() = Some("storage_full: the data partition is full; events are refused until space is freed".into());
+            *stats.last_error.lock() = Some(
+                "storage_full: the data partition is full; events are refused until space is freed"
+                    .into(),
+            );
         }
         stats
             .oldest_seq
@@ -816,11 +821,18 @@ mod tests {
             meta: None,
         };
         tx.send(big("a")).unwrap();
-        let got = rrx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        let got = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
         assert_eq!(got, vec![Outcome::Rejected(EventError::StorageFull)]);
         assert_eq!(EventError::StorageFull.code(), "storage_full");
         assert!(stats.storage_full.load(Ordering::Relaxed));
-        assert!(stats.last_error.lock().as_deref().unwrap().starts_with("storage_full"));
+        assert!(stats
+            .last_error
+            .lock()
+            .as_deref()
+            .unwrap()
+            .starts_with("storage_full"));
         // Space comes back.
         let (done, wait) = tokio::sync::oneshot::channel();
         tx.send(WriteReq::Apply {
@@ -834,7 +846,9 @@ mod tests {
         .unwrap();
         let _ = wait.blocking_recv();
         tx.send(big("a")).unwrap();
-        let got = rrx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        let got = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
         assert_eq!(got, vec![Outcome::Stored(1)]);
         assert!(!stats.storage_full.load(Ordering::Relaxed));
         assert!(stats.healthy.load(Ordering::Relaxed));

@@ -779,8 +779,13 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
                     b = seq % 5,
                     c = seq % 12
                 );
-                let ev = NewEvent::new(&format!("till{}-{seq:09}", seq % 6), "order.created", &payload, None)
-                    .expect("valid event");
+                let ev = NewEvent::new(
+                    &format!("till{}-{seq:09}", seq % 6),
+                    "order.created",
+                    &payload,
+                    None,
+                )
+                .expect("valid event");
                 let ts = t0 + day * DAY_MS + (i as i64 * DAY_MS / PER_DAY as i64);
                 let _ = store.insert(seq, &ev, "till-1", ts, Origin::Lan);
             }
@@ -801,7 +806,10 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
     }
     let mib = |b: u64| b as f64 / 1_048_576.0;
     for (d, b, oldest) in &at {
-        println!("retention: day {d}: database {:.1} MiB, oldest kept seq {oldest}, last seq {seq}", mib(*b));
+        println!(
+            "retention: day {d}: database {:.1} MiB, oldest kept seq {oldest}, last seq {seq}",
+            mib(*b)
+        );
     }
     report.push((
         format!("database after {days} days at {PER_DAY}/day, retention {keep_days} days"),
