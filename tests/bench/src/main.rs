@@ -801,7 +801,12 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
         peak = peak.max(bytes);
         let d = day + 1;
         if d == keep_days || d == 2 * keep_days || d == days {
-            at.push((d, bytes, store.oldest_seq().ok().flatten().unwrap_or(0)));
+            at.push((
+                d,
+                bytes,
+                store.oldest_seq().ok().flatten().unwrap_or(0),
+                seq,
+            ));
         }
     }
     let mib = |b: u64| b as f64 / 1_048_576.0;
