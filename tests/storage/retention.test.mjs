@@ -2,7 +2,7 @@
 // (never one still in the outbox), a device whose cursor fell behind what was kept is
 // refused with cursor_expired and the oldest kept seq, /status and /metrics report the
 // oldest seq and the database size. The real hub, socket.io-client and pos-cloud-ref;
-// retention shortened to seconds (LOG_RETENTION=3s, LOG_PRUNE_INTERVAL=200ms).
+// retention shortened to seconds (LOG_RETENTION=8s, LOG_PRUNE_INTERVAL=200ms).
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -43,7 +43,8 @@ function device(hub, since) {
 
 async function refusal(hub, since) {
   const s = device(hub, since);
-  try { await s.ready; } catch (e) { return e.message; } finally { s.close(); }
+  // The code is the message; the oldest kept seq comes as the CONNECT_ERROR's data.
+  try { await s.ready; } catch (e) { return e.data?.oldestSeq !== undefined ? `${e.message} oldestSeq=${e.data.oldestSeq}` : e.message; } finally { s.close(); }
   return "connected";
 }
 
@@ -68,17 +69,17 @@ async function write(d, prefix, n, size = 500) {
 }
 
 test("retention without a cloud prunes old events; an expired cursor is refused with the oldest kept seq", async () => {
-  const hub = await startHub({ env: { TLS: "off", LOG_RETENTION: "3s", LOG_PRUNE_INTERVAL: "200ms" } });
+  const hub = await startHub({ env: { TLS: "off", LOG_RETENTION: "8s", LOG_PRUNE_INTERVAL: "200ms" } });
   const till = device(hub);
   await till.ready;
   const dbFile = path.join(hub.dataDir, "realms", "t-dev", "s-dev.db");
   const old = await write(till, "old", 300, 8000);
   const st0 = await realm(hub);
-  assert.equal(st0.oldestSeq, 1);
+  assert.equal(st0.oldestSeq, 1, "nothing is older than the retention yet");
   assert.ok(st0.dbBytes > 2_400_000, JSON.stringify(st0));
   await until(async () => fs.statSync(dbFile).size > 2_400_000, 5000, "the WAL checkpointed into the main file");
   const mainBefore = fs.statSync(dbFile).size;
-  await sleep(3500);
+  await sleep(8500);
   const fresh = await write(till, "new", 5);
   const st = await until(async () => { const r = await realm(hub); return r.oldestSeq === fresh[0].seq && r; }, 10000, "old events pruned");
   // The freed pages go back to the file system (incremental vacuum, then a checkpoint).
@@ -86,8 +87,8 @@ test("retention without a cloud prunes old events; an expired cursor is refused 
   console.log(`# main database file ${mainBefore} bytes with 300 events of 8 KB, ${fs.statSync(dbFile).size} after pruning them; /status dbBytes (with the WAL) ${st0.dbBytes} -> ${(await realm(hub)).dbBytes}`);
   const oldest = st.oldestSeq;
   // Behind the oldest kept event: refused, with the oldest seq in the message.
-  assert.equal(await refusal(hub, 0), `cursor_expired:${oldest}`);
-  assert.equal(await refusal(hub, old[100].seq), `cursor_expired:${oldest}`);
+  assert.equal(await refusal(hub, 0), `cursor_expired oldestSeq=${oldest}`);
+  assert.equal(await refusal(hub, old[100].seq), `cursor_expired oldestSeq=${oldest}`);
   // Right before it: a full replay of what is kept, no gap.
   const d = device(hub, oldest - 1);
   await d.ready;
@@ -106,7 +107,7 @@ test("retention without a cloud prunes old events; an expired cursor is refused 
   d.close(); till.close();
   // The kept seqs survive a restart (the newest event is never pruned).
   await hub.stop();
-  const again = await startHub({ dataDir: hub.dataDir, env: { TLS: "off", LOG_RETENTION: "3s", LOG_PRUNE_INTERVAL: "200ms" } });
+  const again = await startHub({ dataDir: hub.dataDir, env: { TLS: "off", LOG_RETENTION: "8s", LOG_PRUNE_INTERVAL: "200ms" } });
   assert.equal((await realm(again)).oldestSeq, oldest);
   const t2 = device(again);
   await t2.ready;
@@ -137,7 +138,7 @@ test("with a cloud, retention never prunes what is still in the outbox", async (
   st = await until(async () => { const r = await realm(hub); return r.oldestSeq > 1 && r; }, 10000, "pushed events pruned");
   assert.equal(st.outboxDepth, 0);
   assert.ok(st.oldestSeq <= 201, `the newest event is kept: oldest ${st.oldestSeq}`);
-  assert.equal(await refusal(hub, 0), `cursor_expired:${st.oldestSeq}`);
+  assert.equal(await refusal(hub, 0), `cursor_expired oldestSeq=${st.oldestSeq}`);
   assert.deepEqual((await cloud.events()).slice(0, 200).map((e) => e.id), acked.map((a) => a.id));
   till.close();
   await hub.stop();

@@ -297,7 +297,7 @@ struct Pending<R> {
 
 impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
     pub fn new(
-        store: Store,
+        mut store: Store,
         rx: Receiver<WriteReq<R, T>>,
         out: CommitSink<T>,
         max_batch: usize,
@@ -306,8 +306,22 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         let last = store.last_seq()?;
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
-        let dir = store.path().parent().unwrap_or(std::path::Path::new("."));
-        if crate::util::fs_space(dir).is_some_and(|(_, free)| free < FULL_BELOW) {
+        let dir = store.path().parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        // Started on a full partition? A small committed write says for sure (the
+        // WAL is empty after a clean stop, so it needs new blocks); free space too.
+        let wrote = store.begin().and_then(|_| {
+            store
+                .meta_set("opened_at", &now_ms().to_string())
+                .and_then(|_| store.commit())
+        });
+        let full_write = match wrote {
+            Ok(()) => false,
+            Err(e) => {
+                store.rollback();
+                e.is_full() || e.is_io()
+            }
+        };
+        if full_write || crate::util::fs_space(&dir).is_some_and(|(_, free)| free < FULL_BELOW) {
             // Started on a full partition: say so now, not at the first refused event.
             tracing::error!(path = %store.path().display(), "the data partition is full: events are refused until space is freed");
             stats.storage_full.store(true, Ordering::Relaxed);
