@@ -306,7 +306,11 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         let last = store.last_seq()?;
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
-        let dir = store.path().parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        let dir = store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
         // Started on a full partition? A small committed write says for sure (the
         // WAL is empty after a clean stop, so it needs new blocks); free space too.
         let wrote = store.begin().and_then(|_| {

@@ -393,7 +393,10 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     ));
     if let (Some(a0), Some(a1)) = (allocs0, allocs1) {
         report.push((
-            format!("hub heap allocations per event (incl. {} fan-out sends)", n - 1),
+            format!(
+                "hub heap allocations per event (incl. {} fan-out sends)",
+                n - 1
+            ),
             format!("{:.1}", (a1 - a0) / total.acked.max(1) as f64),
         ));
     }
@@ -810,9 +813,9 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
         }
     }
     let mib = |b: u64| b as f64 / 1_048_576.0;
-    for (d, b, oldest) in &at {
+    for (d, b, oldest, last) in &at {
         println!(
-            "retention: day {d}: database {:.1} MiB, oldest kept seq {oldest}, last seq {seq}",
+            "retention: day {d}: database {:.1} MiB, oldest kept seq {oldest}, last seq {last}",
             mib(*b)
         );
     }
