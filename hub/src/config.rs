@@ -124,7 +124,15 @@ pub struct Config {
     pub socket_buffer: usize,
     /// The cloud bridge's knobs (CLOUD_TIMEOUT, CLOUD_PUSH_BATCH, ...), for every realm.
     pub bridge: crate::bridge::Tuning,
+    /// LOG_RETENTION: events older than this (and pushed, when a cloud is configured)
+    /// are pruned; `None` (`off`) keeps everything.
+    pub log_retention: Option<Duration>,
+    /// LOG_PRUNE_INTERVAL: how often each realm looks for events to prune.
+    pub log_prune_interval: Duration,
 }
+
+/// The default LOG_RETENTION: 90 days.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(90 * 86_400);
 
 /// Raw key/value settings: the env file overlaid by the process environment.
 #[derive(Debug, Default, Clone)]
@@ -432,6 +440,35 @@ impl Config {
             None => Duration::from_secs(72 * 3600),
             Some(v) => parse_duration("TOKEN_OFFLINE_GRACE", v)?,
         };
+        let log_retention = match s.get("LOG_RETENTION") {
+            None => Some(DEFAULT_LOG_RETENTION),
+            Some("off") => None,
+            Some(v) => {
+                let d = parse_duration("LOG_RETENTION", v)?;
+                if d < Duration::from_secs(1) {
+                    return Err(err(
+                        "LOG_RETENTION",
+                        format!(
+                            "{v:?} is too short: give a duration like 90d (at least 1s), or off"
+                        ),
+                    ));
+                }
+                Some(d)
+            }
+        };
+        let log_prune_interval = match s.get("LOG_PRUNE_INTERVAL") {
+            None => Duration::from_secs(60),
+            Some(v) => {
+                let d = parse_duration("LOG_PRUNE_INTERVAL", v)?;
+                if d < Duration::from_millis(100) || d > Duration::from_secs(86_400) {
+                    return Err(err(
+                        "LOG_PRUNE_INTERVAL",
+                        format!("{v:?} must be between 100ms and 24h"),
+                    ));
+                }
+                d
+            }
+        };
         let leeway_secs = match s.get("TOKEN_LEEWAY") {
             None => 60,
             Some(v) => parse_duration("TOKEN_LEEWAY", v)?.as_secs() as i64,
@@ -681,6 +718,8 @@ impl Config {
                 })
                 .unwrap_or_default(),
             dev: false,
+            log_retention,
+            log_prune_interval,
             group_commit_max,
             socket_buffer,
             bridge,
@@ -736,6 +775,8 @@ mod tests {
         assert_eq!(c.port, 4001);
         assert_eq!(c.realms[0].key(), "t-abc:s-001");
         assert_eq!(c.token_offline_grace, Duration::from_secs(72 * 3600));
+        assert_eq!(c.log_retention, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(c.log_prune_interval, Duration::from_secs(60));
     }
 
     /// The bridge's knobs come from the same settings (the env file too), not only
@@ -790,6 +831,10 @@ mod tests {
             ("CLOUD_PUSH_BATCH", "501"),
             ("CLOUD_PUSH_MAX_RATE", "fast"),
             ("CLOUD_PUSH_BUSY_RATE", "0"),
+            ("LOG_RETENTION", "a season"),
+            ("LOG_RETENTION", "0s"),
+            ("LOG_PRUNE_INTERVAL", "1ms"),
+            ("LOG_PRUNE_INTERVAL", "2d"),
         ];
         for (k, v) in cases {
             let mut s = settings(&base);

@@ -148,6 +148,54 @@ async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
             .map(|r| (lbl(r), r.stats.healthy.load(Ordering::Relaxed) as u8 as f64))
             .collect(),
     );
+    family(
+        "poshub_storage_full",
+        "gauge",
+        "1 while the data partition is full and events are refused (storage_full)",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.storage_full() as u8 as f64))
+            .collect(),
+    );
+    family(
+        "poshub_events_oldest_seq",
+        "gauge",
+        "Oldest event seq still stored per realm (retention deletes older ones)",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.oldest_seq().unwrap_or(0) as f64))
+            .collect(),
+    );
+    family(
+        "poshub_db_bytes",
+        "gauge",
+        "Bytes of the realm's database on disk (main file and WAL)",
+        realms
+            .iter()
+            .map(|r| (lbl(r), r.db_bytes() as f64))
+            .collect(),
+    );
+    let sys = crate::system::status(&web.data_dir);
+    if let (Some(total), Some(free)) = (sys.data_bytes_total, sys.data_bytes_free) {
+        family(
+            "poshub_data_bytes_total",
+            "gauge",
+            "Size of the data partition",
+            vec![(String::new(), total as f64)],
+        );
+        family(
+            "poshub_data_bytes_free",
+            "gauge",
+            "Free bytes on the data partition",
+            vec![(String::new(), free as f64)],
+        );
+        family(
+            "poshub_data_fill_warning",
+            "gauge",
+            "1 once the data partition is more than 80% full",
+            vec![(String::new(), sys.data_warning.is_some() as u8 as f64)],
+        );
+    }
     let clock = serde_json::to_value(web.clock.status()).unwrap_or_default();
     family(
         "poshub_clock_synced",
@@ -327,6 +375,13 @@ struct RealmStatus {
     cloud_cursor: Option<String>,
     bridge: serde_json::Value,
     healthy: bool,
+    /// The data partition is full: events are refused with `storage_full`.
+    storage_full: bool,
+    /// The oldest seq still stored (retention deletes older ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_seq: Option<u64>,
+    /// Bytes of the realm's database on disk (main file and WAL).
+    db_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
     device_count: usize,
@@ -400,6 +455,9 @@ async fn status(
                     None => serde_json::json!({"state": "not_configured"}),
                 },
                 healthy: r.stats.healthy.load(Ordering::Relaxed),
+                storage_full: r.storage_full(),
+                oldest_seq: r.oldest_seq(),
+                db_bytes: r.db_bytes(),
                 last_error: if full {
                     r.stats.last_error.lock().clone()
                 } else {

@@ -22,7 +22,7 @@ use crate::config::RealmConfig;
 use crate::link::sio;
 use crate::link::{self, Sid, Sock, Str, Why};
 use crate::log::event::encode_stored_into;
-use crate::log::writer::{refuse, LogStats};
+use crate::log::writer::{refuse, LogStats, Retention};
 use crate::log::{Committed, EventError, LogError, Outcome, Reply, Store, WriteReq, Writer};
 
 /// Serializes already-encoded JSON as it is (no re-parse, no re-encode).
@@ -206,6 +206,7 @@ impl Realm {
         cfg: RealmConfig,
         data_dir: &std::path::Path,
         max_batch: usize,
+        retention: Retention,
     ) -> Result<Arc<Self>, LogError> {
         let db_path = data_dir
             .join("realms")
@@ -227,7 +228,12 @@ impl Realm {
             let _ = to_fan.send(Fan::Batch(batch));
             wake.notify_one();
         });
-        let writer = Writer::new(store, writer_rx, sink, max_batch, stats.clone())?;
+        let retention = Retention {
+            bridged: cfg.cloud_bridge_url.is_some(),
+            ..retention
+        };
+        let writer = Writer::new(store, writer_rx, sink, max_batch, stats.clone())?
+            .with_retention(retention);
         let last = stats.last_seq.load(Ordering::Relaxed);
         let fanned_seq = Arc::new(AtomicU64::new(last));
 
@@ -291,11 +297,40 @@ impl Realm {
         }
     }
 
+    /// The oldest seq the log still holds (`None` while it is empty).
+    pub fn oldest_seq(&self) -> Option<u64> {
+        Some(self.stats.oldest_seq.load(Ordering::Relaxed)).filter(|s| *s > 0)
+    }
+
+    /// `Some(oldest kept seq)` when a device resuming after `since` would miss
+    /// events retention already deleted (it must be told, not given a gap).
+    pub fn cursor_expired(&self, since: u64) -> Option<u64> {
+        self.oldest_seq()
+            .filter(|oldest| since.saturating_add(1) < *oldest)
+    }
+
+    /// Bytes of the realm's database on disk (main file and WAL).
+    pub fn db_bytes(&self) -> u64 {
+        let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        len(&self.db_path) + len(std::path::Path::new(&wal))
+    }
+
+    /// True while the data partition is full (events refused with `storage_full`).
+    pub fn storage_full(&self) -> bool {
+        self.stats.storage_full.load(Ordering::Relaxed)
+    }
+
     /// Asks the writer whether the database is writable (for `/healthz`).
     pub async fn check(&self) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.is_shutting_down() {
             return Err("shutting down".into());
+        }
+        if self.storage_full() {
+            // An empty transaction still commits on a full partition: say what events get.
+            return Err("storage_full: the data partition is full; new events are refused until space is freed (reads, catch-up and the cloud push keep working)".into());
         }
         self.writer_tx
             .try_send(WriteReq::Check(tx))
@@ -445,6 +480,13 @@ impl Realm {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
                 break;
             };
+            if page[0].0 != after + 1 {
+                // Retention deleted events after the handshake's check: no silent gap;
+                // the device reconnects and is told cursor_expired.
+                tracing::info!(realm = %self.key(), after, next = page[0].0, "replay would skip pruned events; disconnecting device");
+                link::cut(&sock, Why::ReadFailed);
+                return;
+            }
             if !send_waiting(&sock, page.iter().map(|(_, p)| p)).await {
                 return;
             }
@@ -678,11 +720,12 @@ impl Realms {
         cfgs: &[RealmConfig],
         data_dir: &std::path::Path,
         max_batch: usize,
+        retention: Retention,
     ) -> Result<Self, LogError> {
         let mut list = Vec::new();
         let mut by_key = HashMap::new();
         for c in cfgs {
-            let r = Realm::open(c.clone(), data_dir, max_batch)?;
+            let r = Realm::open(c.clone(), data_dir, max_batch, retention)?;
             by_key.insert((c.tenant_id.clone(), c.store_id.clone()), r.clone());
             list.push(r);
         }

@@ -301,6 +301,15 @@ impl Inner {
         let Some(realm) = self.gate.realms.at(admitted.device.realm).cloned() else {
             return;
         };
+        if let Some(oldest) = admitted.since.and_then(|n| realm.cursor_expired(n)) {
+            // Retention deleted events after this cursor: refuse rather than replay with
+            // a gap; the oldest seq still kept goes in the CONNECT_ERROR's `data`.
+            tracing::debug!(sid = %s.id, since = ?admitted.since, oldest, "cursor expired");
+            let mut p = String::from("4{\"message\":\"cursor_expired\",\"data\":{\"oldestSeq\":");
+            sio::push_u64(&mut p, oldest);
+            p.push_str("}}");
+            return send(s, p);
+        }
         let entry = DeviceEntry {
             device_id: admitted.device.device_id.to_string(),
             role: admitted.device.role.to_string(),
@@ -451,6 +460,11 @@ fn sync(
     };
     if matches!(reply, AckReply::None) {
         return;
+    }
+    if let Some(oldest) = realm.cursor_expired(req.since) {
+        return reply.send_json(&serde_json::json!({"ok": false, "error": {"code": "cursor_expired",
+            "message": format!("events after {} were deleted by retention; the oldest kept is {oldest}", req.since)},
+            "oldestSeq": oldest}).to_string());
     }
     let limit = req.limit.unwrap_or(500).clamp(1, PAGE);
     tokio::spawn(async move {

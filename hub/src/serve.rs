@@ -145,22 +145,21 @@ pub fn prepare_dev(data_dir: &Path, settings: &mut Settings) -> Result<String, S
         aud: None,
     };
     let token = mint(&key, &claims, None).map_err(dev)?;
-    write_atomic(
-        &data_dir.join("dev-token.txt"),
-        format!("{token}\n").as_bytes(),
-        0o600,
-    )
-    .map_err(|e| dev(e.to_string()))?;
+    // The token files are a convenience (the tokens are printed too): a full data
+    // partition must not stop the hub from starting, so a failed write only warns
+    // (write_atomic leaves the previous file whole).
+    save_token(&data_dir.join("dev-token.txt"), &token);
     claims.device_id = "dev-admin".into();
     claims.role = "admin".into();
     let admin = mint(&key, &claims, None).map_err(dev)?;
-    write_atomic(
-        &data_dir.join("dev-admin-token.txt"),
-        format!("{admin}\n").as_bytes(),
-        0o600,
-    )
-    .map_err(|e| dev(e.to_string()))?;
+    save_token(&data_dir.join("dev-admin-token.txt"), &admin);
     Ok(token)
+}
+
+fn save_token(path: &Path, token: &str) {
+    if let Err(e) = write_atomic(path, format!("{token}\n").as_bytes(), 0o600) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot save the dev token (the previous file, if any, is unchanged)");
+    }
 }
 
 /// Runs the hub until SIGTERM/SIGINT.
@@ -178,10 +177,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             cfg.ntp_interval,
         ));
     }
+    let retention = crate::log::writer::Retention {
+        keep: cfg.log_retention,
+        every: cfg.log_prune_interval,
+        bridged: false, // per realm: set by Realm::open from its cloud settings
+    };
     let realms = Arc::new(Realms::open(
         &cfg.realms,
         &cfg.data_dir,
         cfg.group_commit_max,
+        retention,
     )?);
     for r in realms.iter() {
         if let (Some(url), Some(token)) = (&r.cfg.cloud_bridge_url, &r.cfg.cloud_bridge_token) {

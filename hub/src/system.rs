@@ -27,7 +27,25 @@ pub struct SystemStatus {
     pub data_bytes_total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_bytes_free: Option<u64>,
+    /// How full the data partition is, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_used_percent: Option<f64>,
+    /// Set once the data partition passes [`DATA_WARN_PERCENT`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_warning: Option<String>,
     pub kernel: String,
+}
+
+/// The data partition's fill above which `/status` and `/metrics` warn.
+pub const DATA_WARN_PERCENT: f64 = 80.0;
+
+/// Percent used of a partition of `total` bytes with `free` left.
+pub fn used_percent(total: u64, free: u64) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    let p = 100.0 * total.saturating_sub(free) as f64 / total as f64;
+    (p * 10.0).round() / 10.0
 }
 
 /// The booted partition: the Pi firmware's device-tree property, or
@@ -68,12 +86,18 @@ pub fn status(data_dir: &Path) -> SystemStatus {
         ),
         Err(_) => (None, None),
     };
+    let used = total.zip(free).map(|(t, f)| used_percent(t, f));
+    let data_warning = used.filter(|p| *p >= DATA_WARN_PERCENT).map(|p| {
+        format!("the data partition is {p}% full (warning above {DATA_WARN_PERCENT}%): free space or lower LOG_RETENTION before events are refused")
+    });
     SystemStatus {
         appliance,
         boot_partition: if appliance { boot_partition() } else { None },
         root_read_only: appliance.then(root_read_only),
         data_bytes_total: total,
         data_bytes_free: free,
+        data_used_percent: used,
+        data_warning,
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),

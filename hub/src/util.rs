@@ -18,7 +18,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    {
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -26,11 +26,32 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // A full partition (ENOSPC) or an I/O error: the old file is untouched;
+        // do not leave a partial temporary file taking the space.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// Size and free bytes of the filesystem holding `path`. Free is what this process
+/// may use: root may also write into ext4's reserved blocks.
+// statvfs field types differ between targets (u64 here, u32 on some 32-bit ones).
+#[allow(clippy::unnecessary_cast)]
+pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    let frag = s.fragment_size() as u64;
+    let free = if nix::unistd::geteuid().is_root() {
+        s.blocks_free() as u64
+    } else {
+        s.blocks_available() as u64
+    };
+    Some((s.blocks() as u64 * frag, free * frag))
 }
 
 /// Milliseconds since the Unix epoch by the system clock.
@@ -73,6 +94,46 @@ pub fn raise_fd_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails half way (here at the file-size limit, as it does with
+    /// ENOSPC on a full partition) leaves the old file whole and no temporary file.
+    /// The limit is per process, so the write runs in a copy of this test binary.
+    #[test]
+    fn failed_atomic_write_keeps_the_old_file() {
+        if let Some(p) = std::env::var_os("POS_HUB_FSIZE_CHILD") {
+            let r = write_atomic(Path::new(&p), &vec![b'x'; 64 * 1024], 0o644);
+            assert!(r.is_err(), "a 64 KiB write under a 4 KiB limit succeeded");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_atomic(&p, b"old", 0o644).unwrap();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "util::tests::failed_atomic_write_keeps_the_old_file",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env("POS_HUB_FSIZE_CHILD", &p)
+        .stdout(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: 4096,
+                    rlim_max: 4096,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+                Ok(())
+            });
+        }
+        let st = cmd.status().unwrap();
+        assert!(st.success(), "child: {st}");
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert!(!dir.path().join(".state.json.tmp").exists());
+    }
 
     #[test]
     fn atomic_write_replaces_and_sets_mode() {

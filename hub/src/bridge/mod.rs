@@ -83,6 +83,8 @@ impl Endpoints {
 pub struct BridgeState {
     pub online: AtomicBool,
     pub pushed_cursor: AtomicU64,
+    /// Non-zero while the pushed cursor could not be saved (a full partition).
+    pub cursor_unsaved: AtomicU64,
     /// LAN events at or below the pushed cursor (outbox depth = LAN events - this).
     pub pushed_lan: AtomicU64,
     pub last_success_ms: AtomicU64,

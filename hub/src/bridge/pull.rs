@@ -192,10 +192,14 @@ pub async fn run(
                         .filter(|o| matches!(o, crate::log::Outcome::Stored(_)))
                         .count();
                     state.pulled.fetch_add(stored as u64, Ordering::Relaxed);
-                    if outcomes
-                        .iter()
-                        .any(|o| matches!(o, crate::log::Outcome::Rejected(EventError::Storage(_))))
-                    {
+                    if outcomes.iter().any(|o| {
+                        matches!(
+                            o,
+                            crate::log::Outcome::Rejected(
+                                EventError::Storage(_) | EventError::StorageFull
+                            )
+                        )
+                    }) {
                         ok = false;
                         break;
                     }

@@ -17,7 +17,7 @@ use crate::util::now_ms;
 
 pub const MAX_EVENTS: usize = 500;
 pub const MAX_BYTES: usize = 1 << 20;
-const CURSOR_KEY: &str = "bridge.pushed_cursor";
+use crate::log::store::PUSHED_CURSOR_KEY as CURSOR_KEY;
 
 /// Loads the pushed cursor and derived counters.
 pub async fn init(realm: &Arc<Realm>, state: &Arc<BridgeState>) -> Result<(), String> {
@@ -102,6 +102,10 @@ pub async fn run(
             Err(_) => return,
         };
         if page.is_empty() {
+            if state.cursor_unsaved.load(Ordering::Relaxed) != 0 && !realm.storage_full() {
+                // Space came back after a full partition: save the cursor kept in memory.
+                let _ = settle(&realm, &state, cursor, Vec::new(), 0).await;
+            }
             // Wait for the next commit (or poll now and then in case of a miss).
             let _ = tokio::time::timeout(Duration::from_secs(5), realm.committed.notified()).await;
             continue;
@@ -335,14 +339,27 @@ async fn settle(
         tracing::warn!(realm = %realm.key(), seq, id = %id, reason = %reason, "the cloud rejected an event; set aside");
     }
     let at = now_ms();
-    realm
+    let saved = realm
         .apply(Box::new(move |s| {
             for (seq, id, reason) in &rejected {
                 s.set_aside(*seq, id, reason, at)?;
             }
             s.meta_set(CURSOR_KEY, &last.to_string())
         }))
-        .await?;
+        .await;
+    if let Err(e) = saved {
+        if !realm.storage_full() {
+            return Err(e);
+        }
+        // The partition is full: keep pushing with the cursor in memory. The next
+        // cursor write after space comes back saves it; a restart before that only
+        // pushes these events again, and the cloud deduplicates them by id.
+        if state.cursor_unsaved.swap(last, Ordering::Relaxed) == 0 {
+            tracing::warn!(realm = %realm.key(), "data partition full: the pushed cursor is kept in memory until it can be saved");
+        }
+    } else {
+        state.cursor_unsaved.store(0, Ordering::Relaxed);
+    }
     state.pushed_cursor.store(last, Ordering::Relaxed);
     state.pushed_lan.fetch_add(pushed, Ordering::Relaxed);
     state.set_aside.fetch_add(n, Ordering::Relaxed);

@@ -691,7 +691,9 @@ fn copy_log(stream: Box<dyn Read + Send>, path: &Path, sink: &Mutex<()>) {
 }
 
 /// Asks the hub for /healthz over plain HTTP on loopback. Healthy: 200, or a hub
-/// that is up but waiting for its settings to be fixed (it answers, so it is not hung).
+/// that is up but waiting for its settings to be fixed or for space on a full data
+/// partition (it answers, so it is not hung: resetting the box would not help and
+/// would only loop).
 fn hub_answers(port: u16) -> bool {
     let Ok(mut s) =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))
@@ -711,6 +713,7 @@ fn hub_answers(port: u16) -> bool {
     text.starts_with("HTTP/1.1 200")
         || text.starts_with("HTTP/1.0 200")
         || text.contains("configError")
+        || text.contains("storage_full")
 }
 
 /// The main loop: supervise the hub until a signal says go down.

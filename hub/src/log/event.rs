@@ -61,6 +61,8 @@ pub enum EventError {
     ShuttingDown,
     #[error("the event log could not be written: {0}")]
     Storage(String),
+    #[error("the hub's data partition is full: the event was NOT stored; retry later (an administrator must free space on the box)")]
+    StorageFull,
 }
 
 impl EventError {
@@ -78,6 +80,7 @@ impl EventError {
             EventError::Busy => "busy",
             EventError::ShuttingDown => "shutting_down",
             EventError::Storage(_) => "storage_error",
+            EventError::StorageFull => "storage_full",
         }
     }
 }

@@ -31,12 +31,36 @@ pub enum LogError {
     Thread(String),
 }
 
+impl LogError {
+    /// True when SQLite reported the disk full (`SQLITE_FULL`: it maps a write's
+    /// `ENOSPC` to that code).
+    pub fn is_full(&self) -> bool {
+        let e = match self {
+            LogError::Open { source, .. } | LogError::Corrupt { source, .. } => source,
+            LogError::Sql(e) => e,
+            LogError::Thread(_) => return false,
+        };
+        matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// True for an I/O error reported by SQLite (`SQLITE_IOERR_*`): with the
+    /// partition out of space this is how a failed fsync or truncate shows.
+    pub fn is_io(&self) -> bool {
+        matches!(self, LogError::Sql(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::SystemIoFailure)
+    }
+}
+
 /// One row as read back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub seq: u64,
     pub json: String,
 }
+
+/// The meta key of the bridge's durable pushed cursor (written by `bridge::push`).
+pub const PUSHED_CURSOR_KEY: &str = "bridge.pushed_cursor";
+/// The meta key of the highest seq retention deleted.
+pub const PRUNED_KEY: &str = "log.pruned_through";
 
 /// WAL pages after which the writer checkpoints by itself (only if the
 /// checkpointer thread falls behind: about 40 MiB).
@@ -112,6 +136,15 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
+        // A new database returns the pages the pruner frees to the file system
+        // (auto_vacuum can only be chosen before the first table exists).
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if pages == 0 {
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(corrupt)?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(corrupt)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -122,6 +155,10 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)
             .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", "OFF")
+            .map_err(corrupt)?;
+        // After a burst the WAL file keeps its largest size unless told: truncate it
+        // to 4 MiB whenever it restarts from the beginning.
+        conn.pragma_update(None, "journal_size_limit", 4 << 20)
             .map_err(corrupt)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
         let v: i64 = conn
@@ -143,10 +180,150 @@ impl Store {
             )
             .map_err(corrupt)?;
         }
-        Ok(Self {
+        let mut store = Self {
             conn,
             path: path.to_path_buf(),
-        })
+        };
+        store.convert_to_incremental_vacuum();
+        Ok(store)
+    }
+
+    /// A database made before retention existed has `auto_vacuum=NONE`: pages the
+    /// pruner frees are reused by new events but never returned to the file system.
+    /// Switching needs one `VACUUM` (a full copy), done here only while the file is
+    /// small enough to copy in a few seconds and the partition has room for it;
+    /// otherwise the file keeps its size (it stops growing once retention prunes).
+    /// `auto_vacuum` is a file-header setting, not a schema change: an older hub
+    /// (after a rollback) opens and writes the converted file unchanged.
+    fn convert_to_incremental_vacuum(&mut self) {
+        const MAX_CONVERT: u64 = 64 << 20;
+        let mode: i64 = self
+            .conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap_or(2);
+        if mode != 0 {
+            return;
+        }
+        let size = self.db_bytes();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let room = crate::util::fs_space(dir).is_some_and(|(_, free)| free > 3 * size + (8 << 20));
+        if size > MAX_CONVERT || !room {
+            tracing::info!(path = %self.path.display(), bytes = size, "event log keeps auto_vacuum=none (too large to convert now, or no room): freed pages are reused, not returned");
+            return;
+        }
+        let t = std::time::Instant::now();
+        match self
+            .conn
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+        {
+            Ok(()) => {
+                tracing::info!(path = %self.path.display(), bytes = size, ms = t.elapsed().as_millis() as u64, "event log converted to incremental vacuum")
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not convert the event log to incremental vacuum; freed pages are reused instead")
+            }
+        }
+    }
+
+    /// Bytes of the database on disk: the main file and its WAL.
+    pub fn db_bytes(&self) -> u64 {
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        len(&self.path) + len(Path::new(&wal))
+    }
+
+    /// The oldest seq still stored (`None` while the log is empty).
+    pub fn oldest_seq(&self) -> Result<Option<u64>, LogError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT MIN(seq) FROM events", [], |r| r.get(0))?;
+        Ok(v.map(|s| s as u64))
+    }
+
+    /// Deletes, in one short transaction, at most `max` of the oldest events that
+    /// are older than `cutoff_ms` (hub time) and, when `bridged`, at or below the
+    /// durable pushed cursor (never an event still in the cloud outbox). Only a
+    /// prefix of the log is ever deleted, so what is kept stays contiguous, and the
+    /// newest event is always kept so the next seq survives a restart (in this
+    /// version and an older one). Returns how many went and the oldest seq kept.
+    pub fn prune_batch(
+        &mut self,
+        cutoff_ms: i64,
+        bridged: bool,
+        max: usize,
+    ) -> Result<(u64, Option<u64>), LogError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let r = (|| {
+            let last = self.last_seq()?;
+            let cap = if bridged {
+                self.meta_get(PUSHED_CURSOR_KEY)?
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            } else {
+                u64::MAX
+            };
+            let mut upto = None;
+            {
+                let mut st = self
+                    .conn
+                    .prepare_cached("SELECT seq, hub_ts FROM events ORDER BY seq LIMIT ?1")?;
+                let mut rows = st.query([max as i64])?;
+                while let Some(r) = rows.next()? {
+                    let seq = r.get::<_, i64>(0)? as u64;
+                    let ts: i64 = r.get(1)?;
+                    if ts >= cutoff_ms || seq > cap || seq >= last {
+                        break;
+                    }
+                    upto = Some(seq);
+                }
+            }
+            let n = match upto {
+                Some(x) => {
+                    let n = self
+                        .conn
+                        .execute("DELETE FROM events WHERE seq <= ?1", [x as i64])?;
+                    self.meta_set(PRUNED_KEY, &x.to_string())?;
+                    n as u64
+                }
+                None => 0,
+            };
+            Ok((n, self.oldest_seq()?))
+        })();
+        match r {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns up to `pages` free pages to the file system (incremental vacuum;
+    /// a no-op on a database without it). Returns the free pages left.
+    pub fn vacuum_some(&mut self, pages: u32) -> Result<i64, LogError> {
+        // The pragma returns one row per page it frees: step it to the end
+        // (execute_batch would step once and free a single page).
+        {
+            let mut st = self
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+        }
+        Ok(self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?)
+    }
+
+    /// The database's `auto_vacuum` mode: 0 none, 1 full, 2 incremental.
+    pub fn auto_vacuum(&self) -> Result<i64, LogError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?)
     }
 
     /// Opens the database read-only (for replay and `sync` pages beside the writer).
@@ -167,6 +344,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conn_for_test(&self) -> &Connection {
+        &self.conn
     }
 
     pub fn last_seq(&self) -> Result<u64, LogError> {
@@ -513,6 +695,66 @@ mod tests {
         assert_eq!(s.meta_get("cloud_cursor").unwrap().as_deref(), Some("abc"));
         assert_eq!(s.admitted().unwrap(), vec!["d".to_string()]);
         assert_eq!(s.count_lan_after(0).unwrap(), 0);
+    }
+
+    /// Retention deletes only an old prefix, never above the pushed cursor when
+    /// bridged, never the newest event; the freed pages go back to the file system.
+    #[test]
+    fn prune_keeps_the_outbox_the_newest_event_and_shrinks_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.db");
+        let mut s = Store::open(&p).unwrap();
+        assert_eq!(
+            s.auto_vacuum().unwrap(),
+            2,
+            "new databases use incremental vacuum"
+        );
+        let big = format!("\"{}\"", "x".repeat(2000));
+        s.begin().unwrap();
+        for i in 1..=3000u64 {
+            let ev = NewEvent::new(&format!("e{i}"), "t", &big, None).unwrap();
+            // Events 1..=2000 are old (hub_ts 1000), the rest new (hub_ts 10_000).
+            let ts = if i <= 2000 { 1000 } else { 10_000 };
+            s.insert(i, &ev, "d", ts, Origin::Lan).unwrap();
+        }
+        s.commit().unwrap();
+        s.checkpoint().unwrap();
+        let before = s.db_bytes();
+        // Bridged, cursor at 700: nothing above it goes even though it is old.
+        s.meta_set(PUSHED_CURSOR_KEY, "700").unwrap();
+        assert_eq!(s.prune_batch(5000, true, 500).unwrap(), (500, Some(501)));
+        assert_eq!(s.prune_batch(5000, true, 500).unwrap(), (200, Some(701)));
+        assert_eq!(s.prune_batch(5000, true, 500).unwrap(), (0, Some(701)));
+        // Without a cloud, every old event goes, in batches; new ones stay.
+        while s.prune_batch(5000, false, 500).unwrap().0 > 0 {}
+        assert_eq!(s.oldest_seq().unwrap(), Some(2001));
+        assert_eq!(s.meta_get(PRUNED_KEY).unwrap().as_deref(), Some("2000"));
+        // Everything old: the newest event is still kept (the next seq survives).
+        while s.prune_batch(i64::MAX, false, 500).unwrap().0 > 0 {}
+        assert_eq!(s.oldest_seq().unwrap(), Some(3000));
+        assert_eq!(s.last_seq().unwrap(), 3000);
+        while s.vacuum_some(256).unwrap() > 0 {}
+        s.checkpoint().unwrap();
+        let after = s.db_bytes();
+        assert!(after * 10 < before, "file {before} -> {after} bytes");
+    }
+
+    /// A database made before retention (auto_vacuum none) is converted once.
+    #[test]
+    fn an_old_database_is_converted_to_incremental_vacuum() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch("PRAGMA user_version = 1").unwrap();
+            let v: i64 = c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).unwrap();
+            assert_eq!(v, 0);
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.auto_vacuum().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), 1);
     }
 
     #[test]

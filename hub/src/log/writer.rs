@@ -93,7 +93,109 @@ pub struct LogStats {
     pub lan_events: AtomicU64,
     pub batches: AtomicU64,
     pub healthy: AtomicBool,
+    /// The data partition is full: events are refused with `storage_full` until a
+    /// commit (or the writer's own probe) succeeds again.
+    pub storage_full: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// The oldest seq still stored (0 while the log is empty); retention raises it.
+    pub oldest_seq: AtomicU64,
+    /// Events retention deleted since the hub started.
+    pub pruned: AtomicU64,
+}
+
+/// A realm log's retention (`LOG_RETENTION`), applied by its maintenance thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Events older than this go (when pushed, if bridged); `None` keeps everything.
+    pub keep: Option<std::time::Duration>,
+    /// How often the thread looks for events to prune.
+    pub every: std::time::Duration,
+    /// The realm pushes to a cloud: only events at or below the durable pushed
+    /// cursor may go. Without a cloud, retention applies to every event.
+    pub bridged: bool,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep: None,
+            every: std::time::Duration::from_secs(60),
+            bridged: false,
+        }
+    }
+}
+
+/// Events deleted per prune transaction (each a few milliseconds of write lock).
+const PRUNE_BATCH: usize = 500;
+/// Pages returned to the file system per incremental-vacuum transaction (1-2 MiB).
+const VACUUM_PAGES: u32 = 256;
+/// The pause between two prune or vacuum transactions, so the writer gets the lock.
+const MAINTENANCE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// One retention pass: prunes in small batches, then gives the freed pages back.
+fn prune_pass(store: &mut Store, stats: &LogStats, ret: &Retention, warned: &mut bool) {
+    let Some(keep) = ret.keep else { return };
+    let cutoff = now_ms() - keep.as_millis().min(i64::MAX as u128) as i64;
+    let mut total = 0u64;
+    loop {
+        match store.prune_batch(cutoff, ret.bridged, PRUNE_BATCH) {
+            Ok((n, oldest)) => {
+                *warned = false;
+                stats
+                    .oldest_seq
+                    .store(oldest.unwrap_or(0), Ordering::Relaxed);
+                total += n;
+                if (n as usize) < PRUNE_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                if !*warned {
+                    *warned = true;
+                    tracing::warn!(path = %store.path().display(), error = %e, "retention: pruning failed; will retry");
+                }
+                break;
+            }
+        }
+        std::thread::sleep(MAINTENANCE_PAUSE);
+    }
+    if total == 0 {
+        return;
+    }
+    stats.pruned.fetch_add(total, Ordering::Relaxed);
+    let mut free_left = 0;
+    for _ in 0..10_000 {
+        match store.vacuum_some(VACUUM_PAGES) {
+            Ok(0) => break,
+            Ok(n) => free_left = n,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: incremental vacuum failed");
+                break;
+            }
+        }
+        std::thread::sleep(MAINTENANCE_PAUSE);
+    }
+    tracing::info!(
+        path = %store.path().display(),
+        pruned = total,
+        oldest_seq = stats.oldest_seq.load(Ordering::Relaxed),
+        free_pages_left = free_left,
+        db_bytes = store.db_bytes(),
+        "retention: pruned old events"
+    );
+}
+
+/// While the partition is full, how often the writer checks whether space came back.
+const SPACE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Free bytes under which a failed write counts as "partition full" even when
+/// SQLite reported a generic I/O error (a failed fsync or truncate).
+const FULL_BELOW: u64 = 256 * 1024;
+
+/// Free bytes the partition needs before the writer's probe declares it writable
+/// again (so a probe that fits in reused WAL space does not flap the state).
+fn space_to_recover(total: u64) -> u64 {
+    (total / 100).clamp(1 << 20, 8 << 20)
 }
 
 /// Checkpoints a realm's WAL from its own thread and connection, so the writer's
@@ -107,13 +209,13 @@ struct Checkpointer {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Checkpointer {
-    fn start(path: &std::path::Path, stats: Arc<LogStats>) -> Self {
+    fn start(path: &std::path::Path, stats: Arc<LogStats>, retention: Retention) -> Self {
         let (stop, rx) = crossbeam_channel::bounded::<()>(0);
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
-                let store = match Store::open_checkpointer(&path) {
+                let mut store = match Store::open_checkpointer(&path) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "no checkpointer; the writer checkpoints by itself");
@@ -121,11 +223,21 @@ impl Checkpointer {
                     }
                 };
                 let mut warned = false;
+                let mut prune_warned = false;
+                // The first pass a little after start, then every `retention.every`.
+                let mut last_prune = std::time::Instant::now()
+                    .checked_sub(retention.every.saturating_sub(CHECKPOINT_EVERY * 4))
+                    .unwrap_or_else(std::time::Instant::now);
                 // Nothing to do while no commit happened since a complete checkpoint.
                 let mut done_at: Option<u64> = None;
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    if retention.keep.is_some() && last_prune.elapsed() >= retention.every {
+                        prune_pass(&mut store, &stats, &retention, &mut prune_warned);
+                        last_prune = std::time::Instant::now();
+                        done_at = None;
+                    }
                     let batches = stats.batches.load(Ordering::Relaxed);
                     if done_at == Some(batches) {
                         continue;
@@ -166,7 +278,8 @@ impl Drop for Checkpointer {
 
 /// The writer's state; run it with [`Writer::run`] on its own thread.
 pub struct Writer<R, T> {
-    checkpointer: Checkpointer,
+    checkpointer: Option<Checkpointer>,
+    retention: Retention,
     store: Store,
     next_seq: u64,
     rx: Receiver<WriteReq<R, T>>,
@@ -184,7 +297,7 @@ struct Pending<R> {
 
 impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
     pub fn new(
-        store: Store,
+        mut store: Store,
         rx: Receiver<WriteReq<R, T>>,
         out: CommitSink<T>,
         max_batch: usize,
@@ -193,8 +306,41 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         let last = store.last_seq()?;
         stats.last_seq.store(last, Ordering::Relaxed);
         stats.healthy.store(true, Ordering::Relaxed);
+        let dir = store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        // Started on a full partition? A small committed write says for sure (the
+        // WAL is empty after a clean stop, so it needs new blocks); free space too.
+        let wrote = store.begin().and_then(|_| {
+            store
+                .meta_set("opened_at", &now_ms().to_string())
+                .and_then(|_| store.commit())
+        });
+        let full_write = match wrote {
+            Ok(()) => false,
+            Err(e) => {
+                store.rollback();
+                e.is_full() || e.is_io()
+            }
+        };
+        if full_write || crate::util::fs_space(&dir).is_some_and(|(_, free)| free < FULL_BELOW) {
+            // Started on a full partition: say so now, not at the first refused event.
+            tracing::error!(path = %store.path().display(), "the data partition is full: events are refused until space is freed");
+            stats.storage_full.store(true, Ordering::Relaxed);
+            stats.healthy.store(false, Ordering::Relaxed);
+            *stats.last_error.lock() = Some(
+                "storage_full: the data partition is full; events are refused until space is freed"
+                    .into(),
+            );
+        }
+        stats
+            .oldest_seq
+            .store(store.oldest_seq()?.unwrap_or(0), Ordering::Relaxed);
         Ok(Self {
-            checkpointer: Checkpointer::start(store.path(), stats.clone()),
+            checkpointer: None,
+            retention: Retention::default(),
             store,
             next_seq: last + 1,
             rx,
@@ -204,14 +350,37 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         })
     }
 
+    /// Sets the log's retention (applied by the maintenance thread beside the writer).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
     /// Runs until `Close` (or until every sender is gone). Returns the store so the
     /// caller can close it.
     pub fn run(mut self) -> Store {
+        self.checkpointer = Some(Checkpointer::start(
+            self.store.path(),
+            self.stats.clone(),
+            self.retention,
+        ));
         let mut reqs: Vec<WriteReq<R, T>> = Vec::with_capacity(1024);
         loop {
-            let first = match self.rx.recv() {
-                Ok(r) => r,
-                Err(_) => break,
+            let first = if self.stats.storage_full.load(Ordering::Relaxed) {
+                // Recover by itself when space comes back, even if no device writes.
+                match self.rx.recv_timeout(SPACE_PROBE_EVERY) {
+                    Ok(r) => r,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        self.probe_space();
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
             };
             reqs.push(first);
             let mut n = count(&reqs[0]);
@@ -235,11 +404,59 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 break;
             }
         }
-        self.checkpointer.stop();
+        if let Some(c) = self.checkpointer.as_mut() {
+            c.stop();
+        }
         if let Err(e) = self.store.checkpoint() {
             tracing::warn!(path = %self.store.path().display(), error = %e, "checkpoint at close failed");
         }
         self.store
+    }
+
+    /// The data partition's directory.
+    fn dir(&self) -> &std::path::Path {
+        self.store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+    }
+
+    /// Whether failure `e` means the partition is full.
+    fn is_full(&self, e: &LogError) -> bool {
+        e.is_full()
+            || (e.is_io()
+                && crate::util::fs_space(self.dir()).is_some_and(|(_, free)| free < FULL_BELOW))
+    }
+
+    /// While full: once the partition has room again, proves it with a tiny
+    /// committed write and takes events again.
+    fn probe_space(&mut self) {
+        let Some((total, free)) = crate::util::fs_space(self.dir()) else {
+            return;
+        };
+        if free < space_to_recover(total) {
+            return;
+        }
+        let r = self.store.begin().and_then(|_| {
+            self.store
+                .meta_set("space_probe", &now_ms().to_string())
+                .and_then(|_| self.store.commit())
+        });
+        match r {
+            Ok(()) => self.writable_again(),
+            Err(e) => {
+                self.store.rollback();
+                tracing::debug!(error = %e, "space probe failed");
+            }
+        }
+    }
+
+    fn writable_again(&mut self) {
+        let was_full = self.stats.storage_full.swap(false, Ordering::Relaxed);
+        if !self.stats.healthy.swap(true, Ordering::Relaxed) || was_full {
+            *self.stats.last_error.lock() = None;
+            tracing::info!(path = %self.store.path().display(), was_full, "event log writable again");
+        }
     }
 
     fn process(&mut self, reqs: &mut Vec<WriteReq<R, T>>) {
@@ -353,8 +570,10 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     .lan_events
                     .fetch_add(lan_added, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                if !self.stats.healthy.swap(true, Ordering::Relaxed) {
-                    tracing::info!(path = %self.store.path().display(), "event log writable again");
+                if !self.stats.healthy.load(Ordering::Relaxed)
+                    || self.stats.storage_full.load(Ordering::Relaxed)
+                {
+                    self.writable_again();
                 }
                 for p in pending {
                     let o = &outcomes[p.start..p.start + p.n];
@@ -367,6 +586,14 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 for c in checks {
                     let _ = c.send(Ok(()));
                 }
+                if let Some(c) = committed.first() {
+                    let _ = self.stats.oldest_seq.compare_exchange(
+                        0,
+                        c.seq,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
                 if !committed.is_empty() {
                     (self.out)(committed);
                 }
@@ -374,11 +601,26 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
             Some(e) => {
                 self.store.rollback();
                 self.next_seq = first_seq;
-                let msg = e.to_string();
-                tracing::error!(path = %self.store.path().display(), error = %msg, "event log write failed; batch refused");
-                self.stats.healthy.store(false, Ordering::Relaxed);
+                let full = self.is_full(&e);
+                let msg = if full {
+                    format!("storage_full: the data partition is full ({e}); events are refused until space is freed")
+                } else {
+                    e.to_string()
+                };
+                // One line per incident, not one per refused batch.
+                let was_full = self.stats.storage_full.swap(full, Ordering::Relaxed);
+                let was_healthy = self.stats.healthy.swap(false, Ordering::Relaxed);
+                if was_healthy || was_full != full {
+                    tracing::error!(path = %self.store.path().display(), error = %msg, "event log write failed; refusing events until it works again");
+                } else {
+                    tracing::debug!(error = %msg, "batch refused");
+                }
                 *self.stats.last_error.lock() = Some(msg.clone());
-                let refused = EventError::Storage(msg.clone());
+                let refused = if full {
+                    EventError::StorageFull
+                } else {
+                    EventError::Storage(msg.clone())
+                };
                 for p in pending {
                     let all = vec![Outcome::Rejected(refused.clone()); p.n];
                     if p.many {
@@ -564,6 +806,72 @@ mod tests {
         assert_eq!(stats.batches.load(Ordering::Relaxed), 1);
         assert_eq!(store.last_seq().unwrap(), 101);
         assert_eq!(store.meta_get("k").unwrap().as_deref(), Some("v"));
+    }
+
+    /// SQLITE_FULL (here from `max_page_count`, as ENOSPC gives it on a full
+    /// partition) refuses with `storage_full`, not a generic error, and the writer
+    /// takes events again as soon as a commit works.
+    #[test]
+    fn a_full_database_refuses_with_storage_full_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.db")).unwrap();
+        let pages: i64 = store
+            .conn_for_test()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        store
+            .conn_for_test()
+            .pragma_update(None, "max_page_count", pages + 2)
+            .unwrap();
+        let (tx, rx) = bounded(100);
+        let stats = Arc::new(LogStats::default());
+        let w = Writer::new(store, rx, Box::new(|_| {}), 100, stats.clone()).unwrap();
+        let h = std::thread::spawn(move || w.run());
+        let (rtx, rrx) = mpsc::channel();
+        let big = |id: &str| WriteReq::Append {
+            events: Appended::One(
+                NewEvent::new(id, "t", &format!("\"{}\"", "x".repeat(20_000)), None).unwrap(),
+            ),
+            device: Arc::from("d"),
+            origin: Origin::Lan,
+            tag: 7u32,
+            reply: Chan(rtx.clone()),
+            meta: None,
+        };
+        tx.send(big("a")).unwrap();
+        let got = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(got, vec![Outcome::Rejected(EventError::StorageFull)]);
+        assert_eq!(EventError::StorageFull.code(), "storage_full");
+        assert!(stats.storage_full.load(Ordering::Relaxed));
+        assert!(stats
+            .last_error
+            .lock()
+            .as_deref()
+            .unwrap()
+            .starts_with("storage_full"));
+        // Space comes back.
+        let (done, wait) = tokio::sync::oneshot::channel();
+        tx.send(WriteReq::Apply {
+            f: Box::new(|s| {
+                s.conn_for_test()
+                    .pragma_update(None, "max_page_count", 1_000_000)?;
+                Ok(())
+            }),
+            done,
+        })
+        .unwrap();
+        let _ = wait.blocking_recv();
+        tx.send(big("a")).unwrap();
+        let got = rrx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(got, vec![Outcome::Stored(1)]);
+        assert!(!stats.storage_full.load(Ordering::Relaxed));
+        assert!(stats.healthy.load(Ordering::Relaxed));
+        tx.send(WriteReq::Close).unwrap();
+        h.join().unwrap();
     }
 
     /// A batch that fails to commit is refused as a whole, seqs are not burnt,

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
 struct Args {
-    /// all | throughput | latency | fanout | idle | replay | offline
+    /// all | throughput | latency | fanout | idle | replay | offline | retention
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Small sizes, a few seconds in all (CI smoke run).
@@ -393,7 +393,10 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     ));
     if let (Some(a0), Some(a1)) = (allocs0, allocs1) {
         report.push((
-            format!("hub heap allocations per event (incl. {} fan-out sends)", n - 1),
+            format!(
+                "hub heap allocations per event (incl. {} fan-out sends)",
+                n - 1
+            ),
             format!("{:.1}", (a1 - a0) / total.acked.max(1) as f64),
         ));
     }
@@ -738,6 +741,98 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     hub.stop().await;
 }
 
+// ---------------------------------------------------------------- retention
+
+/// A year of a store's log at 5,000 events a day with the default retention (90
+/// days), on the hub's own store code: events carry simulated hub timestamps, and
+/// after each simulated day the same prune and incremental vacuum the hub's
+/// maintenance thread runs. Prints the database size along the way.
+fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
+    use pos_hub::log::{NewEvent, Origin, Store};
+    const PER_DAY: u64 = 5_000;
+    const DAY_MS: i64 = 86_400_000;
+    let days: i64 = if a.quick { 12 } else { 365 };
+    let keep_days: i64 = if a.quick { 3 } else { 90 };
+    let dir = std::env::temp_dir().join(format!("poshub-bench-retention-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("r.db");
+    let mut store = match Store::open(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("retention: cannot open {}: {e}", path.display());
+            return;
+        }
+    };
+    let t0: i64 = 1_767_225_600_000; // 2026-01-01
+    let mut seq = 0u64;
+    let mut peak = 0u64;
+    let mut at = Vec::new();
+    let started = Instant::now();
+    for day in 0..days {
+        // A till's order: a few lines, a total, a table (about 330 bytes of JSON).
+        let mut batch_start = 0;
+        while batch_start < PER_DAY {
+            let _ = store.begin();
+            for i in batch_start..(batch_start + 50).min(PER_DAY) {
+                seq += 1;
+                let payload = format!(
+                    r#"{{"order":"o-{seq}","table":{t},"lines":[{{"sku":"coffee-{a}","qty":2,"price":3.4}},{{"sku":"croissant","qty":1,"price":2.9}},{{"sku":"juice-{b}","qty":1,"price":4.2}}],"total":13.9,"staff":"s-{c}","note":"no sugar"}}"#,
+                    t = seq % 40,
+                    a = seq % 7,
+                    b = seq % 5,
+                    c = seq % 12
+                );
+                let ev = NewEvent::new(
+                    &format!("till{}-{seq:09}", seq % 6),
+                    "order.created",
+                    &payload,
+                    None,
+                )
+                .expect("valid event");
+                let ts = t0 + day * DAY_MS + (i as i64 * DAY_MS / PER_DAY as i64);
+                let _ = store.insert(seq, &ev, "till-1", ts, Origin::Lan);
+            }
+            let _ = store.commit();
+            batch_start += 50;
+        }
+        // End of the day: what the maintenance thread does.
+        let cutoff = t0 + (day + 1) * DAY_MS - keep_days * DAY_MS;
+        while matches!(store.prune_batch(cutoff, false, 500), Ok((n, _)) if n > 0) {}
+        while matches!(store.vacuum_some(256), Ok(n) if n > 0) {}
+        let _ = store.checkpoint();
+        let bytes = store.db_bytes();
+        peak = peak.max(bytes);
+        let d = day + 1;
+        if d == keep_days || d == 2 * keep_days || d == days {
+            at.push((
+                d,
+                bytes,
+                store.oldest_seq().ok().flatten().unwrap_or(0),
+                seq,
+            ));
+        }
+    }
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    for (d, b, oldest, last) in &at {
+        println!(
+            "retention: day {d}: database {:.1} MiB, oldest kept seq {oldest}, last seq {last}",
+            mib(*b)
+        );
+    }
+    report.push((
+        format!("database after {days} days at {PER_DAY}/day, retention {keep_days} days"),
+        format!(
+            "{:.1} MiB (peak {:.1} MiB; {} events written, {:.0} s to simulate)",
+            mib(at.last().map(|x| x.1).unwrap_or(0)),
+            mib(peak),
+            seq,
+            started.elapsed().as_secs_f64()
+        ),
+    ));
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
@@ -785,6 +880,9 @@ async fn main() {
     }
     if want("offline") {
         offline_day(&a, &bin, &mut report).await;
+    }
+    if want("retention") {
+        retention_year(&a, &mut report);
     }
     let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
