@@ -353,6 +353,9 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     .lan_events
                     .fetch_add(lan_added, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                if !committed.is_empty() {
+                    crate::metrics::COMMIT_BATCH.observe(committed.len() as f64);
+                }
                 if !self.stats.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(path = %self.store.path().display(), "event log writable again");
                 }
