@@ -14,6 +14,7 @@ import os from "node:os";
 import path from "node:path";
 import https from "node:https";
 import { io } from "socket.io-client";
+import WebSocket from "ws";
 import { HUB, procs, tmp, httpGet, startHub, sleep, freePort } from "../lib/hub.mjs";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -83,7 +84,7 @@ before(async () => {
     "TENANT_ID=t-ops", "STORE_ID=s-1", `CLUSTER_PUBLIC_KEY_BASE64=${S.key.b64}`,
     `CLOUD_BRIDGE_URL=http://127.0.0.1:${closed}/v1/events/ingest`, `CLOUD_BRIDGE_TOKEN=${S.secrets.bridgeToken}`,
     `UPS_NUT=ups@127.0.0.1:${closed}`, "UPS_NUT_USER=monitor", `UPS_NUT_PASSWORD=${S.secrets.nutPassword}`,
-    "MDNS=off", "NTP_SERVERS=off", "",
+    "SOCKET_BUFFER=64", "MDNS=off", "NTP_SERVERS=off", "",
   ].join("\n"));
   S.port = await freePort();
   S.hub = await startHub({ dataDir: S.dataDir, port: S.port, env: { RUST_LOG: "debug" },
@@ -347,6 +348,22 @@ test("status page on a phone: events-per-hour chart from real events, outbox cha
     } else console.log("# not root: the disk-full banner is not checked (needs a tmpfs)");
     assert.deepEqual(errors, []);
   } finally { await browser.close(); }
+});
+
+test("a device that stops reading is cut and counted as queue_full", async () => {
+  const lazy = new WebSocket(`wss://localhost:${S.port}/socket.io/?EIO=4&transport=websocket`, { ca: S.ca });
+  await new Promise((res, rej) => { lazy.on("open", res); lazy.on("error", rej); });
+  lazy.send(`40${JSON.stringify({ token: mint(S.key.priv, { device: "lazy-1" }) })}`);
+  await until(async () => JSON.parse((await req("127.0.0.1", S.port, "/status", S.ca)).body).realms[0].devices.some((d) => d.deviceId === "lazy-1"), 5000, "lazy-1 connected");
+  lazy._socket.pause(); // reads nothing more
+  const gauge = async () => Number(((await req("127.0.0.1", S.port, "/metrics", S.ca)).body.toString().match(/^poshub_device_disconnects_total\{reason="queue_full"\} (\d+)$/m) || [0, 0])[1]);
+  const pad = "x".repeat(1000);
+  for (let b = 0; b < 40 && (await gauge()) === 0; b++) {
+    const ack = await S.tillSock.timeout(20000).emitWithAck("events", Array.from({ length: 250 }, (_, i) => ({ id: `flood-${b}-${i}`, type: "t", payload: { pad } })));
+    assert.equal(ack.ok, true);
+  }
+  await until(async () => (await gauge()) >= 1, 15000, "queue_full in /metrics");
+  lazy.terminate();
 });
 
 test("no secret in any log line or in the bundle, after a full run", async () => {
