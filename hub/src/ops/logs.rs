@@ -189,8 +189,13 @@ pub struct Cursor {
 /// The newest lines of all the log files, merged by time (newest last), and a
 /// cursor at their ends for [`Cursor::poll`].
 pub fn read(dir: &LogDir, q: Query) -> (Vec<Entry>, Cursor) {
-    // Each file is in time order; the merge is a stable sort by time.
-    let per_file = 8u64 << 20;
+    // Each file is in time order; the merge is a stable sort by time. Without `since`,
+    // each file's last `lines` lines are enough (read about 1 KiB a line, at least
+    // 256 KiB); with it, up to 8 MiB of each file.
+    let per_file = match q.since_ms {
+        Some(_) => 8u64 << 20,
+        None => ((q.lines as u64).saturating_mul(1024)).clamp(256 << 10, 8 << 20),
+    };
     let mut all: Vec<(usize, Entry)> = Vec::new();
     let mut cursor = Cursor {
         files: Vec::new(),
