@@ -54,6 +54,12 @@ enum Cmd {
     Flash(crate::provision::flash::FlashArgs),
     /// Factory reset: wipe the data (keeping the store CA unless --wipe-ca), back to unclaimed.
     Reset(crate::provision::reset::ResetArgs),
+    /// A hub's logs (hub and init), newest last, through its admin API; -f follows.
+    Logs(crate::ops::cmd::LogsArgs),
+    /// Download a hub's support bundle (.tar.gz: status, logs, versions, partitions,
+    /// update history, clock and power, realms with event counts; no event contents
+    /// or secrets).
+    SupportBundle(crate::ops::cmd::BundleArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,19 +131,32 @@ struct MintArgs {
     nbf_in: Option<String>,
 }
 
+/// The hub's log lines (see `ops::logs`): one format on stderr and in hub.log.
 fn init_logging() {
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| {
             EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()))
         })
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let _ = tracing_subscriber::registry()
+        .with(crate::ops::logs::LineLayer::new(true).with_filter(filter))
         .try_init();
+}
+
+/// A note for the person at the console that must not go into a log file (dev
+/// tokens): under init, straight to /dev/console (init copies the hub's stderr into
+/// hub.log); otherwise stderr, which the hub never writes to a file itself.
+fn console_only(msg: &str) {
+    if crate::system::under_init() {
+        if let Ok(mut c) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+            use std::io::Write;
+            let _ = writeln!(c, "{msg}");
+        }
+        return;
+    }
+    eprintln!("{msg}");
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -150,6 +169,8 @@ pub fn main() -> i32 {
         Cmd::Update(a) => crate::update::cmd::update_main(a),
         Cmd::Flash(a) => crate::provision::flash::run(a),
         Cmd::Reset(a) => crate::provision::reset::main(a),
+        Cmd::Logs(a) => crate::ops::cmd::logs_main(a),
+        Cmd::SupportBundle(a) => crate::ops::cmd::bundle_main(a),
         Cmd::Discover { timeout, realm } => discover(&timeout, realm.as_deref()),
         Cmd::Token {
             cmd: TokenCmd::Mint(a),
@@ -202,18 +223,18 @@ fn serve(a: ServeArgs) -> i32 {
         }
         match crate::serve::prepare_dev(&dir, &mut settings) {
             Ok(token) => {
-                eprintln!(
+                console_only(&format!(
                     "pos-hub --dev: realm {}:{}; device token (also in {}):\n{token}",
                     crate::serve::DEV_TENANT,
                     crate::serve::DEV_STORE,
                     dir.join("dev-token.txt").display()
-                );
+                ));
                 if let Ok(admin) = std::fs::read_to_string(dir.join("dev-admin-token.txt")) {
-                    eprintln!(
+                    console_only(&format!(
                         "pos-hub --dev: admin token (also in {}):\n{}",
                         dir.join("dev-admin-token.txt").display(),
                         admin.trim()
-                    );
+                    ));
                 }
             }
             Err(e) => {

@@ -36,14 +36,53 @@ pub struct Web {
     pub unclaimed: bool,
     /// Per realm: (UTC day, last seq before that day), for "events today".
     pub day_marks: parking_lot::Mutex<std::collections::HashMap<String, (i64, u64)>>,
+    /// Outbox samples and events per hour for the status page's charts.
+    pub history: crate::ops::history::History,
+    /// Where the hub's and init's log files are.
+    pub log_dir: crate::ops::logs::LogDir,
+    /// Open `GET /admin/logs?follow=1` streams (bounded by [`MAX_FOLLOWERS`]).
+    pub followers: std::sync::atomic::AtomicUsize,
+}
+
+/// At most this many log followers at once.
+pub const MAX_FOLLOWERS: usize = 16;
+/// The data partition counts as nearly full below this share free (the page warns).
+pub const DISK_LOW_FRACTION: f64 = 0.10;
+
+/// LAN events of realm `r` not yet accepted by the cloud.
+fn outbox_depth(r: &crate::realm::Realm) -> u64 {
+    r.stats.lan_events.load(Ordering::Relaxed).saturating_sub(
+        r.bridge
+            .get()
+            .map(|b| b.pushed_lan.load(Ordering::Relaxed))
+            .unwrap_or(0),
+    )
+}
+
+/// Samples every realm's outbox depth for the status page (runs for the hub's life).
+pub async fn sample_loop(web: Arc<Web>) {
+    let mut every = tokio::time::interval(crate::ops::history::SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = crate::util::now_ms();
+        for r in web.realms.iter() {
+            web.history.sample(&r.key(), now, outbox_depth(r));
+        }
+    }
 }
 
 /// Events stored since midnight (UTC) in realm `r`.
 fn events_today(web: &Web, r: &crate::realm::Realm) -> u64 {
+    let last = r.stats.last_seq.load(Ordering::Relaxed);
+    last.saturating_sub(day_mark(web, r).1)
+}
+
+/// Today (UTC days since the epoch) and the last seq stored before it in realm `r`.
+fn day_mark(web: &Web, r: &crate::realm::Realm) -> (i64, u64) {
     let now_ms = web.clock.now_secs() * 1000;
     let day = now_ms.div_euclid(86_400_000);
     let key = r.key();
-    let last = r.stats.last_seq.load(Ordering::Relaxed);
     let cached = web.day_marks.lock().get(&key).copied();
     let before = match cached {
         Some((d, seq)) if d == day => seq,
@@ -55,11 +94,25 @@ fn events_today(web: &Web, r: &crate::realm::Realm) -> u64 {
             seq
         }
     };
-    last.saturating_sub(before)
+    (day, before)
 }
 
 /// Prometheus metrics (text format 0.0.4), for localhost or an admin token.
 async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
+    let w = web.clone();
+    let m = tokio::task::spawn_blocking(move || metrics_text(&w))
+        .await
+        .unwrap_or_default();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m,
+    )
+        .into_response()
+}
+
+/// The text of `/metrics` (reads the realms' databases for the bridge lag).
+fn metrics_text(web: &Web) -> String {
     use std::fmt::Write;
     let mut m = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
@@ -110,7 +163,7 @@ async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
         "Events stored since midnight UTC per realm",
         realms
             .iter()
-            .map(|r| (lbl(r), events_today(&web, r) as f64))
+            .map(|r| (lbl(r), events_today(web, r) as f64))
             .collect(),
     );
     family(
@@ -257,12 +310,65 @@ async fn metrics(State(web): State<Arc<Web>>, _admin: Admin) -> Response {
             1.0,
         )],
     );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        m,
-    )
-        .into_response()
+    let rlbl = |r: &crate::realm::Realm, k: &str, v: &str| {
+        format!(
+            "{{tenant=\"{}\",store=\"{}\",{k}=\"{v}\"}}",
+            r.cfg.tenant_id, r.cfg.store_id
+        )
+    };
+    family(
+        "poshub_events_total",
+        "counter",
+        "Events stored per realm, by origin (lan: from the store's devices, cloud: from the feed)",
+        realms
+            .iter()
+            .flat_map(|r| {
+                let all = r.stats.last_seq.load(Ordering::Relaxed);
+                let lan = r.stats.lan_events.load(Ordering::Relaxed);
+                [
+                    (rlbl(r, "origin", "lan"), lan as f64),
+                    (rlbl(r, "origin", "cloud"), all.saturating_sub(lan) as f64),
+                ]
+            })
+            .collect(),
+    );
+    let now_ms = crate::util::now_ms();
+    family(
+        "poshub_bridge_push_lag_seconds",
+        "gauge",
+        "Age of the oldest LAN event the cloud has not accepted yet (0 when the outbox is empty)",
+        realms
+            .iter()
+            .filter_map(|r| {
+                let b = r.bridge.get()?;
+                let cursor = b.pushed_cursor.load(Ordering::Relaxed);
+                let oldest = if outbox_depth(r) == 0 {
+                    None
+                } else {
+                    r.with_reader(|s| s.oldest_lan_after(cursor)).ok().flatten()
+                };
+                let lag = oldest.map(|t| (now_ms - t).max(0) as f64 / 1000.0);
+                Some((lbl(r), lag.unwrap_or(0.0)))
+            })
+            .collect(),
+    );
+    let sys = crate::system::status(&web.data_dir);
+    if let (Some(free), Some(total)) = (sys.data_bytes_free, sys.data_bytes_total) {
+        family(
+            "poshub_data_bytes_free",
+            "gauge",
+            "Bytes free on the data partition (for unprivileged writers)",
+            vec![(String::new(), free as f64)],
+        );
+        family(
+            "poshub_data_bytes_total",
+            "gauge",
+            "Size of the data partition",
+            vec![(String::new(), total as f64)],
+        );
+    }
+    crate::metrics::render(&mut m);
+    m
 }
 
 pub fn router(web: Arc<Web>) -> Router {
@@ -271,6 +377,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/status/charts", get(charts))
+        .route("/admin/logs", get(admin_logs))
+        .route("/admin/support-bundle", get(admin_support_bundle))
         .route("/ca.crt", get(ca_crt))
         .route("/admin/reboot", axum::routing::post(admin_reboot))
         .route("/admin/poweroff", axum::routing::post(admin_poweroff))
@@ -423,11 +532,16 @@ async fn status(
     headers: HeaderMap,
 ) -> Json<Status> {
     let (all, one) = full_detail_for(&web, &addr, &headers);
+    Json(build_status(&web, all, one.as_deref()))
+}
+
+/// `/status` for a caller who sees every realm (`all`) or realm `one` in full.
+fn build_status(web: &Web, all: bool, one: Option<&str>) -> Status {
     let realms = web
         .realms
         .iter()
         .map(|r| {
-            let full = all || one.as_deref() == Some(r.key().as_str());
+            let full = all || one == Some(r.key().as_str());
             let devices = r.devices();
             RealmStatus {
                 tenant_id: r.cfg.tenant_id.clone(),
@@ -464,13 +578,13 @@ async fn status(
                     None
                 },
                 device_count: devices.len(),
-                events_today: full.then(|| events_today(&web, r)),
+                events_today: full.then(|| events_today(web, r)),
                 schema_version: if full { r.with_reader(|s| s.schema_version()).ok() } else { None },
                 devices: full.then_some(devices),
             }
         })
         .collect();
-    Json(Status {
+    Status {
         version: web.updater.running_version.clone(),
         uptime_secs: web.started.elapsed().as_secs(),
         ca_fingerprint: web.ca_fingerprint.clone(),
@@ -487,7 +601,7 @@ async fn status(
         system: crate::system::status(&web.data_dir),
         update: web.updater.status(),
         realms,
-    })
+    }
 }
 
 /// Whether the caller may act as an administrator: localhost, or an admin token of
@@ -671,6 +785,365 @@ async fn admin_reset(
         Err(e) => (
             StatusCode::CONFLICT,
             Json(serde_json::json!({"ok": false, "error": e})),
+        )
+            .into_response(),
+    }
+}
+
+/// The status page's charts (admin): today's events per hour (UTC) and the outbox
+/// depth sampled over the last hour, per realm the caller may see in full.
+async fn charts(State(web): State<Arc<Web>>, Admin(addr): Admin, headers: HeaderMap) -> Response {
+    let (all, one) = full_detail_for(&web, &addr, &headers);
+    let w = web.clone();
+    let v = tokio::task::spawn_blocking(move || {
+        let now = crate::util::now_ms();
+        let realms: Vec<_> = w
+            .realms
+            .iter()
+            .filter(|r| all || one.as_deref() == Some(r.key().as_str()))
+            .map(|r| {
+                let (day, before) = day_mark(&w, r);
+                let hours = w
+                    .history
+                    .hours(&r.key(), day, before, |after| {
+                        r.with_reader(|s| s.counts_by_hour(after, day * 86_400_000))
+                    })
+                    .map(|h| h.to_vec())
+                    .unwrap_or_default();
+                let mut outbox = w.history.outbox(&r.key(), now);
+                outbox.push((now, outbox_depth(r)));
+                serde_json::json!({
+                    "tenantId": r.cfg.tenant_id,
+                    "storeId": r.cfg.store_id,
+                    "dayStartMs": day * 86_400_000,
+                    "eventsByHour": hours,
+                    "outbox": outbox,
+                })
+            })
+            .collect();
+        serde_json::json!({"nowMs": now, "sampleEverySecs": crate::ops::history::SAMPLE_EVERY.as_secs(), "realms": realms})
+    })
+    .await
+    .unwrap_or_default();
+    Json(v).into_response()
+}
+
+/// `GET /admin/logs` parameters.
+#[derive(serde::Deserialize, Default)]
+struct LogsQuery {
+    lines: Option<String>,
+    since: Option<String>,
+    follow: Option<String>,
+    format: Option<String>,
+}
+
+fn bad_request(msg: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": msg.into()})),
+    )
+        .into_response()
+}
+
+fn render_entry(e: &crate::ops::logs::Entry, json: bool) -> String {
+    if json {
+        let mut s = serde_json::to_string(e).unwrap_or_default();
+        s.push('\n');
+        s
+    } else {
+        let mut s = e.text();
+        s.push('\n');
+        s
+    }
+}
+
+/// Counts an open follower; uncounts it when the stream is dropped.
+struct Follower(Arc<Web>);
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The hub's and init's logs, newest last (admin): `?lines=N` (default 200),
+/// `?since=TIME|DURATION`, `?format=json` (JSON lines), `?follow=1` (keeps the
+/// response open and streams new lines as they are written, checked every 200 ms).
+async fn admin_logs(
+    State(web): State<Arc<Web>>,
+    _admin: Admin,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Response {
+    let lines = match q.lines.as_deref() {
+        None => 200,
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) => n.min(100_000),
+            Err(_) => return bad_request(format!("lines={v:?}: give a number of lines")),
+        },
+    };
+    let since_ms = match q.since.as_deref() {
+        None => None,
+        Some(v) => match crate::ops::logs::parse_since(v, crate::util::now_ms()) {
+            Ok(t) => Some(t),
+            Err(e) => return bad_request(e),
+        },
+    };
+    let json = match q.format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => return bad_request(format!("format={other:?}: text or json")),
+    };
+    let follow = flag(&q.follow);
+    let dir = web.log_dir.clone();
+    let Ok((entries, cursor)) = tokio::task::spawn_blocking(move || {
+        crate::ops::logs::read(&dir, crate::ops::logs::Query { lines, since_ms })
+    })
+    .await
+    else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reading the logs failed\n",
+        )
+            .into_response();
+    };
+    let head: String = entries.iter().map(|e| render_entry(e, json)).collect();
+    let ctype = if json {
+        "application/x-ndjson"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    if !follow {
+        return (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, ctype),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            head,
+        )
+            .into_response();
+    }
+    if web.followers.fetch_add(1, Ordering::Relaxed) >= MAX_FOLLOWERS {
+        web.followers.fetch_sub(1, Ordering::Relaxed);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(serde_json::json!({"error": format!("at most {MAX_FOLLOWERS} log followers at once; close one")})),
+        )
+            .into_response();
+    }
+    let guard = Follower(web.clone());
+    let stream = futures_util::stream::unfold(
+        (cursor, Some(head), guard),
+        move |(mut cur, head, guard)| async move {
+            if let Some(h) = head {
+                return Some((
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from(h)),
+                    (cur, None, guard),
+                ));
+            }
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let new = cur.poll();
+                if !new.is_empty() {
+                    let s: String = new.iter().map(|e| render_entry(e, json)).collect();
+                    return Some((Ok(axum::body::Bytes::from(s)), (cur, None, guard)));
+                }
+            }
+        },
+    );
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// statvfs of `path`: (total, free) bytes.
+#[allow(clippy::unnecessary_cast)]
+fn fs_usage(path: &std::path::Path) -> Option<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((
+        s.blocks() as u64 * s.fragment_size() as u64,
+        s.blocks_available() as u64 * s.fragment_size() as u64,
+    ))
+}
+
+/// What a support bundle holds: never event contents, tokens, keys or hub.env.
+fn support_files(web: &Web, all: bool, one: Option<&str>) -> Vec<(String, Vec<u8>)> {
+    let pretty = |v: &serde_json::Value| {
+        let mut b = serde_json::to_vec_pretty(v).unwrap_or_default();
+        b.push(b'\n');
+        b
+    };
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let st = serde_json::to_value(build_status(web, all, one)).unwrap_or_default();
+    files.push(("status.json".into(), pretty(&st)));
+
+    let (entries, _) = crate::ops::logs::read(
+        &web.log_dir,
+        crate::ops::logs::Query {
+            lines: 5000,
+            since_ms: None,
+        },
+    );
+    let logs: String = entries.iter().map(|e| render_entry(e, false)).collect();
+    files.push(("logs.txt".into(), logs.into_bytes()));
+
+    let u = web.updater.status();
+    let packages = std::fs::read("/etc/pos-hub-packages").ok();
+    files.push((
+        "versions.json".into(),
+        pretty(&serde_json::json!({
+            "hub": crate::VERSION,
+            "firmware": crate::update::agent::firmware_version(),
+            "runningVersion": web.updater.running_version,
+            "bootedSlot": u.get("bootedSlot"),
+            "kernel": st.pointer("/system/kernel"),
+            "appliance": crate::system::under_init(),
+            "packageList": if packages.is_some() { "packages.txt" } else { "none: not the firmware image (/etc/pos-hub-packages missing)" },
+        })),
+    ));
+    if let Some(p) = packages {
+        files.push(("packages.txt".into(), p));
+    }
+
+    let mut parts = Vec::new();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let wanted = [
+        ("data", web.data_dir.clone()),
+        ("root", "/".into()),
+        ("settings", "/config".into()), // where init mounts the settings partition
+        ("run", "/run".into()),
+        ("tmp", "/tmp".into()),
+    ];
+    for (role, path) in wanted {
+        if let Some((total, free)) = fs_usage(&path) {
+            parts.push(serde_json::json!({
+                "role": role, "path": path.display().to_string(),
+                "bytesTotal": total, "bytesFree": free,
+                "usedPercent": if total > 0 { ((total - free) as f64 * 1000.0 / total as f64).round() / 10.0 } else { 0.0 },
+            }));
+        }
+    }
+    let mount_lines: Vec<String> = mounts
+        .lines()
+        .filter(|l| !l.contains("cgroup") && !l.starts_with("overlay "))
+        .map(String::from)
+        .collect();
+    files.push((
+        "partitions.json".into(),
+        pretty(&serde_json::json!({"usage": parts, "mounts": mount_lines})),
+    ));
+
+    files.push((
+        "update.json".into(),
+        pretty(&serde_json::json!({
+            "status": u,
+            "history": u.get("history"),
+            "failedVersions": u.get("badVersions"),
+        })),
+    ));
+
+    files.push((
+        "clock-power.json".into(),
+        pretty(&serde_json::json!({
+            "systemTime": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "hubTimeSecs": web.clock.now_secs(),
+            "clock": web.clock.status(),
+            "clockKnownWrong": web.clock.known_wrong(),
+            "power": web.power.lock().as_ref().map(|p| p.status.lock().clone()),
+            "uptimeSecs": web.started.elapsed().as_secs(),
+        })),
+    ));
+
+    let realms: Vec<_> = web
+        .realms
+        .iter()
+        .filter(|r| all || one == Some(r.key().as_str()))
+        .map(|r| {
+            let last = r.stats.last_seq.load(Ordering::Relaxed);
+            let lan = r.stats.lan_events.load(Ordering::Relaxed);
+            let db = web
+                .data_dir
+                .join("realms")
+                .join(&r.cfg.tenant_id)
+                .join(format!("{}.db", r.cfg.store_id));
+            serde_json::json!({
+                "tenantId": r.cfg.tenant_id,
+                "storeId": r.cfg.store_id,
+                "events": last,
+                "lanEvents": lan,
+                "cloudEvents": last.saturating_sub(lan),
+                "eventsToday": events_today(web, r),
+                "outboxDepth": outbox_depth(r),
+                "setAside": r.bridge.get().map(|b| b.set_aside.load(Ordering::Relaxed)),
+                "bridgeConfigured": r.bridge.get().is_some(),
+                "devicesConnected": r.device_count(),
+                "healthy": r.stats.healthy.load(Ordering::Relaxed),
+                "schemaVersion": r.with_reader(|s| s.schema_version()).ok(),
+                "databaseBytes": std::fs::metadata(&db).map(|m| m.len()).ok(),
+            })
+        })
+        .collect();
+    files.push(("realms.json".into(), pretty(&serde_json::json!(realms))));
+    files.push(("metrics.txt".into(), metrics_text(web).into_bytes()));
+    files
+}
+
+/// The support bundle (admin): a `.tar.gz` of the files [`support_files`] gathers.
+async fn admin_support_bundle(
+    State(web): State<Arc<Web>>,
+    Admin(addr): Admin,
+    headers: HeaderMap,
+) -> Response {
+    let (all, one) = full_detail_for(&web, &addr, &headers);
+    let w = web.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let now = std::time::SystemTime::now();
+        let stamp = humantime::format_rfc3339_seconds(now)
+            .to_string()
+            .replace([':', '-'], "");
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "pos-hub".into());
+        let dir = format!("pos-hub-support-{host}-{stamp}");
+        let files = support_files(&w, all, one.as_deref());
+        let secs = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        crate::ops::bundle::pack(&dir, &files, secs).map(|b| (dir, b))
+    })
+    .await;
+    match res {
+        Ok(Ok((dir, bytes))) => {
+            tracing::info!(%addr, bytes = bytes.len(), "support bundle downloaded");
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "application/gzip".to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{dir}.tar.gz\""),
+                    ),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                ],
+                bytes,
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": format!("packing the bundle: {e}")})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({"error": e.to_string()})),
         )
             .into_response(),
     }

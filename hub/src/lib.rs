@@ -17,6 +17,8 @@
 //! * [`system`]   the box as the hub sees it under init: slot, read-only root, reboot
 //! * [`provision`] flashing a card, claiming an unclaimed box on first boot
 //! * [`update`]   OTA A/B updates: signed bundles, trial boot, commit, rollback, channels
+//! * [`metrics`]  process-wide counters and histograms (a leaf: anyone may call it)
+//! * [`ops`]      the operator's view: log lines and files, charts' history, support bundle
 //! * [`cli`]      subcommands, each a short function calling the owning module
 
 pub mod allocs;
@@ -31,6 +33,8 @@ pub mod http;
 pub mod init;
 pub mod link;
 pub mod log;
+pub mod metrics;
+pub mod ops;
 pub mod power;
 pub mod provision;
 pub mod realm;

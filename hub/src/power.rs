@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 
 use crate::util::now_ms;
 
-/// Where power readings come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where power readings come from. Its Debug form (shown in `/status` and logs)
+/// never includes the NUT password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Source {
     Nut {
         ups: String,
@@ -38,6 +39,38 @@ pub enum Source {
         line: u32,
         active_low: bool,
     },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Nut {
+                ups,
+                host,
+                port,
+                user,
+                password,
+            } => f
+                .debug_struct("Nut")
+                .field("ups", ups)
+                .field("host", host)
+                .field("port", port)
+                .field("user", user)
+                .field("password", &password.as_ref().map(|_| "<set>"))
+                .finish(),
+            Source::PowerSupply(p) => f.debug_tuple("PowerSupply").field(p).finish(),
+            Source::Gpio {
+                chip,
+                line,
+                active_low,
+            } => f
+                .debug_struct("Gpio")
+                .field("chip", chip)
+                .field("line", line)
+                .field("active_low", active_low)
+                .finish(),
+        }
+    }
 }
 
 impl Source {

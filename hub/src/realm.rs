@@ -89,7 +89,12 @@ fn push_outcome(out: &mut String, o: &Outcome) {
 pub enum AckReply {
     /// A Socket.IO ack to the device's packet `id`. If its queue is full the
     /// device is cut: an ack is never dropped without the device knowing.
-    Socket { sock: Sock, id: u64 },
+    Socket {
+        sock: Sock,
+        id: u64,
+        /// When the event arrived (for the ack latency histogram).
+        at: std::time::Instant,
+    },
     /// An in-process caller (the cloud bridge, tests).
     Channel(tokio::sync::oneshot::Sender<Vec<Outcome>>),
     /// Nobody waits (an `event` without ack callback).
@@ -99,7 +104,7 @@ pub enum AckReply {
 impl AckReply {
     /// Answers with ready-made JSON (a refusal before the writer saw it).
     pub fn send_json(self, json: &str) {
-        if let AckReply::Socket { sock, id } = self {
+        if let AckReply::Socket { sock, id, .. } = self {
             link::send_or_cut(&sock, link::str_of(sio::ack(id, json)));
         }
     }
@@ -108,12 +113,13 @@ impl AckReply {
 impl Reply for AckReply {
     fn one(self, o: &Outcome) {
         match self {
-            AckReply::Socket { sock, id } => {
+            AckReply::Socket { sock, id, at } => {
                 let mut out = String::with_capacity(64);
                 sio::ack_start(&mut out, id);
                 push_outcome(&mut out, o);
                 sio::ack_end(&mut out);
                 link::send_or_cut(&sock, link::str_of(out));
+                crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
             }
             AckReply::Channel(tx) => {
                 let _ = tx.send(vec![o.clone()]);
@@ -123,7 +129,7 @@ impl Reply for AckReply {
     }
     fn many(self, os: &[Outcome]) {
         match self {
-            AckReply::Socket { sock, id } => {
+            AckReply::Socket { sock, id, at } => {
                 let mut out = String::with_capacity(32 + 48 * os.len());
                 sio::ack_start(&mut out, id);
                 out.push_str("{\"ok\":true,\"results\":[");
@@ -136,6 +142,7 @@ impl Reply for AckReply {
                 out.push_str("]}");
                 sio::ack_end(&mut out);
                 link::send_or_cut(&sock, link::str_of(out));
+                crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
             }
             AckReply::Channel(tx) => {
                 let _ = tx.send(os.to_vec());

@@ -291,6 +291,7 @@ impl Inner {
         let admitted = match self.authenticate(s.id, &auth) {
             Ok(a) => a,
             Err(Refused(code)) => {
+                crate::metrics::device_refused(code);
                 send(s, sio::connect_error("/", code));
                 if s.data.refused.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REFUSED {
                     link::cut(s, Why::NoHandshake);
@@ -320,6 +321,7 @@ impl Inner {
         if s.data.device.set(admitted.device).is_err() {
             return;
         }
+        crate::metrics::device_connected(&entry.role);
         realm.device_connected(s.id, entry);
         send(s, sio::connect_ok(&s.id.to_string()));
         tracing::debug!(sid = %s.id, device = %device_id, realm = %realm.key(), since = ?admitted.since, "device connected");
@@ -340,6 +342,7 @@ impl Inner {
             Some(id) => AckReply::Socket {
                 sock: s.clone(),
                 id,
+                at: std::time::Instant::now(),
             },
             None => AckReply::None,
         };
@@ -396,6 +399,10 @@ impl EngineIoHandler for Hub {
                 realm.device_left(s.id);
             }
             tracing::debug!(sid = %s.id, device = %dev.device_id, ?reason, by_hub = ?s.data.closed_by_hub(), "device disconnected");
+            crate::metrics::device_disconnected(match s.data.closed_by_hub() {
+                Some(why) => why.as_str(),
+                None => crate::metrics::disconnect_label(reason),
+            });
         }
     }
 

@@ -169,6 +169,14 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         dir: cfg.data_dir.clone(),
         message: format!("cannot create the data directory: {e}"),
     })?;
+    // The hub's own log file, unless init keeps one from its stderr.
+    let log_dir = crate::ops::logs::LogDir::for_data_dir(&cfg.data_dir);
+    if log_dir.init_keeps_files {
+        crate::ops::logs::no_file();
+    } else if let Err(e) = crate::ops::logs::attach(&log_dir.dir) {
+        crate::ops::logs::no_file();
+        tracing::error!(dir = %log_dir.dir.display(), error = %e, "cannot write the hub's log file; GET /admin/logs will have nothing to show");
+    }
     let clock = crate::clock::Clock::open(&cfg.data_dir, cfg.clock_set);
     if !cfg.ntp_servers.is_empty() {
         tokio::spawn(crate::clock::run(
@@ -200,7 +208,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             let _ = r.bridge.set(state.clone());
             match crate::bridge::start(r.clone(), ep.clone(), state, clock.clone()).await {
                 Ok(()) => {
-                    tracing::info!(realm = %r.key(), push = %ep.push_url, feed = %ep.feed_url, "cloud bridge started")
+                    tracing::info!(realm = %r.key(), push = %crate::ops::logs::redact_url(&ep.push_url), feed = %crate::ops::logs::redact_url(&ep.feed_url), "cloud bridge started")
                 }
                 Err(e) => {
                     tracing::error!(realm = %r.key(), error = %e, "cloud bridge could not start; the LAN works without it")
@@ -261,7 +269,11 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         updater: updater.clone(),
         unclaimed: cfg.claim.is_some(),
         day_marks: Default::default(),
+        history: Default::default(),
+        log_dir,
+        followers: Default::default(),
     });
+    tokio::spawn(http::sample_loop(web.clone()));
     let mut app =
         http::router(web.clone())
             .layer(layer)

@@ -49,6 +49,14 @@ test("first boot: blank data partition formatted and grown, read-only root, /hea
   // The image carries a 32 MiB data partition at 209 MiB; on a 384 MiB card it grows to ~175 MiB.
   assert.ok(st.system.dataBytesTotal > 150 * 1024 * 1024, `data partition fills the 384 MiB card: ${st.system.dataBytesTotal}`);
   assert.equal(st.realms[0].tenantId, "t-dev");
+  // Issue 20: init's boot.log and the hub's hub.log over the admin API, one line format;
+  // the dev tokens went to the console only.
+  const logs = (await httpsReq(box, "/admin/logs?lines=1000", { headers: { authorization: `Bearer ${admin}` } })).body;
+  const lines = logs.trimEnd().split("\n");
+  for (const l of lines) assert.match(l, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (ERROR|WARN |INFO |DEBUG|TRACE) \S+ /, l);
+  assert.ok(lines.some((l) => / init \[[\d.]+\] hub is up/.test(l)), `init's lines (boot.log):\n${logs}`);
+  assert.ok(lines.some((l) => / hub\/serve pos-hub listening/.test(l)), `the hub's lines (hub.log):\n${logs}`);
+  assert.ok(!logs.includes(device) && !logs.includes(admin), "a dev token reached the log files");
 
   const a = await connect(box, device);
   const [seq] = await sendAcked(a, ["img-1"]);

@@ -67,10 +67,23 @@ struct BootLogInner {
 }
 
 impl BootLog {
+    /// The console gets `[uptime] pos-hub init: msg`; boot.log the hub's line format
+    /// (time, level, source `init`) so `GET /admin/logs` merges it with the hub's.
     fn line(&self, msg: impl AsRef<str>) {
         let up = uptime();
-        let line = format!("[{up:>8.3}] pos-hub init: {}", msg.as_ref());
-        eprintln!("{line}");
+        let msg = msg.as_ref();
+        eprintln!("[{up:>8.3}] pos-hub init: {msg}");
+        let level = if msg.starts_with("FAILED") || msg.starts_with("PANIC") {
+            "ERROR"
+        } else {
+            "INFO"
+        };
+        let line = crate::ops::logs::format_line(
+            std::time::SystemTime::now(),
+            level,
+            "init",
+            &format!("[{up:.3}] {msg}"),
+        );
         let mut g = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -94,7 +107,16 @@ impl BootLog {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            let _ = writeln!(f, "---- boot ----");
+            let _ = writeln!(
+                f,
+                "{}",
+                crate::ops::logs::format_line(
+                    std::time::SystemTime::now(),
+                    "INFO",
+                    "init",
+                    "---- boot ----"
+                )
+            );
             for l in g.pending.drain(..) {
                 let _ = writeln!(f, "{l}");
             }
@@ -626,6 +648,8 @@ fn spawn_hub(log: &BootLog) -> Result<Child, String> {
         .env("POS_HUB_INIT", "1")
         .env("CLOCK_SET", "on")
         .env("POS_HUB_CONFIG_FILE", &env)
+        // Init keeps hub.log (from the hub's output) and boot.log here; the hub reads them.
+        .env("POS_HUB_LOG_DIR", Path::new(DATA_DIR).join("log"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -675,6 +699,19 @@ fn copy_log(stream: Box<dyn Read + Send>, path: &Path, sink: &Mutex<()>) {
         }
         let _g = sink.lock();
         let _ = std::io::stderr().write_all(&buf);
+        // The hub's tracing lines carry their time; anything else it printed (a
+        // panic, a library's note) is stamped here so every line in hub.log has one.
+        if !crate::ops::logs::is_stamped(&buf) {
+            let text = String::from_utf8_lossy(&buf);
+            let mut line = crate::ops::logs::format_line(
+                std::time::SystemTime::now(),
+                "INFO",
+                "hub/stderr",
+                text.trim_end_matches(['\n', '\r']),
+            );
+            line.push('\n');
+            buf = line.into_bytes();
+        }
         written += buf.len() as u64;
         if written > 256 << 10 {
             rotate(path, 4 << 20);

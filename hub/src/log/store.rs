@@ -610,6 +610,39 @@ impl Store {
         self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(())
     }
+
+    /// Events with seq > `after` stored at or after `from_ms`, counted per hour since
+    /// `from_ms`: `(hour index, count)`, and the highest seq counted (the status
+    /// page's events-per-hour chart; callers count only what is new since last time).
+    pub fn counts_by_hour(
+        &self,
+        after: u64,
+        from_ms: i64,
+    ) -> Result<(Vec<(i64, u64)>, u64), LogError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT (hub_ts - ?2) / 3600000 AS h, COUNT(*), MAX(seq) FROM events
+             WHERE seq > ?1 AND hub_ts >= ?2 GROUP BY h",
+        )?;
+        let mut rows = st.query(params![after as i64, from_ms])?;
+        let (mut out, mut max) = (Vec::new(), after);
+        while let Some(r) = rows.next()? {
+            out.push((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64));
+            max = max.max(r.get::<_, i64>(2)? as u64);
+        }
+        Ok((out, max))
+    }
+
+    /// When the oldest LAN event above `seq` was stored (the cloud bridge's lag).
+    pub fn oldest_lan_after(&self, seq: u64) -> Result<Option<i64>, LogError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT hub_ts FROM events WHERE seq > ?1 AND origin = 0 ORDER BY seq LIMIT 1",
+                [seq as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
 }
 
 #[cfg(test)]

@@ -570,6 +570,9 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     .lan_events
                     .fetch_add(lan_added, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                if !committed.is_empty() {
+                    crate::metrics::COMMIT_BATCH.observe(committed.len() as f64);
+                }
                 if !self.stats.healthy.load(Ordering::Relaxed)
                     || self.stats.storage_full.load(Ordering::Relaxed)
                 {
