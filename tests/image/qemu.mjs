@@ -103,11 +103,12 @@ function qemusOn(card) {
 }
 
 /** Boots `card` with scripts/run-qemu; the console accumulates in `.console`. */
-export async function boot(card, { port, guestfwd } = {}) {
+export async function boot(card, { port, guestfwd, disk } = {}) {
   port ??= await freePort();
   const dir = path.dirname(card);
   const pidfile = path.join(dir, "qemu.pid");
   const extra = guestfwd ? ["--guestfwd", guestfwd] : [];
+  if (disk) extra.push("--disk", disk);
   const child = spawn(path.join(ROOT, "scripts/run-qemu"), [card, "--port", String(port), "--pidfile", pidfile, ...extra], { stdio: ["ignore", "pipe", "pipe"] });
   const box = {
     port, card, child, console: "",
