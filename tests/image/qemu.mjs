@@ -15,6 +15,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, "../..");
 export const IMAGE = process.env.POS_HUB_IMAGE;
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/** IMAGE_TEST_TIME_SCALE stretches every console/healthz wait (not a figure: a guard
+ * against a machine so loaded that QEMU's TCG guest runs several times slower). */
+export const SCALE = Math.max(1, Number(process.env.IMAGE_TEST_TIME_SCALE || 1));
 const boxes = new Set();
 process.on("exit", () => { for (const b of boxes) b.killNow(); });
 
@@ -116,6 +119,7 @@ export async function boot(card, { port, guestfwd, disk } = {}) {
     exited: new Promise((r) => child.on("exit", (code) => { boxes.delete(box); r(code); })),
     /** Waits until the console matches `re` (after `from` characters); returns the match. */
     async waitFor(re, ms = 60000, from = 0) {
+      ms *= SCALE;
       const deadline = Date.now() + ms;
       for (;;) {
         const m = box.console.slice(from).match(re);
@@ -125,6 +129,7 @@ export async function boot(card, { port, guestfwd, disk } = {}) {
       }
     },
     async healthz(ms = 60000) {
+      ms *= SCALE;
       const deadline = Date.now() + ms;
       for (;;) {
         try { const r = await httpGet(port, "/healthz", { timeout: 2000 }); if (r.status === 200) return r; } catch {}

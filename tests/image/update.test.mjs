@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { execFileSync } from "node:child_process";
-import { cardFrom, boot, devTokens, connect, httpsReq, staticServer, sleep, ROOT } from "./qemu.mjs";
+import { cardFrom, boot, devTokens, connect, httpsReq, staticServer, sleep, ROOT, SCALE } from "./qemu.mjs";
 
 const V1 = process.env.POS_HUB_IMAGE;
 const V2 = process.env.POS_HUB_IMAGE_V2;
@@ -192,7 +192,7 @@ test("bad signature, wrong board, truncated or corrupt bundles are refused; v1 u
   await box.stop();
 });
 
-test(`power cuts during download or upload, write, reboot, trial boot and commit (${CUTS} points): the hub always comes back with every acked event`, { timeout: Math.max(20, CUTS / 2) * 60000 }, async () => {
+test(`power cuts during download or upload, write, reboot, trial boot and commit (${CUTS} points): the hub always comes back with every acked event`, { timeout: Math.max(20, CUTS / 2) * 60000 * SCALE }, async () => {
   const { card } = cardFrom(V1, { sizeMiB: 256 });
   // Every other install is a download from a local HTTP server instead of an upload.
   const www = fs.mkdtempSync("/tmp/poshub-www-");
