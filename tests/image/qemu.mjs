@@ -15,6 +15,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, "../..");
 export const IMAGE = process.env.POS_HUB_IMAGE;
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/** IMAGE_TEST_TIME_SCALE stretches every console/healthz wait (not a figure: a guard
+ * against a machine so loaded that QEMU's TCG guest runs several times slower). */
+export const SCALE = Math.max(1, Number(process.env.IMAGE_TEST_TIME_SCALE || 1));
 const boxes = new Set();
 process.on("exit", () => { for (const b of boxes) b.killNow(); });
 
@@ -103,12 +106,13 @@ function qemusOn(card) {
 }
 
 /** Boots `card` with scripts/run-qemu; the console accumulates in `.console`. */
-export async function boot(card, { port, guestfwd, blklog } = {}) {
+export async function boot(card, { port, guestfwd, blklog, disk } = {}) {
   port ??= await freePort();
   const dir = path.dirname(card);
   const pidfile = path.join(dir, "qemu.pid");
   const extra = guestfwd ? ["--guestfwd", guestfwd] : [];
   if (blklog) extra.push("--blklog", blklog); // every guest write, flush and FUA logged
+  if (disk) extra.push("--disk", disk);
   const child = spawn(path.join(ROOT, "scripts/run-qemu"), [card, "--port", String(port), "--pidfile", pidfile, ...extra], { stdio: ["ignore", "pipe", "pipe"] });
   const box = {
     port, card, child, console: "",
@@ -116,6 +120,7 @@ export async function boot(card, { port, guestfwd, blklog } = {}) {
     exited: new Promise((r) => child.on("exit", (code) => { boxes.delete(box); r(code); })),
     /** Waits until the console matches `re` (after `from` characters); returns the match. */
     async waitFor(re, ms = 60000, from = 0) {
+      ms *= SCALE;
       const deadline = Date.now() + ms;
       for (;;) {
         const m = box.console.slice(from).match(re);
@@ -125,6 +130,7 @@ export async function boot(card, { port, guestfwd, blklog } = {}) {
       }
     },
     async healthz(ms = 60000) {
+      ms *= SCALE;
       const deadline = Date.now() + ms;
       for (;;) {
         try { const r = await httpGet(port, "/healthz", { timeout: 2000 }); if (r.status === 200) return r; } catch {}

@@ -60,12 +60,21 @@ pub fn firmware_version() -> String {
         .unwrap_or_else(|| crate::VERSION.to_string())
 }
 
+/// This box's board: the hardware board its device tree names (a bundle built for the Pi
+/// 4 family must not land on a Pi 5 running the two-family image), else (QEMU's `virt`,
+/// an unknown board) the board its image was built for, /etc/pos-hub-board.
 fn board() -> String {
-    std::fs::read_to_string("/etc/pos-hub-board")
-        .map(|v| v.trim().to_string())
+    std::fs::read("/proc/device-tree/compatible")
         .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "rpi4".into())
+        .and_then(|dt| bundle::board_of_dt_compatible(&dt))
+        .map(String::from)
+        .or_else(|| {
+            std::fs::read_to_string("/etc/pos-hub-board")
+                .map(|v| v.trim().to_string())
+                .ok()
+                .filter(|v| !v.is_empty())
+        })
+        .unwrap_or_else(|| "rpi".into())
 }
 
 impl Updater {

@@ -199,6 +199,24 @@ pub fn read_header<R: BufRead>(r: &mut R, keys: &TrustedKeys) -> Result<Manifest
     Ok(m)
 }
 
+/// The hardware boards pos-hub images boot, by the first `compatible` string of their
+/// device tree's root node (the board name bundles list in `compatible`). Image
+/// boards: `rpi` (both families, all of these), `rpi4` (the Pi 4 family: rpi4, rpi400,
+/// cm4), `rpi5`.
+pub const BOARDS: &[(&str, &str)] = &[
+    ("raspberrypi,4-model-b", "rpi4"),
+    ("raspberrypi,400", "rpi400"),
+    ("raspberrypi,4-compute-module", "cm4"),
+    ("raspberrypi,5-model-b", "rpi5"),
+];
+
+/// The board name of a device tree's root `compatible` property (NUL-separated strings).
+pub fn board_of_dt_compatible(dt: &[u8]) -> Option<&'static str> {
+    dt.split(|&b| b == 0)
+        .filter_map(|s| std::str::from_utf8(s).ok())
+        .find_map(|c| BOARDS.iter().find(|(dc, _)| *dc == c).map(|(_, b)| *b))
+}
+
 /// Checks that `m` may be installed on `board` running `running`.
 pub fn check_compatible(m: &Manifest, board: &str, running: &str) -> Result<(), BundleError> {
     if m.board != board && !m.compatible.iter().any(|b| b == board) {
@@ -434,6 +452,23 @@ mod tests {
         stream_payload(&mut r, &m, &mut slot, 400_000, |n| last = n).unwrap();
         assert_eq!(last, m.payload_size);
         assert_eq!(&slot.get_ref()[..300_000], &slot_image()[..]);
+    }
+
+    #[test]
+    fn boards_from_device_tree() {
+        assert_eq!(
+            board_of_dt_compatible(b"raspberrypi,5-model-b\0brcm,bcm2712\0"),
+            Some("rpi5")
+        );
+        assert_eq!(
+            board_of_dt_compatible(b"raspberrypi,4-model-b\0brcm,bcm2711\0"),
+            Some("rpi4")
+        );
+        assert_eq!(
+            board_of_dt_compatible(b"raspberrypi,4-compute-module\0brcm,bcm2711\0"),
+            Some("cm4")
+        );
+        assert_eq!(board_of_dt_compatible(b"linux,dummy-virt\0"), None);
     }
 
     #[test]

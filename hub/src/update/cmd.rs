@@ -24,7 +24,7 @@ pub enum BundleCmd {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// The image (out/pos-hub-<version>-rpi4.img).
+    /// The image (out/pos-hub-<version>-<board>.img).
     #[arg(long)]
     pub image: PathBuf,
     /// Version of that image.
@@ -36,10 +36,11 @@ pub struct CreateArgs {
     /// Key id (the name of the matching `<id>.pub` built into images).
     #[arg(long, default_value = "dev-2026")]
     pub key_id: String,
-    #[arg(long, default_value = "rpi4")]
+    /// The image's board: rpi (Pi 4 and Pi 5 families), rpi4 or rpi5 (one family).
+    #[arg(long, default_value = "rpi")]
     pub board: String,
-    /// Other boards this bundle may be installed on (comma-separated).
-    #[arg(long, default_value = "rpi400,cm4")]
+    /// The hardware boards this bundle may be installed on (comma-separated).
+    #[arg(long, default_value = "rpi4,rpi400,cm4,rpi5")]
     pub compatible: String,
     /// The lowest running version this bundle may replace.
     #[arg(long)]
