@@ -45,6 +45,8 @@ export class FileStore implements Store {
   private journal: string;
   private fh: fsp.FileHandle | null = null;
   private size = 0;
+  /** Compact when the journal passes this: at least compactBytes, and twice what is live. */
+  private compactAt = 0;
   private queue: Pending[] = [];
   private writing = false;
   private live = new Map<number, Live>();
@@ -56,7 +58,7 @@ export class FileStore implements Store {
   private cursorWriting: Promise<void> | null = null;
   private metaChain: Promise<void> = Promise.resolve();
 
-  constructor(private dir: string) {
+  constructor(private dir: string, private compactBytes = COMPACT_BYTES) {
     this.journal = path.join(dir, "outbox.log");
   }
 
@@ -116,7 +118,8 @@ export class FileStore implements Store {
         this.fh = await fsp.open(this.journal, "r+");
         await this.fh.truncate(goodBytes);
         this.size = goodBytes;
-        if (this.size > COMPACT_BYTES) await this.rewrite();
+        this.compactAt = this.compactBytes;
+        if (this.size > this.compactAt) await this.rewrite();
       }
     } catch (e) {
       throw storageError(e, `opening ${this.journal}`);
@@ -141,7 +144,8 @@ export class FileStore implements Store {
         if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
         const pid = Number(await fsp.readFile(file, "utf8").catch(() => ""));
         let alive = false;
-        if (pid && pid !== process.pid) { try { process.kill(pid, 0); alive = true; } catch {} }
+        if (pid === process.pid) alive = true; // another client in this process
+        else if (pid) { try { process.kill(pid, 0); alive = true; } catch {} }
         if (alive) throw new HubClientError("storage_locked", `${this.dir} is in use by process ${pid}; one HubClient per storage directory`);
         await fsp.rm(file, { force: true });
       }
@@ -157,6 +161,7 @@ export class FileStore implements Store {
     await this.fh?.close();
     this.fh = await fsp.open(this.journal, "r+");
     this.size = Buffer.byteLength(text);
+    this.compactAt = Math.max(this.compactBytes, 2 * this.size);
   }
 
   private write(line: string, sync: boolean): Promise<void> {
@@ -185,7 +190,7 @@ export class FileStore implements Store {
         const err = e instanceof HubClientError ? e : storageError(e, `writing ${this.journal}`);
         for (const b of batch) b.reject(err);
       }
-      if (this.size > COMPACT_BYTES && this.fh) {
+      if (this.size > this.compactAt && this.fh) {
         try { await this.rewrite(); } catch {}
       }
     }
