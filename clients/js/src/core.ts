@@ -279,6 +279,15 @@ export class HubClientCore extends Emitter {
       auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: this.cursor }),
       ...extra,
     });
+    // Listen before the handshake completes: socket.io-client emits events that arrived with
+    // the CONNECT packet before it emits "connect".
+    let live = true;
+    s.on("event", (e: HubEvent) => {
+      if (!live || this.stopped) return;
+      this.rx.push(e);
+      if (!this.delivering) void this.deliver();
+    });
+    s.on("synced", () => this.emitStatus(true));
     const outcome = await new Promise<"ok" | HubClientError>((resolve) => {
       const t = setTimeout(() => resolve(new HubClientError("hub_unreachable", `${c.url}: no answer within ${timeout} ms`)), timeout + 1000);
       s.once("connect", () => { clearTimeout(t); resolve("ok"); });
@@ -293,6 +302,7 @@ export class HubClientCore extends Emitter {
       });
     });
     if (outcome !== "ok") {
+      live = false;
       s.close();
       this.hub = c.url;
       if (outcome.code === "cursor_expired") {
@@ -326,13 +336,6 @@ export class HubClientCore extends Emitter {
     this.setState("hub", c.url);
     const known = (Array.isArray(this.meta.hubs) ? this.meta.hubs : []) as string[];
     if (known[0] !== c.url) void this.setMeta("hubs", [c.url, ...known.filter((u) => u !== c.url)].slice(0, 16));
-    s.on("event", (e: HubEvent) => {
-      if (conn !== this.conn) return;
-      this.rx.push(e);
-      if (!this.delivering) void this.deliver();
-    });
-    s.on("synced", () => this.emitStatus(true));
-    s.on("hub.shutdown", () => {});
     await new Promise<void>((resolve) => {
       s.on("disconnect", (reason: string) => {
         if (!this.stopped && reason !== "io client disconnect") this.lastError = { code: "disconnected", message: `${c.url}: ${reason}` };
@@ -341,6 +344,7 @@ export class HubClientCore extends Emitter {
       if (this.stopped) resolve();
       this.pump();
     });
+    live = false;
     if (this.socket === s) this.socket = null;
     s.close();
     if (!this.stopped) this.setState("offline");
