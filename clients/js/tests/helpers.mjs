@@ -7,9 +7,18 @@ import path from "node:path";
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { io } from "socket.io-client";
-import { HUB, procs, tmp, startHub, sleep, freePort, httpGet, run } from "../../../tests/lib/hub.mjs";
+import { HUB, procs, tmp, startHub as startHubLib, sleep, freePort, httpGet, run } from "../../../tests/lib/hub.mjs";
 
-export { HUB, procs, tmp, startHub, sleep, freePort, httpGet, run };
+export { HUB, procs, tmp, sleep, freePort, httpGet, run };
+
+/** tests/lib/hub.mjs's startHub, with stop/waitExit whose timers do not hold the process open. */
+export async function startHub(opts) {
+  const hub = await startHubLib(opts);
+  const exited = new Promise((r) => { if (hub.child.exitCode !== null || hub.child.signalCode) r(hub.child.exitCode); else hub.child.once("exit", (c) => r(c)); });
+  hub.waitExit = (ms) => Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), ms).unref())]);
+  hub.stop = async () => { hub.child.kill("SIGTERM"); return hub.waitExit(10000); };
+  return hub;
+}
 export const here = path.dirname(fileURLToPath(import.meta.url));
 export const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "pos-cloud-ref");
 
@@ -68,7 +77,7 @@ export async function startCloud({ tokens = ["bridge-secret"], reject = [] } = {
     let out = "";
     child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
     child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
-    setTimeout(() => rej(new Error("cloud did not start")), 10000);
+    setTimeout(() => rej(new Error("cloud did not start")), 10000).unref();
   });
   const api = async (p) => (await fetch(url + p)).json();
   return {
