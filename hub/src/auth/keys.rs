@@ -176,6 +176,13 @@ impl SigningKey {
         match p.tag() {
             "PRIVATE KEY" => {
                 let alg = detect_alg(p.contents())?;
+                if alg == Algorithm::EdDSA {
+                    // PKCS#8 v1 (OpenSSL's form) or v2 (ring's, with the public key).
+                    ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(p.contents())
+                        .map_err(|e| {
+                            KeyError::Invalid(format!("not a usable Ed25519 PKCS#8 key: {e}"))
+                        })?;
+                }
                 let key = match alg {
                     Algorithm::EdDSA => EncodingKey::from_ed_pem(bytes),
                     Algorithm::ES256 => EncodingKey::from_ec_pem(bytes),
@@ -204,19 +211,33 @@ impl SigningKey {
     }
 }
 
+/// The fixed start of a PKCS#8 v1 (RFC 8410) Ed25519 private key; the 32-byte seed follows.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// Generates an Ed25519 key pair: (private PKCS#8 PEM, public SPKI PEM).
+///
+/// The private key is written in the 48-byte PKCS#8 v1 form (RFC 8410), the one
+/// OpenSSL 3.0, Node's crypto and python-cryptography read; ring's own generator
+/// writes v2 (with the public key attached), which those tools refuse. Reading
+/// accepts both (`SigningKey::from_pem`).
 pub fn generate_ed25519() -> Result<(String, String), KeyError> {
+    use ring::rand::SecureRandom;
     use ring::signature::KeyPair;
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+    let mut seed = [0u8; 32];
+    rng.fill(&mut seed)
         .map_err(|_| KeyError::Invalid("the system random generator failed".into()))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
         .map_err(|e| KeyError::Invalid(e.to_string()))?;
+    let mut pkcs8 = ED25519_PKCS8_V1_PREFIX.to_vec();
+    pkcs8.extend_from_slice(&seed);
     let mut spki = vec![
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
     ];
     spki.extend_from_slice(pair.public_key().as_ref());
-    let private = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
+    let private = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8));
     let public = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
     Ok((private, public))
 }
@@ -236,6 +257,59 @@ mod tests {
             VerifyKey::from_pem(&public, None).unwrap().alg,
             Algorithm::EdDSA
         );
+    }
+
+    /// The dev key is written as PKCS#8 v1 (48 bytes, what OpenSSL 3.0 writes for
+    /// `genpkey -algorithm ed25519`), and both v1 and ring's v2 are read and sign tokens
+    /// the matching public key verifies.
+    #[test]
+    fn ed25519_private_key_is_pkcs8_v1_and_both_versions_are_read() {
+        use ring::signature::KeyPair;
+        let (private, public) = generate_ed25519().unwrap();
+        let der = pem::parse(private.trim()).unwrap().into_contents();
+        assert_eq!(der.len(), 48, "PKCS#8 v1 Ed25519 is 48 bytes");
+        assert_eq!(der[..16], ED25519_PKCS8_V1_PREFIX);
+        // The SPKI's key is the one the seed derives.
+        let spki = pem::parse(public.trim()).unwrap().into_contents();
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&der[16..]).unwrap();
+        assert_eq!(&spki[12..], pair.public_key().as_ref());
+
+        // A v2 key as ring generates it (and as earlier `serve --dev` wrote it).
+        let rng = ring::rand::SystemRandom::new();
+        let v2 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        assert_ne!(v2.as_ref().len(), 48);
+        let v2_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", v2.as_ref().to_vec()));
+        let v2_pair = ring::signature::Ed25519KeyPair::from_pkcs8(v2.as_ref()).unwrap();
+        let mut v2_spki = spki[..12].to_vec();
+        v2_spki.extend_from_slice(v2_pair.public_key().as_ref());
+        let v2_public = pem::encode(&pem::Pem::new("PUBLIC KEY", v2_spki));
+
+        for (private, public) in [(private, public), (v2_pem, v2_public)] {
+            let sk = SigningKey::from_pem(&private).unwrap();
+            assert_eq!(sk.alg, Algorithm::EdDSA);
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::EdDSA),
+                &serde_json::json!({"sub": "x"}),
+                &sk.key,
+            )
+            .unwrap();
+            let vk = VerifyKey::from_pem(&public, None).unwrap();
+            let mut v = jsonwebtoken::Validation::new(Algorithm::EdDSA);
+            v.required_spec_claims.clear();
+            v.validate_exp = false;
+            jsonwebtoken::decode::<serde_json::Value>(&token, &vk.key, &v).unwrap();
+        }
+    }
+
+    #[test]
+    fn truncated_ed25519_private_key_is_refused_at_load() {
+        let mut der = ED25519_PKCS8_V1_PREFIX.to_vec();
+        der.extend_from_slice(&[7u8; 16]); // half a seed
+        let text = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
+        assert!(matches!(
+            SigningKey::from_pem(&text),
+            Err(KeyError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,49 @@
+// The interface between the client and its durable local storage (files in Node,
+// IndexedDB in browsers): the outbox, the receive cursor and a few settings.
+
+/** One recorded event in the outbox. `payload` is its JSON text. */
+export interface Entry {
+  /** Local record number: strictly increasing, never reused on this storage. */
+  n: number;
+  id: string;
+  type: string;
+  payload: string;
+  ts: number | string;
+  /** pending: not acknowledged by anyone; cloud: acknowledged by the cloud only; rejected: refused. */
+  state: "pending" | "cloud" | "rejected";
+  code?: string;
+  message?: string;
+}
+
+export interface Loaded {
+  /** Random id of this storage, the prefix of generated event ids. */
+  instance: string;
+  /** The next local record number. */
+  next: number;
+  cursor: number;
+  /** Unacknowledged entries (pending, cloud and rejected), in record order. */
+  entries: Entry[];
+  meta: Record<string, unknown>;
+}
+
+export interface Store {
+  load(): Promise<Loaded>;
+  /** Resolves once the entries are durable (fsync / committed transaction). */
+  add(entries: Entry[]): Promise<void>;
+  /** The hub acknowledged them: forget them (need not be durable: a resend is a duplicate). */
+  acked(ns: number[]): Promise<void>;
+  cloudAcked(ns: number[]): Promise<void>;
+  rejected(n: number, code: string, message: string): Promise<void>;
+  /** Drops rejected entries the app has dealt with. */
+  dismiss(ns: number[]): Promise<void>;
+  /** Persists the receive cursor (coalesced; resolves when durable). */
+  saveCursor(cursor: number): Promise<void>;
+  setMeta(key: string, value: unknown): Promise<void>;
+  close(): Promise<void>;
+}
+
+export function randomInstance(): string {
+  const b = new Uint8Array(8);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}

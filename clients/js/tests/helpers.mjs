@@ -1,0 +1,110 @@
+// Test helpers: the real hub binary (tests/lib/hub.mjs starts it), tokens minted with
+// Node's own crypto from the dev key `serve --dev` wrote (PKCS#8 v1, so Node reads it),
+// the reference cloud, and a plain socket.io-client reader of the hub's whole log.
+import crypto from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { io } from "socket.io-client";
+import { HUB, procs, tmp, startHub as startHubLib, sleep, freePort, httpGet, run } from "../../../tests/lib/hub.mjs";
+
+export { HUB, procs, tmp, sleep, freePort, httpGet, run };
+
+/** tests/lib/hub.mjs's startHub, with stop/waitExit whose timers do not hold the process open. */
+export async function startHub(opts) {
+  const hub = await startHubLib(opts);
+  const exited = new Promise((r) => { if (hub.child.exitCode !== null || hub.child.signalCode) r(hub.child.exitCode); else hub.child.once("exit", (c) => r(c)); });
+  hub.waitExit = (ms) => Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), ms).unref())]);
+  hub.stop = async () => { hub.child.kill("SIGTERM"); return hub.waitExit(10000); };
+  return hub;
+}
+export const here = path.dirname(fileURLToPath(import.meta.url));
+export const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "pos-cloud-ref");
+
+const b64u = (b) => Buffer.from(b).toString("base64url");
+
+/** Signs an EdDSA JWT with a PKCS#8 PEM key using only node:crypto. */
+export function mintWith(keyPem, claims) {
+  const key = crypto.createPrivateKey(keyPem);
+  const now = Math.floor(Date.now() / 1000);
+  const body = { tenantId: "t-dev", storeId: "s-dev", role: "till", iat: now, exp: now + 3600, ...claims };
+  const signing = `${b64u(JSON.stringify({ alg: "EdDSA", typ: "JWT" }))}.${b64u(JSON.stringify(body))}`;
+  return `${signing}.${b64u(crypto.sign(null, Buffer.from(signing), key))}`;
+}
+
+export function mint(dataDir, deviceId, extra = {}) {
+  return mintWith(fs.readFileSync(path.join(dataDir, "dev", "cluster-key.pem"), "utf8"), { deviceId, ...extra });
+}
+
+export const caPem = (dataDir) => fs.readFileSync(path.join(dataDir, "ca", "store-ca.crt.pem"), "utf8");
+
+export async function until(pred, ms, what) {
+  const end = Date.now() + ms;
+  let last;
+  while (Date.now() < end) {
+    last = await pred();
+    if (last) return last;
+    await sleep(50);
+  }
+  throw new Error(`timed out after ${ms} ms: ${what}`);
+}
+
+/** Reads the hub's whole log (sync pages) as a plain socket.io-client device. */
+export async function readLog(url, token, ca) {
+  const s = io(url, { transports: ["websocket"], auth: { token }, reconnection: false, ...(ca ? { ca } : {}) });
+  await new Promise((res, rej) => { s.once("connect", res); s.once("connect_error", rej); });
+  const out = [];
+  let since = 0;
+  for (;;) {
+    const r = await s.timeout(10000).emitWithAck("sync", { since, limit: 1000 });
+    if (!r.ok) throw new Error(JSON.stringify(r));
+    out.push(...r.events);
+    if (!r.events.length || r.events.at(-1).seq >= r.lastSeq) break;
+    since = r.events.at(-1).seq;
+  }
+  s.close();
+  return out;
+}
+
+/** Starts pos-cloud-ref on loopback. */
+export async function startCloud({ tokens = ["bridge-secret"], reject = [] } = {}) {
+  const db = path.join(tmp("cloud"), "cloud.db");
+  const args = ["--listen", "127.0.0.1:0", "--db", db, ...tokens.flatMap((t) => ["--token", t]), ...reject.flatMap((t) => ["--reject-type", t])];
+  const child = spawn(CLOUD, args, { stdio: ["ignore", "pipe", "pipe"] });
+  procs.add(child);
+  const url = await new Promise((res, rej) => {
+    let out = "";
+    child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
+    child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
+    setTimeout(() => rej(new Error("cloud did not start")), 10000).unref();
+  });
+  const api = async (p) => (await fetch(url + p)).json();
+  return {
+    url,
+    events: async () => (await api("/v1/admin/events?tenantId=t-dev&storeId=s-dev")).events,
+    stop: () => { child.kill("SIGTERM"); return new Promise((r) => child.on("exit", r)); },
+  };
+}
+
+/** Spawns a Node script of this folder as a device process; lines of stdout as JSON messages. */
+export function spawnNode(script, args, { netns } = {}) {
+  const argv = [path.join(here, script), ...args];
+  const child = netns ? spawn("ip", ["netns", "exec", netns, process.execPath, ...argv], { stdio: ["ignore", "pipe", "pipe"] })
+    : spawn(process.execPath, argv, { stdio: ["ignore", "pipe", "pipe"] });
+  procs.add(child);
+  child.messages = [];
+  child.err = "";
+  let buf = "";
+  child.stdout.on("data", (d) => {
+    buf += d;
+    let nl;
+    while ((nl = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, nl); buf = buf.slice(nl + 1);
+      try { child.messages.push(JSON.parse(line)); } catch { child.err += line + "\n"; }
+    }
+  });
+  child.stderr.on("data", (d) => (child.err += d));
+  child.exited = new Promise((r) => child.on("exit", (code, sig) => { procs.delete(child); r(code ?? sig); }));
+  return child;
+}
