@@ -271,23 +271,42 @@ async fn push_batch(
         state.fail("push", format!("cloud answered {status}"));
         return Step::Retry(None);
     }
-    let parsed: PushResponse = match resp
+    let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+    let rejected = match resp
         .bytes()
         .await
         .map_err(|e| describe(&e))
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed answer: {e}")))
+        .and_then(|b| judge_answer(&seqs, &b))
     {
-        Ok(p) => p,
+        Ok(r) => r,
         Err(e) => {
             state.fail("push", e);
             return Step::Retry(None);
         }
     };
-    // Every event of the batch must be answered for; otherwise keep the cursor.
+    match settle(realm, state, last, rejected, page.len() as u64).await {
+        Ok(()) => {
+            state.ok();
+            Step::Done
+        }
+        Err(e) => {
+            state.fail("push: saving the cursor", e);
+            Step::Retry(Some(Duration::from_secs(1)))
+        }
+    }
+}
+
+/// Reads the cloud's answer to a push of the events `seqs`: the rejected ones
+/// `(seq, id, reason)`, or `Err` (keep the cursor, retry) unless every event of the
+/// batch was answered for. (Also the entry point of fuzz/.)
+#[doc(hidden)]
+pub fn judge_answer(seqs: &[u64], body: &[u8]) -> Result<Vec<(u64, String, String)>, String> {
+    let parsed: PushResponse =
+        serde_json::from_slice(body).map_err(|e| format!("malformed answer: {e}"))?;
     let mut rejected = Vec::new();
     let mut answered = 0;
     for r in &parsed.results {
-        if !page.iter().any(|(s, _)| *s == r.seq) {
+        if !seqs.contains(&r.seq) {
             continue;
         }
         answered += 1;
@@ -299,31 +318,17 @@ async fn push_batch(
                 r.reason.clone().unwrap_or_else(|| "rejected".into()),
             )),
             other => {
-                state.fail(
-                    "push",
-                    format!("unknown result status {other:?} for seq {}", r.seq),
-                );
-                return Step::Retry(None);
+                return Err(format!("unknown result status {other:?} for seq {}", r.seq));
             }
         }
     }
-    if answered != page.len() {
-        state.fail(
-            "push",
-            format!("the cloud answered for {answered} of {} events", page.len()),
-        );
-        return Step::Retry(None);
+    if answered != seqs.len() {
+        return Err(format!(
+            "the cloud answered for {answered} of {} events",
+            seqs.len()
+        ));
     }
-    match settle(realm, state, last, rejected, page.len() as u64).await {
-        Ok(()) => {
-            state.ok();
-            Step::Done
-        }
-        Err(e) => {
-            state.fail("push: saving the cursor", e);
-            Step::Retry(Some(Duration::from_secs(1)))
-        }
-    }
+    Ok(rejected)
 }
 
 /// Durably moves the pushed cursor to `last` and records set-aside events.

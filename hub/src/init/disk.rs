@@ -115,7 +115,8 @@ pub fn fat_label(dev: &Path) -> Result<String, DiskError> {
     Ok(fat_label_of(&bs).unwrap_or_default())
 }
 
-fn fat_label_of(bs: &[u8; 512]) -> Option<String> {
+#[doc(hidden)]
+pub fn fat_label_of(bs: &[u8; 512]) -> Option<String> {
     if bs[510] != 0x55 || bs[511] != 0xAA {
         return None;
     }
@@ -243,7 +244,8 @@ pub fn ext4_info(dev: &Path) -> Result<Option<Ext4Info>, DiskError> {
     Ok(ext4_info_of(&sb))
 }
 
-fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
+#[doc(hidden)]
+pub fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
     let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
     if u16::from_le_bytes([sb[56], sb[57]]) != 0xEF53 {
         return None;

@@ -200,7 +200,8 @@ const REQUEST: u8 = 3;
 const ACK: u8 = 5;
 const NAK: u8 = 6;
 
-fn dhcp_packet(
+#[doc(hidden)]
+pub fn dhcp_packet(
     kind: u8,
     xid: u32,
     mac: &[u8; 6],
@@ -235,15 +236,17 @@ fn dhcp_packet(
 }
 
 /// What a DHCP reply says.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Reply {
-    kind: u8,
-    yiaddr: Ipv4Addr,
-    server: Option<Ipv4Addr>,
-    lease: Lease,
+pub struct Reply {
+    pub kind: u8,
+    pub yiaddr: Ipv4Addr,
+    pub server: Option<Ipv4Addr>,
+    pub lease: Lease,
 }
 
-fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
+#[doc(hidden)]
+pub fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     if p.len() < 240
         || p[0] != 2
         || p[4..8] != xid.to_be_bytes()

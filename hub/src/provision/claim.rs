@@ -124,18 +124,25 @@ pub fn verify(key: &ClaimKey, t: &str, now: i64) -> Result<Claim, String> {
 
 /// Writes `<data>/claimed.env` atomically.
 pub fn save(data_dir: &Path, key: &ClaimKey, c: &Claim) -> Result<(), String> {
+    let text = claimed_env_text(&key.b64, c);
+    crate::util::write_atomic(&claimed_env(data_dir), text.as_bytes(), 0o600)
+        .map_err(|e| e.to_string())
+}
+
+/// The text of `claimed.env` for a claim (read back by [`merge_claimed`]).
+#[doc(hidden)]
+pub fn claimed_env_text(key_b64: &str, c: &Claim) -> String {
     let mut text = format!(
         "# Written by the claim on first boot ({}). Delete with a factory reset.\nTENANT_ID={}\nSTORE_ID={}\nCLUSTER_PUBLIC_KEY_BASE64={}\nDEV=off\n",
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         c.tenant_id,
         c.store_id,
-        key.b64
+        key_b64
     );
     for (k, v) in &c.extra {
         text.push_str(&format!("{k}={v}\n"));
     }
-    crate::util::write_atomic(&claimed_env(data_dir), text.as_bytes(), 0o600)
-        .map_err(|e| e.to_string())
+    text
 }
 
 /// Replaces this process with a fresh `pos-hub` (same arguments) that reads the claim.
