@@ -304,12 +304,14 @@ pub fn judge_answer(seqs: &[u64], body: &[u8]) -> Result<Vec<(u64, String, Strin
     let parsed: PushResponse =
         serde_json::from_slice(body).map_err(|e| format!("malformed answer: {e}"))?;
     let mut rejected = Vec::new();
-    let mut answered = 0;
+    // Counted once per event: an answer that names one seq twice and another not at
+    // all has not answered for the batch.
+    let mut answered = std::collections::HashSet::new();
     for r in &parsed.results {
         if !seqs.contains(&r.seq) {
             continue;
         }
-        answered += 1;
+        answered.insert(r.seq);
         match r.status.as_str() {
             "accepted" | "duplicate" => {}
             "rejected" => rejected.push((
@@ -322,9 +324,10 @@ pub fn judge_answer(seqs: &[u64], body: &[u8]) -> Result<Vec<(u64, String, Strin
             }
         }
     }
-    if answered != seqs.len() {
+    if answered.len() != seqs.len() {
         return Err(format!(
-            "the cloud answered for {answered} of {} events",
+            "the cloud answered for {} of {} events",
+            answered.len(),
             seqs.len()
         ));
     }
@@ -424,5 +427,20 @@ mod tests {
         let t0 = Instant::now();
         p.after_batch(100, 1, t0);
         assert_eq!(p.after_batch(100, 2, t0), Duration::from_millis(200));
+    }
+
+    /// Found by fuzz/ (ingest): an answer naming one event twice and another not at
+    /// all counted as answering for the whole batch, so the cursor moved past an
+    /// event the cloud never took.
+    #[test]
+    fn an_answer_must_cover_every_event_once() {
+        let twice = br#"{"results":[{"seq":1,"status":"accepted"},{"seq":1,"status":"duplicate"}]}"#;
+        assert!(judge_answer(&[1, 2], twice).unwrap_err().contains("1 of 2"));
+        let both = br#"{"results":[{"seq":2,"status":"accepted"},{"seq":1,"status":"rejected","id":"a","reason":"no"}]}"#;
+        assert_eq!(
+            judge_answer(&[1, 2], both).unwrap(),
+            vec![(1, "a".to_string(), "no".to_string())]
+        );
+        assert!(judge_answer(&[1], br#"{"results":[{"seq":1,"status":"maybe"}]}"#).is_err());
     }
 }
