@@ -10,7 +10,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         pos_hub_fuzz::target(&name).unwrap_or_else(|| {
             eprintln!(
                 "HUB_FUZZ_TARGET={name:?} is not a target; one of: {}",
-                pos_hub_fuzz::TARGETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
+                pos_hub_fuzz::TARGETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
             std::process::exit(2)
         })

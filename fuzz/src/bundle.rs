@@ -24,7 +24,9 @@ fn trusted() -> BTreeMap<String, Vec<u8>> {
 }
 
 pub fn run(data: &[u8]) {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     match mode % 3 {
         0 => {
             if let Ok(m) = read_header(&mut Cursor::new(rest), &trusted()) {
@@ -67,7 +69,10 @@ pub fn run(data: &[u8]) {
                 install(&b, Some((m, image, true)));
                 return;
             }
-            let at = p[0].iter().fold(0usize, |a, x| a.wrapping_mul(251).wrapping_add(*x as usize)) % b.len();
+            let at = p[0]
+                .iter()
+                .fold(0usize, |a, x| a.wrapping_mul(251).wrapping_add(*x as usize))
+                % b.len();
             if p[0][0] & 1 == 1 {
                 b[at] ^= 1 + (p[0].len() as u8 % 255);
             } else {
@@ -115,7 +120,11 @@ fn install(b: &[u8], expect: Option<(Manifest, Vec<u8>, bool)>) {
                 .read_to_end(&mut image)
                 .expect("installed payload gunzips");
             assert_eq!(image.len() as u64, m.slot_size);
-            assert_eq!(&slot[..image.len()], &image[..], "slot differs from the image");
+            assert_eq!(
+                &slot[..image.len()],
+                &image[..],
+                "slot differs from the image"
+            );
             if let Some((_, want, intact)) = &expect {
                 assert!(*intact, "a changed bundle installed");
                 assert_eq!(&image, want);
@@ -124,7 +133,10 @@ fn install(b: &[u8], expect: Option<(Manifest, Vec<u8>, bool)>) {
         Err(e) => {
             assert!(!e.to_string().is_empty());
             assert!(slot.len() >= 512);
-            assert!(slot[..512].iter().all(|x| *x == 0), "a refused slot still looks bootable ({e})");
+            assert!(
+                slot[..512].iter().all(|x| *x == 0),
+                "a refused slot still looks bootable ({e})"
+            );
             if let Some((_, _, true)) = &expect {
                 panic!("a good bundle was refused: {e}");
             }

@@ -11,7 +11,10 @@ pub fn run(data: &[u8]) {
         Ok(ch) => {
             let base = "http://updates.local/pos-hub";
             let url = bundle_url(base, &ch.url);
-            assert!(url.starts_with("http://") || url.starts_with("https://"), "bundle url {url:?}");
+            assert!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "bundle url {url:?}"
+            );
             if let Some(r) = ch.rollout {
                 assert!(r.is_finite());
                 let _ = pos_hub::update::in_wave("s-1", r);

@@ -13,7 +13,9 @@ pub fn run(data: &[u8]) {
     // The input is the options part of an answer to our own request (so the fuzzer
     // does not have to find the transaction id and cookie) or, with the first
     // byte odd, a whole datagram.
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let p = if mode & 1 == 1 {
         rest.to_vec()
     } else {
@@ -27,18 +29,26 @@ pub fn run(data: &[u8]) {
         p.extend_from_slice(rest);
         p
     };
-    let Some(r) = parse_reply(&p, XID, &MAC) else { return };
+    let Some(r) = parse_reply(&p, XID, &MAC) else {
+        return;
+    };
     assert!(p.len() >= 240 && p[0] == 2);
     assert_eq!(&p[4..8], &XID.to_be_bytes());
     assert_eq!(&p[28..34], &MAC);
     let l = &r.lease;
     assert_eq!(l.address, r.yiaddr);
-    let usable = |a: Ipv4Addr| !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback());
+    let usable = |a: Ipv4Addr| {
+        !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+    };
     // Offers and acks (the ones whose lease is used) give a usable address.
     if matches!(r.kind, 2 | 5) {
         assert!(usable(l.address), "a lease of {}", l.address);
     }
-    assert!((1..=32).contains(&l.prefix), "a lease with prefix /{}", l.prefix);
+    assert!(
+        (1..=32).contains(&l.prefix),
+        "a lease with prefix /{}",
+        l.prefix
+    );
     if let Some(g) = l.gateway {
         assert!(usable(g), "gateway {g}");
     }

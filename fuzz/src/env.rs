@@ -22,7 +22,10 @@ pub fn run(data: &[u8]) {
         }
     };
     for k in map.keys() {
-        assert!(!k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "key {k:?}");
+        assert!(
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "key {k:?}"
+        );
     }
     // Written back quoted, the settings read the same.
     let mut again = String::new();
@@ -30,15 +33,25 @@ pub fn run(data: &[u8]) {
         assert!(!v.contains('\n'), "value with a line break");
         again.push_str(&format!("{k}=\"{v}\"\n"));
     }
-    assert_eq!(parse_env_file(&again).as_ref(), Ok(&map), "written back: {again:?}");
+    assert_eq!(
+        parse_env_file(&again).as_ref(),
+        Ok(&map),
+        "written back: {again:?}"
+    );
     config(map);
 }
 
 fn config(mut map: HashMap<String, String>) {
     // Nothing that reads other files or names the data dir; a realm and a key of
     // our own so validation goes on past them, unless the input sets its own.
-    map.retain(|k, _| !k.ends_with("_FILE") && !k.ends_with("_DIR") && !k.starts_with("UPS_POWER") && k != "UPS_GPIO");
-    map.entry("TENANT_ID".into()).or_insert_with(|| "t-1".into());
+    map.retain(|k, _| {
+        !k.ends_with("_FILE")
+            && !k.ends_with("_DIR")
+            && !k.starts_with("UPS_POWER")
+            && k != "UPS_GPIO"
+    });
+    map.entry("TENANT_ID".into())
+        .or_insert_with(|| "t-1".into());
     map.entry("STORE_ID".into()).or_insert_with(|| "s-1".into());
     map.entry("CLUSTER_PUBLIC_KEY_BASE64".into())
         .or_insert_with(|| B64.encode(&keys().public_pem));
@@ -47,7 +60,11 @@ fn config(mut map: HashMap<String, String>) {
     match Config::from_settings(&s, Some(data), None, None) {
         Ok(c) => {
             assert!(c.port > 0);
-            assert!(c.token_policy.leeway_secs >= 0, "TOKEN_LEEWAY became {}", c.token_policy.leeway_secs);
+            assert!(
+                c.token_policy.leeway_secs >= 0,
+                "TOKEN_LEEWAY became {}",
+                c.token_policy.leeway_secs
+            );
             assert!(
                 c.token_offline_grace.as_secs() <= i64::MAX as u64 / 2,
                 "TOKEN_OFFLINE_GRACE of {} s overflows the token checks",

@@ -26,23 +26,43 @@ pub fn run(data: &[u8]) {
 }
 
 pub fn check_refused(e: &EventError, allowed: &[&str]) {
-    assert!(allowed.contains(&e.code()), "unexpected refusal code {:?}", e.code());
+    assert!(
+        allowed.contains(&e.code()),
+        "unexpected refusal code {:?}",
+        e.code()
+    );
     assert!(!e.to_string().is_empty());
 }
 
 /// Everything that must hold of an accepted event.
 pub fn check_accepted(ev: &NewEvent) {
-    assert!(pos_hub::log::event::valid_id(ev.id()), "accepted a bad id {:?}", ev.id());
+    assert!(
+        pos_hub::log::event::valid_id(ev.id()),
+        "accepted a bad id {:?}",
+        ev.id()
+    );
     let n = ev.typ().chars().count();
     assert!((1..=64).contains(&n), "accepted a type of {n} characters");
-    assert!(ev.payload().len() <= MAX_PAYLOAD, "accepted an oversized payload");
+    assert!(
+        ev.payload().len() <= MAX_PAYLOAD,
+        "accepted an oversized payload"
+    );
     let payload = json(ev.payload(), "an accepted payload");
     let ts = ev.ts().map(|t| json(t, "an accepted ts"));
     if let Some(t) = &ts {
         assert!(t.is_number() || t.is_string(), "accepted ts {t}");
     }
     // What devices receive parses back to the same fields.
-    let wire = encode_stored(7, ev.id(), ev.typ(), ev.payload(), "till-1", ev.ts(), 123, Origin::Lan);
+    let wire = encode_stored(
+        7,
+        ev.id(),
+        ev.typ(),
+        ev.payload(),
+        "till-1",
+        ev.ts(),
+        123,
+        Origin::Lan,
+    );
     let v = json(&wire, "an encoded event");
     assert_eq!(v["seq"], 7);
     assert_eq!(v["id"].as_str(), Some(ev.id()));
@@ -63,5 +83,9 @@ pub fn check_accepted(ev: &NewEvent) {
         again.push_str(t);
     }
     again.push_str("}]");
-    assert_eq!(parse_event_packet(&again).as_ref(), Ok(ev), "re-sent event differs: {again}");
+    assert_eq!(
+        parse_event_packet(&again).as_ref(),
+        Ok(ev),
+        "re-sent event differs: {again}"
+    );
 }

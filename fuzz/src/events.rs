@@ -9,7 +9,11 @@ pub fn run(data: &[u8]) {
     let Some(s) = text(data) else { return };
     match parse_batch_packet(s) {
         Ok(list) => {
-            assert!((1..=MAX_BATCH).contains(&list.len()), "batch of {}", list.len());
+            assert!(
+                (1..=MAX_BATCH).contains(&list.len()),
+                "batch of {}",
+                list.len()
+            );
             // The batch is exactly the array it came from, in order.
             let v: serde_json::Value = serde_json::from_str(s).expect("accepted batch is JSON");
             assert_eq!(v[1].as_array().map(Vec::len), Some(list.len()));

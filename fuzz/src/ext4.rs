@@ -12,6 +12,10 @@ pub fn run(data: &[u8]) {
         let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]) as u128;
         let blocks = le32(4) | (le32(0x150) << 32);
         let bs = 1024u128 << le32(24).min(6);
-        assert_eq!(info.bytes as u128, (blocks * bs).min(u64::MAX as u128), "size wrapped");
+        assert_eq!(
+            info.bytes as u128,
+            (blocks * bs).min(u64::MAX as u128),
+            "size wrapped"
+        );
     }
 }

@@ -12,11 +12,17 @@ pub fn run(data: &[u8]) {
             let v: serde_json::Value = serde_json::from_slice(data).expect("accepted page is JSON");
             assert_eq!(v["events"].as_array().map(Vec::len), Some(events.len()));
             assert_eq!(cursor.as_deref(), v["cursor"].as_str());
-            for (e, raw) in events.iter().zip(v["events"].as_array().into_iter().flatten()) {
+            for (e, raw) in events
+                .iter()
+                .zip(v["events"].as_array().into_iter().flatten())
+            {
                 match e {
                     Ok((device, ev)) => {
                         check_accepted(ev);
-                        assert!(!device.is_empty() && device.len() <= 64, "device {device:?}");
+                        assert!(
+                            !device.is_empty() && device.len() <= 64,
+                            "device {device:?}"
+                        );
                         for (k, want) in [("tenantId", "t-1"), ("storeId", "s-1")] {
                             assert!(raw[k].is_null() || raw[k] == want, "{k} {} taken", raw[k]);
                         }

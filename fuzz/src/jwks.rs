@@ -15,10 +15,17 @@ pub fn run(data: &[u8]) {
             let docs = v["keys"].as_array().expect("keys array");
             assert_eq!(docs.len(), set.keys().len());
             for (k, doc) in set.keys().iter().zip(docs) {
-                assert!(matches!(k.alg, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256));
+                assert!(matches!(
+                    k.alg,
+                    Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256
+                ));
                 assert_eq!(k.kid.as_deref(), doc["kid"].as_str());
                 if doc["kty"] == "OKP" {
-                    assert_eq!(doc["crv"], "Ed25519", "an OKP key on {} accepted as EdDSA", doc["crv"]);
+                    assert_eq!(
+                        doc["crv"], "Ed25519",
+                        "an OKP key on {} accepted as EdDSA",
+                        doc["crv"]
+                    );
                 }
             }
         }

@@ -3,29 +3,29 @@
 //! (a parse that succeeds round-trips or re-validates; a refusal has a stable
 //! code), panicking when one does not hold.
 
-pub mod util;
+pub mod auth;
+pub mod autoboot;
+pub mod bundle;
+pub mod channel;
+pub mod claim;
+pub mod dhcp;
+pub mod env;
 pub mod event;
 pub mod events;
-pub mod sync;
-pub mod auth;
-pub mod token;
-pub mod pem;
-pub mod jwks;
-pub mod realms;
-pub mod env;
+pub mod ext4;
+pub mod fat;
 pub mod feed;
 pub mod ingest;
-pub mod channel;
-pub mod bundle;
-pub mod autoboot;
-pub mod fat;
+pub mod jwks;
 pub mod mbr;
-pub mod ext4;
-pub mod dhcp;
-pub mod sntp;
 pub mod nut;
+pub mod pem;
 pub mod power_supply;
-pub mod claim;
+pub mod realms;
+pub mod sntp;
+pub mod sync;
+pub mod token;
+pub mod util;
 
 /// Every target by name.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[

@@ -26,7 +26,10 @@ pub fn run(data: &[u8]) {
             assert_eq!(p4.start, parts[3].start, "partition 4 moved");
             assert!(len > parts[3].sectors, "partition 4 shrank");
             let end = p4.start as u64 + len as u64;
-            assert!(end <= disk_sectors, "partition 4 ends at {end}, past the disk ({disk_sectors})");
+            assert!(
+                end <= disk_sectors,
+                "partition 4 ends at {end}, past the disk ({disk_sectors})"
+            );
             assert_eq!(end % 2048, 0, "end not 1 MiB aligned");
             for (i, (a, b)) in before.iter().zip(sector.iter()).enumerate() {
                 if !(446 + 48 + 12..446 + 48 + 16).contains(&i) {

@@ -11,7 +11,10 @@ pub fn run(data: &[u8]) {
     let Some(s) = text(data) else { return };
     match VerifyKey::from_pem(s, None) {
         Ok(k) => {
-            assert!(matches!(k.alg, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256));
+            assert!(matches!(
+                k.alg,
+                Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256
+            ));
             assert!(!s.contains("PRIVATE KEY-----") || s.contains("PUBLIC KEY-----"));
         }
         Err(e) => {

@@ -31,8 +31,12 @@ pub fn run(data: &[u8]) {
     let Some(s) = text(data) else { return };
     let mut supplies: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
     for line in s.lines() {
-        let Some((path, value)) = line.split_once('=') else { continue };
-        let Some((sup, file)) = path.split_once('/') else { continue };
+        let Some((path, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some((sup, file)) = path.split_once('/') else {
+            continue;
+        };
         if name_ok(sup) && name_ok(file) && supplies.len() < 6 {
             supplies.entry(sup).or_default().insert(file, value);
         }
@@ -68,7 +72,10 @@ pub fn run(data: &[u8]) {
     match read_power_supply(dir, low_capacity) {
         Ok(r) => {
             assert!(any, "a reading from a directory without supplies");
-            assert_eq!(r.on_battery, on_battery, "on battery; supplies {supplies:?}");
+            assert_eq!(
+                r.on_battery, on_battery,
+                "on battery; supplies {supplies:?}"
+            );
             assert_eq!(r.low, low, "low; supplies {supplies:?}");
         }
         Err(e) => {

@@ -40,8 +40,14 @@ pub fn run(data: &[u8]) {
                 assert!(valid_realm_part(&r.tenant_id), "tenant {:?}", r.tenant_id);
                 assert!(valid_realm_part(&r.store_id), "store {:?}", r.store_id);
                 assert!(!r.keys.keys().is_empty());
-                for u in [&r.cloud_bridge_url, &r.cloud_feed_url].into_iter().flatten() {
-                    assert!(u.starts_with("http://") || u.starts_with("https://"), "url {u:?}");
+                for u in [&r.cloud_bridge_url, &r.cloud_feed_url]
+                    .into_iter()
+                    .flatten()
+                {
+                    assert!(
+                        u.starts_with("http://") || u.starts_with("https://"),
+                        "url {u:?}"
+                    );
                 }
                 if r.cloud_bridge_url.is_some() {
                     assert!(r.cloud_bridge_token.is_some());

@@ -28,7 +28,8 @@ pub fn run(data: &[u8]) {
             // offset = ((t2 - t1) + (t3 - t4)) / 2, delay = (t4 - t1) - (t3 - t2)
             let ms = |i: usize| {
                 let t = u64::from_be_bytes(buf[i..i + 8].try_into().unwrap());
-                ((t >> 32) as i128 - 2_208_988_800) * 1000 + (((t & 0xffff_ffff) as i128 * 1000) >> 32)
+                ((t >> 32) as i128 - 2_208_988_800) * 1000
+                    + (((t & 0xffff_ffff) as i128 * 1000) >> 32)
             };
             let (t2, t3) = (ms(32), ms(40));
             let (a, b) = (t1 as i128, t4 as i128);

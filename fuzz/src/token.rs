@@ -24,15 +24,23 @@ pub const CODES: &[&str] = &[
 ];
 
 pub fn run(data: &[u8]) {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let policy = match mode >> 4 {
-        0 => Policy { leeway_secs: 60, ..Default::default() },
+        0 => Policy {
+            leeway_secs: 60,
+            ..Default::default()
+        },
         1 => Policy {
             issuer: Some("https://cloud".into()),
             audience: Some("pos-hub".into()),
             leeway_secs: 60,
         },
-        _ => Policy { leeway_secs: 0, ..Default::default() },
+        _ => Policy {
+            leeway_secs: 0,
+            ..Default::default()
+        },
     };
     match mode & 3 {
         0 => {
@@ -44,7 +52,8 @@ pub fn run(data: &[u8]) {
             let token = sign_jwt(parts[0], parts[1]);
             let header: Option<serde_json::Value> = serde_json::from_slice(parts[0]).ok();
             let plain_eddsa = header.as_ref().is_some_and(|h| {
-                h.as_object().is_some_and(|o| o.keys().all(|k| k == "alg" || k == "typ" || k == "kid"))
+                h.as_object()
+                    .is_some_and(|o| o.keys().all(|k| k == "alg" || k == "typ" || k == "kid"))
                     && h["alg"] == "EdDSA"
                     && (h["typ"].is_null() || h["typ"] == "JWT")
                     && (h["kid"].is_null() || h["kid"].is_string())
@@ -57,7 +66,10 @@ pub fn run(data: &[u8]) {
                 t[last] = if t[last] == b'A' { b'B' } else { b'A' };
                 let t = String::from_utf8(t).expect("ascii");
                 if let Ok(v) = verify(&keys().set, &t, NOW, &policy) {
-                    panic!("a token with a changed signature verified: {:?} (first try: {r:?})", v.claims);
+                    panic!(
+                        "a token with a changed signature verified: {:?} (first try: {r:?})",
+                        v.claims
+                    );
                 }
             }
         }
@@ -68,25 +80,42 @@ fn check(token: &str, policy: &Policy, signed_right: bool) -> Result<(), TokenEr
     let r = verify(&keys().set, token, NOW, policy);
     // Deterministic: the same token gets the same answer.
     let again = verify(&keys().set, token, NOW, policy);
-    assert_eq!(r.as_ref().map(|v| v.claims.clone()).map_err(|e| e.code()), again.as_ref().map(|v| v.claims.clone()).map_err(|e| e.code()));
+    assert_eq!(
+        r.as_ref().map(|v| v.claims.clone()).map_err(|e| e.code()),
+        again
+            .as_ref()
+            .map(|v| v.claims.clone())
+            .map_err(|e| e.code())
+    );
     match r {
         Ok(v) => {
             let c = &v.claims;
-            for (k, x) in [("tenantId", &c.tenant_id), ("storeId", &c.store_id), ("deviceId", &c.device_id), ("role", &c.role)] {
+            for (k, x) in [
+                ("tenantId", &c.tenant_id),
+                ("storeId", &c.store_id),
+                ("deviceId", &c.device_id),
+                ("role", &c.role),
+            ] {
                 assert!(!x.is_empty(), "verified with an empty {k}");
             }
             if let Some(by) = v.expired_by {
                 assert!(by > policy.leeway_secs, "expired_by {by} within the leeway");
             }
             if let Some(nbf) = c.nbf {
-                assert!(nbf <= NOW + policy.leeway_secs, "nbf {nbf} in the future accepted");
+                assert!(
+                    nbf <= NOW + policy.leeway_secs,
+                    "nbf {nbf} in the future accepted"
+                );
             }
             if let Some(iss) = &policy.issuer {
                 assert_eq!(c.iss.as_ref(), Some(iss));
             }
             // The realm picked before verification is the realm verified.
             let (t, s) = peek_realm(token).expect("a verified token's realm peeks");
-            assert_eq!((t.as_str(), s.as_str()), (c.tenant_id.as_str(), c.store_id.as_str()));
+            assert_eq!(
+                (t.as_str(), s.as_str()),
+                (c.tenant_id.as_str(), c.store_id.as_str())
+            );
             Ok(())
         }
         Err(e) => {

@@ -265,7 +265,10 @@ mod tests {
     #[test]
     fn okp_keys_must_be_ed25519() {
         let doc = r#"{"keys":[{"kty":"OKP","crv":"P-256","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
-        assert!(matches!(KeySet::from_jwks(doc), Err(KeyError::Unsupported(_))));
+        assert!(matches!(
+            KeySet::from_jwks(doc),
+            Err(KeyError::Unsupported(_))
+        ));
         let ok = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
         assert!(KeySet::from_jwks(ok).is_ok());
     }

@@ -441,11 +441,17 @@ mod tests {
         let t = mint(&sk, &claims(i64::MAX), None).unwrap();
         assert_eq!(verify(&keys, &t, 2000, &p).unwrap().expired_by, None);
         let t = mint(&sk, &claims(i64::MIN), None).unwrap();
-        assert_eq!(verify(&keys, &t, 2000, &p).unwrap().expired_by, Some(i64::MAX));
+        assert_eq!(
+            verify(&keys, &t, 2000, &p).unwrap().expired_by,
+            Some(i64::MAX)
+        );
         let mut c = claims(5000);
         c.nbf = Some(i64::MAX);
         let t = mint(&sk, &c, None).unwrap();
-        assert_eq!(verify(&keys, &t, 2000, &p).unwrap_err(), TokenError::NotYetValid);
+        assert_eq!(
+            verify(&keys, &t, 2000, &p).unwrap_err(),
+            TokenError::NotYetValid
+        );
         let far = Policy {
             leeway_secs: i64::MAX,
             ..Default::default()

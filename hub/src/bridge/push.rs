@@ -434,7 +434,8 @@ mod tests {
     /// event the cloud never took.
     #[test]
     fn an_answer_must_cover_every_event_once() {
-        let twice = br#"{"results":[{"seq":1,"status":"accepted"},{"seq":1,"status":"duplicate"}]}"#;
+        let twice =
+            br#"{"results":[{"seq":1,"status":"accepted"},{"seq":1,"status":"duplicate"}]}"#;
         assert!(judge_answer(&[1, 2], twice).unwrap_err().contains("1 of 2"));
         let both = br#"{"results":[{"seq":2,"status":"accepted"},{"seq":1,"status":"rejected","id":"a","reason":"no"}]}"#;
         assert_eq!(

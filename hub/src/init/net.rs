@@ -440,21 +440,36 @@ mod tests {
             p.extend_from_slice(opts);
             p
         };
-        for bad in [[0, 0, 0, 0], [255, 255, 255, 255], [224, 0, 0, 1], [127, 0, 0, 1]] {
+        for bad in [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [224, 0, 0, 1],
+            [127, 0, 0, 1],
+        ] {
             assert!(parse_reply(&answer(bad, &[53, 1, ACK, 255]), 42, &mac).is_none());
         }
         assert_eq!(
-            parse_reply(&answer([0; 4], &[53, 1, NAK, 255]), 42, &mac).unwrap().kind,
+            parse_reply(&answer([0; 4], &[53, 1, NAK, 255]), 42, &mac)
+                .unwrap()
+                .kind,
             NAK
         );
         let r = parse_reply(
-            &answer([10, 0, 2, 15], &[53, 1, ACK, 1, 4, 0, 0, 0, 0, 3, 4, 0, 0, 0, 0, 255]),
+            &answer(
+                [10, 0, 2, 15],
+                &[53, 1, ACK, 1, 4, 0, 0, 0, 0, 3, 4, 0, 0, 0, 0, 255],
+            ),
             42,
             &mac,
         )
         .unwrap();
         assert_eq!((r.lease.prefix, r.lease.gateway), (24, None));
-        let r = parse_reply(&answer([10, 0, 2, 15], &[53, 1, ACK, 1, 4, 255, 0, 255, 0, 255]), 42, &mac).unwrap();
+        let r = parse_reply(
+            &answer([10, 0, 2, 15], &[53, 1, ACK, 1, 4, 255, 0, 255, 0, 255]),
+            42,
+            &mac,
+        )
+        .unwrap();
         assert_eq!(r.lease.prefix, 24, "non-contiguous mask");
     }
 }

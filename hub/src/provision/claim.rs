@@ -96,7 +96,10 @@ pub fn verify(key: &ClaimKey, t: &str, now: i64) -> Result<Claim, String> {
         ));
     }
     // They name directories under the data dir and lines of claimed.env.
-    for (claim, id) in [("tenantId", &v.claims.tenant_id), ("storeId", &v.claims.store_id)] {
+    for (claim, id) in [
+        ("tenantId", &v.claims.tenant_id),
+        ("storeId", &v.claims.store_id),
+    ] {
         if !crate::config::valid_realm_part(id) {
             return Err(format!(
                 "claim {claim} {id:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"

@@ -242,19 +242,30 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(a: &Args, bin: &Path) {
-    let minutes = if a.quick { a.minutes.min(1.0) } else { a.minutes };
+    let minutes = if a.quick {
+        a.minutes.min(1.0)
+    } else {
+        a.minutes
+    };
     let devices = if a.quick { 50 } else { 200 };
     let rate: f64 = std::env::var("SOAK_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300.0);
-    let cloud_bin = bin.parent().map(|p| p.join("pos-cloud-ref")).unwrap_or_default();
+    let cloud_bin = bin
+        .parent()
+        .map(|p| p.join("pos-cloud-ref"))
+        .unwrap_or_default();
     let cport = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
     };
     let shm = Path::new("/dev/shm");
-    let cloud_dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let cloud_dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
     let db = cloud_dir.join(format!("pos-hub-soak-cloud-{}.db", std::process::id()));
     let mut cloud = tokio::process::Command::new(&cloud_bin)
         .args(["--listen", &format!("127.0.0.1:{cport}"), "--db"])
@@ -266,7 +277,10 @@ pub async fn run(a: &Args, bin: &Path) {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()));
     let env = [
-        ("CLOUD_BRIDGE_URL", format!("http://127.0.0.1:{cport}/v1/events/ingest")),
+        (
+            "CLOUD_BRIDGE_URL",
+            format!("http://127.0.0.1:{cport}/v1/events/ingest"),
+        ),
         ("CLOUD_BRIDGE_TOKEN", "soak".to_string()),
         ("CLOUD_BACKOFF_MAX", "2s".to_string()),
         ("CLOUD_FEED_WAIT", "5s".to_string()),
@@ -344,7 +358,17 @@ pub async fn run(a: &Args, bin: &Path) {
         let r = sample(&hub, &wal, t0, &sh, outbox);
         println!(
             "{:>6.0} {:>9} {:>5} {:>7} {:>8} {:>7.2} {:>7.2} {:>6} {:>7} {:>4}  {}",
-            r.t, r.rss_kib, r.fds, r.threads, r.wal_kib, r.p50, r.p99, r.acks, r.outbox, r.connected, r.fault
+            r.t,
+            r.rss_kib,
+            r.fds,
+            r.threads,
+            r.wal_kib,
+            r.p50,
+            r.p99,
+            r.acks,
+            r.outbox,
+            r.connected,
+            r.fault
         );
         rows.push(r);
     }
@@ -376,11 +400,22 @@ pub async fn run(a: &Args, bin: &Path) {
 
     // The table as data, and the plot.
     let dat = out_dir.join("soak.dat");
-    let mut text = String::from("# t_s rss_kib fds threads wal_kib p50_ms p99_ms acks outbox devices fault\n");
+    let mut text =
+        String::from("# t_s rss_kib fds threads wal_kib p50_ms p99_ms acks outbox devices fault\n");
     for r in &rows {
         text.push_str(&format!(
             "{:.0} {} {} {} {} {:.3} {:.3} {} {} {} {}\n",
-            r.t, r.rss_kib, r.fds, r.threads, r.wal_kib, r.p50, r.p99, r.acks, r.outbox, r.connected, r.fault
+            r.t,
+            r.rss_kib,
+            r.fds,
+            r.threads,
+            r.wal_kib,
+            r.p50,
+            r.p99,
+            r.acks,
+            r.outbox,
+            r.connected,
+            r.fault
         ));
     }
     let _ = std::fs::write(&dat, text);
@@ -397,14 +432,29 @@ pub async fn run(a: &Args, bin: &Path) {
     if after.len() >= 6 {
         let k = (after.len() / 3).max(2);
         let first_rss = median(after[..3].iter().map(|r| r.rss_kib as f64).collect());
-        let last_rss = median(after[after.len() - 3..].iter().map(|r| r.rss_kib as f64).collect());
+        let last_rss = median(
+            after[after.len() - 3..]
+                .iter()
+                .map(|r| r.rss_kib as f64)
+                .collect(),
+        );
         let growth = (last_rss - first_rss) / first_rss * 100.0;
         checks.push((
-            format!("RSS after warm-up {first_rss:.0} -> {last_rss:.0} KiB ({growth:+.1}%, limit +10%)"),
+            format!(
+                "RSS after warm-up {first_rss:.0} -> {last_rss:.0} KiB ({growth:+.1}%, limit +10%)"
+            ),
             growth < 10.0,
         ));
-        let wal_first = after[..after.len() / 2].iter().map(|r| r.wal_kib).max().unwrap_or(0);
-        let wal_last = after[after.len() / 2..].iter().map(|r| r.wal_kib).max().unwrap_or(0);
+        let wal_first = after[..after.len() / 2]
+            .iter()
+            .map(|r| r.wal_kib)
+            .max()
+            .unwrap_or(0);
+        let wal_last = after[after.len() / 2..]
+            .iter()
+            .map(|r| r.wal_kib)
+            .max()
+            .unwrap_or(0);
         checks.push((
             format!("WAL high-water first half {wal_first} KiB, second half {wal_last} KiB (bounded: second <= 1.25x first + 1 MiB)"),
             (wal_last as f64) <= wal_first as f64 * 1.25 + 1024.0,
@@ -416,14 +466,19 @@ pub async fn run(a: &Args, bin: &Path) {
             p_last <= p_first * 1.5 + 0.5,
         ));
     } else {
-        checks.push(("too few samples after warm-up for RSS, WAL and p99 (run longer)".into(), false));
+        checks.push((
+            "too few samples after warm-up for RSS, WAL and p99 (run longer)".into(),
+            false,
+        ));
     }
     checks.push((
         format!("descriptors idle before {base_fds}, after {end_fds} (back to baseline: <= +2)"),
         end_fds <= base_fds + 2,
     ));
     checks.push((
-        format!("threads idle before {base_threads}, after {end_threads} (back to baseline: <= +1)"),
+        format!(
+            "threads idle before {base_threads}, after {end_threads} (back to baseline: <= +1)"
+        ),
         end_threads <= base_threads + 1,
     ));
     let (sent, acked, lost, refused) = (
@@ -508,5 +563,7 @@ unset multiplot
             return;
         }
     }
-    println!("soak: gnuplot could not draw the plot (is gnuplot installed? scripts/bench installs it)");
+    println!(
+        "soak: gnuplot could not draw the plot (is gnuplot installed? scripts/bench installs it)"
+    );
 }
