@@ -436,9 +436,17 @@ impl Config {
         let data_dir = data_dir
             .or_else(|| s.get("DATA_DIR").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("/data"));
+        // Token times are i64 seconds: more than 100 years is a typo, not a setting.
+        let token_span = |key: &str, v: &str| -> Result<Duration, ConfigError> {
+            let d = parse_duration(key, v)?;
+            if d.as_secs() > 100 * 365 * 86400 {
+                return Err(err(key, format!("{v:?} is longer than 100 years")));
+            }
+            Ok(d)
+        };
         let token_offline_grace = match s.get("TOKEN_OFFLINE_GRACE") {
             None => Duration::from_secs(72 * 3600),
-            Some(v) => parse_duration("TOKEN_OFFLINE_GRACE", v)?,
+            Some(v) => token_span("TOKEN_OFFLINE_GRACE", v)?,
         };
         let log_retention = match s.get("LOG_RETENTION") {
             None => Some(DEFAULT_LOG_RETENTION),
@@ -471,7 +479,7 @@ impl Config {
         };
         let leeway_secs = match s.get("TOKEN_LEEWAY") {
             None => 60,
-            Some(v) => parse_duration("TOKEN_LEEWAY", v)?.as_secs() as i64,
+            Some(v) => token_span("TOKEN_LEEWAY", v)?.as_secs() as i64,
         };
         let update_channel = match s.get("UPDATE_CHANNEL") {
             None => UpdateChannel::Stable,
@@ -913,5 +921,19 @@ mod tests {
             Some(UpdateChannel::Pinned("1.4.2".into()))
         );
         assert_eq!(UpdateChannel::parse("latest"), None);
+    }
+
+    /// Found while writing fuzz/ (env): TOKEN_LEEWAY of 500000000000y became a
+    /// negative leeway (`as i64`), and such a grace overflowed the token checks.
+    #[test]
+    fn token_spans_past_a_century_are_refused() {
+        for key in ["TOKEN_LEEWAY", "TOKEN_OFFLINE_GRACE"] {
+            let s = Settings::from_pairs([
+                ("TENANT_ID".to_string(), "t".to_string()),
+                (key.to_string(), "500000000000y".to_string()),
+            ]);
+            let e = Config::from_settings(&s, None, None, None).unwrap_err();
+            assert_eq!(e.key, key);
+        }
     }
 }

@@ -222,6 +222,23 @@ fn parse_since(v: Option<&serde_json::Value>) -> Result<Option<u64>, Refused> {
     }
 }
 
+/// The token and catch-up cursor of a handshake `auth` object, or the refusal.
+fn auth_fields(auth: &AuthIn) -> Result<(&str, Option<u64>), Refused> {
+    let token = match &auth.token {
+        Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
+        _ => return Err(Refused(TokenError::MissingToken.code())),
+    };
+    Ok((token, parse_since(auth.since.as_ref())?))
+}
+
+/// The handshake `auth` object as JSON text -> token and cursor (fuzz/ entry point;
+/// a handshake whose auth does not deserialize counts as one without a token).
+#[doc(hidden)]
+pub fn parse_auth(json: &str) -> Result<(String, Option<u64>), Refused> {
+    let auth: AuthIn = serde_json::from_str(json).unwrap_or_default();
+    auth_fields(&auth).map(|(t, s)| (t.to_string(), s))
+}
+
 /// An admitted device: who it is, where, and from which seq it catches up.
 struct Admitted {
     device: Device,
@@ -232,11 +249,7 @@ impl Inner {
     /// Checks the handshake's token and picks the realm.
     fn authenticate(&self, sid: Sid, auth: &AuthIn) -> Result<Admitted, Refused> {
         let gate = &self.gate;
-        let token = match &auth.token {
-            Some(serde_json::Value::String(t)) if !t.is_empty() => t.as_str(),
-            _ => return Err(Refused(TokenError::MissingToken.code())),
-        };
-        let since = parse_since(auth.since.as_ref())?;
+        let (token, since) = auth_fields(auth)?;
         let (tenant, store) = token::peek_realm(token).map_err(|e| Refused(e.code()))?;
         let Some((index, realm)) = gate.realms.find(&tenant, &store) else {
             return Err(Refused(TokenError::WrongRealm.code()));
@@ -455,6 +468,19 @@ struct SyncReq {
     limit: Option<usize>,
 }
 
+impl SyncReq {
+    fn page_limit(&self) -> usize {
+        self.limit.unwrap_or(500).clamp(1, PAGE)
+    }
+}
+
+/// A `sync` request's argument as JSON text -> (since, page limit) (fuzz/ entry point).
+#[doc(hidden)]
+pub fn parse_sync(json: &str) -> Result<(u64, usize), EventError> {
+    let r: SyncReq = serde_json::from_str(json).map_err(|_| EventError::Invalid)?;
+    Ok((r.since, r.page_limit()))
+}
+
 /// `sync {since, limit}` -> `{ok, events:[..], lastSeq}`: one page on request.
 fn sync(
     realm: Arc<crate::realm::Realm>,
@@ -473,7 +499,7 @@ fn sync(
             "message": format!("events after {} were deleted by retention; the oldest kept is {oldest}", req.since)},
             "oldestSeq": oldest}).to_string());
     }
-    let limit = req.limit.unwrap_or(500).clamp(1, PAGE);
+    let limit = req.page_limit();
     tokio::spawn(async move {
         let r = realm.clone();
         let page = tokio::task::spawn_blocking(move || r.read_page(req.since, limit)).await;

@@ -121,7 +121,14 @@ impl KeySet {
         for jwk in &set.keys {
             let kid = jwk.common.key_id.clone();
             let alg = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(p) => {
+                    if p.curve != jsonwebtoken::jwk::EllipticCurve::Ed25519 {
+                        return Err(KeyError::Unsupported(format!(
+                            "JWKS key {kid:?}: OKP curve other than Ed25519"
+                        )));
+                    }
+                    Algorithm::EdDSA
+                }
                 jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p) => {
                     if p.curve != jsonwebtoken::jwk::EllipticCurve::P256 {
                         return Err(KeyError::Unsupported(format!(
@@ -325,5 +332,18 @@ mod tests {
             VerifyKey::from_pem("hello", None),
             Err(KeyError::NotPem(_))
         ));
+    }
+
+    /// Found while writing fuzz/ (jwks): an OKP key on another curve was taken as
+    /// an Ed25519 key.
+    #[test]
+    fn okp_keys_must_be_ed25519() {
+        let doc = r#"{"keys":[{"kty":"OKP","crv":"P-256","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        assert!(matches!(
+            KeySet::from_jwks(doc),
+            Err(KeyError::Unsupported(_))
+        ));
+        let ok = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        assert!(KeySet::from_jwks(ok).is_ok());
     }
 }

@@ -213,12 +213,14 @@ fn check_claims(raw: RawClaims, now: i64, policy: &Policy) -> Result<Verified, T
         }
     }
     let (exp, iat) = (raw.exp.unwrap_or_default(), raw.iat.unwrap_or_default());
+    // Saturating: exp and nbf are whatever the token says (i64::MAX is "never").
     if let Some(nbf) = raw.nbf {
-        if nbf > now + policy.leeway_secs {
+        if nbf > now.saturating_add(policy.leeway_secs) {
             return Err(TokenError::NotYetValid);
         }
     }
-    let expired_by = (exp + policy.leeway_secs < now).then_some(now - exp);
+    let expired_by =
+        (exp.saturating_add(policy.leeway_secs) < now).then_some(now.saturating_sub(exp));
     Ok(Verified {
         claims: Claims {
             tenant_id: raw.tenant_id.unwrap_or_default(),
@@ -425,5 +427,36 @@ mod tests {
             verify(&keys, &t, 2000, &Policy::default()).unwrap_err(),
             TokenError::UnknownKey
         );
+    }
+
+    /// Found by fuzz/ (token): `exp + leeway` overflowed for a far-future `exp`
+    /// (a panic with overflow checks, "expired" otherwise), as did `now - exp`.
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        let (sk, keys) = pair();
+        let p = Policy {
+            leeway_secs: 60,
+            ..Default::default()
+        };
+        let t = mint(&sk, &claims(i64::MAX), None).unwrap();
+        assert_eq!(verify(&keys, &t, 2000, &p).unwrap().expired_by, None);
+        let t = mint(&sk, &claims(i64::MIN), None).unwrap();
+        assert_eq!(
+            verify(&keys, &t, 2000, &p).unwrap().expired_by,
+            Some(i64::MAX)
+        );
+        let mut c = claims(5000);
+        c.nbf = Some(i64::MAX);
+        let t = mint(&sk, &c, None).unwrap();
+        assert_eq!(
+            verify(&keys, &t, 2000, &p).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        let far = Policy {
+            leeway_secs: i64::MAX,
+            ..Default::default()
+        };
+        let t = mint(&sk, &claims(5000), None).unwrap();
+        assert_eq!(verify(&keys, &t, i64::MAX, &far).unwrap().expired_by, None);
     }
 }

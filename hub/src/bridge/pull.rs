@@ -59,16 +59,32 @@ struct CloudEvent<'a> {
     store_id: Option<String>,
 }
 
+/// One feed page, parsed: the next cursor (when the page gives one) and each event
+/// checked for the realm `tenant:store` (`Ok((device, event))` or why it is refused).
+/// `Err` refuses the whole page. (Also the entry point of fuzz/.)
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub fn parse_feed_page(
+    body: &[u8],
+    tenant: &str,
+    store: &str,
+) -> Result<(Option<String>, Vec<Result<(String, NewEvent), String>>), String> {
+    let page: Page =
+        serde_json::from_slice(body).map_err(|e| format!("malformed page refused: {e}"))?;
+    let events = page
+        .events
+        .iter()
+        .map(|raw| check(tenant, store, raw))
+        .collect();
+    Ok((page.cursor, events))
+}
+
 /// Checks one cloud event; `Err` says why it is refused.
-fn check(realm: &Realm, raw: &RawValue) -> Result<(String, NewEvent), String> {
+fn check(tenant: &str, store: &str, raw: &RawValue) -> Result<(String, NewEvent), String> {
     let e: CloudEvent =
         serde_json::from_str(raw.get()).map_err(|e| format!("not an event object: {e}"))?;
-    if e.tenant_id
-        .as_deref()
-        .is_some_and(|t| t != realm.cfg.tenant_id)
-        || e.store_id
-            .as_deref()
-            .is_some_and(|s| s != realm.cfg.store_id)
+    if e.tenant_id.as_deref().is_some_and(|t| t != tenant)
+        || e.store_id.as_deref().is_some_and(|s| s != store)
     {
         return Err("event for another realm".into());
     }
@@ -147,19 +163,20 @@ pub async fn run(
                 continue;
             }
         };
-        let page: Page = match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(e) => {
-                state.fail("feed", format!("malformed page refused: {e}"));
-                tokio::time::sleep(backoff.next()).await;
-                continue;
-            }
-        };
-        let next = page.cursor.clone().unwrap_or(cursor.clone());
+        let (page_cursor, checked) =
+            match parse_feed_page(&body, &realm.cfg.tenant_id, &realm.cfg.store_id) {
+                Ok(p) => p,
+                Err(e) => {
+                    state.fail("feed", e);
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+        let next = page_cursor.unwrap_or(cursor.clone());
         // Group consecutive events by device; the last group carries the cursor.
         let mut groups: Vec<(String, Vec<Result<NewEvent, EventError>>)> = Vec::new();
-        for raw in &page.events {
-            match check(&realm, raw) {
+        for c in checked {
+            match c {
                 Ok((device, ev)) => match groups.last_mut() {
                     Some((d, v)) if *d == device => v.push(Ok(ev)),
                     _ => groups.push((device, vec![Ok(ev)])),

@@ -271,49 +271,19 @@ async fn push_batch(
         state.fail("push", format!("cloud answered {status}"));
         return Step::Retry(None);
     }
-    let parsed: PushResponse = match resp
+    let seqs: Vec<u64> = page.iter().map(|(s, _)| *s).collect();
+    let rejected = match resp
         .bytes()
         .await
         .map_err(|e| describe(&e))
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("malformed answer: {e}")))
+        .and_then(|b| judge_answer(&seqs, &b))
     {
-        Ok(p) => p,
+        Ok(r) => r,
         Err(e) => {
             state.fail("push", e);
             return Step::Retry(None);
         }
     };
-    // Every event of the batch must be answered for; otherwise keep the cursor.
-    let mut rejected = Vec::new();
-    let mut answered = 0;
-    for r in &parsed.results {
-        if !page.iter().any(|(s, _)| *s == r.seq) {
-            continue;
-        }
-        answered += 1;
-        match r.status.as_str() {
-            "accepted" | "duplicate" => {}
-            "rejected" => rejected.push((
-                r.seq,
-                r.id.clone().unwrap_or_default(),
-                r.reason.clone().unwrap_or_else(|| "rejected".into()),
-            )),
-            other => {
-                state.fail(
-                    "push",
-                    format!("unknown result status {other:?} for seq {}", r.seq),
-                );
-                return Step::Retry(None);
-            }
-        }
-    }
-    if answered != page.len() {
-        state.fail(
-            "push",
-            format!("the cloud answered for {answered} of {} events", page.len()),
-        );
-        return Step::Retry(None);
-    }
     match settle(realm, state, last, rejected, page.len() as u64).await {
         Ok(()) => {
             state.ok();
@@ -324,6 +294,44 @@ async fn push_batch(
             Step::Retry(Some(Duration::from_secs(1)))
         }
     }
+}
+
+/// Reads the cloud's answer to a push of the events `seqs`: the rejected ones
+/// `(seq, id, reason)`, or `Err` (keep the cursor, retry) unless every event of the
+/// batch was answered for. (Also the entry point of fuzz/.)
+#[doc(hidden)]
+pub fn judge_answer(seqs: &[u64], body: &[u8]) -> Result<Vec<(u64, String, String)>, String> {
+    let parsed: PushResponse =
+        serde_json::from_slice(body).map_err(|e| format!("malformed answer: {e}"))?;
+    let mut rejected = Vec::new();
+    // Counted once per event: an answer that names one seq twice and another not at
+    // all has not answered for the batch.
+    let mut answered = std::collections::HashSet::new();
+    for r in &parsed.results {
+        if !seqs.contains(&r.seq) {
+            continue;
+        }
+        answered.insert(r.seq);
+        match r.status.as_str() {
+            "accepted" | "duplicate" => {}
+            "rejected" => rejected.push((
+                r.seq,
+                r.id.clone().unwrap_or_default(),
+                r.reason.clone().unwrap_or_else(|| "rejected".into()),
+            )),
+            other => {
+                return Err(format!("unknown result status {other:?} for seq {}", r.seq));
+            }
+        }
+    }
+    if answered.len() != seqs.len() {
+        return Err(format!(
+            "the cloud answered for {} of {} events",
+            answered.len(),
+            seqs.len()
+        ));
+    }
+    Ok(rejected)
 }
 
 /// Durably moves the pushed cursor to `last` and records set-aside events.
@@ -419,5 +427,21 @@ mod tests {
         let t0 = Instant::now();
         p.after_batch(100, 1, t0);
         assert_eq!(p.after_batch(100, 2, t0), Duration::from_millis(200));
+    }
+
+    /// Found by fuzz/ (ingest): an answer naming one event twice and another not at
+    /// all counted as answering for the whole batch, so the cursor moved past an
+    /// event the cloud never took.
+    #[test]
+    fn an_answer_must_cover_every_event_once() {
+        let twice =
+            br#"{"results":[{"seq":1,"status":"accepted"},{"seq":1,"status":"duplicate"}]}"#;
+        assert!(judge_answer(&[1, 2], twice).unwrap_err().contains("1 of 2"));
+        let both = br#"{"results":[{"seq":2,"status":"accepted"},{"seq":1,"status":"rejected","id":"a","reason":"no"}]}"#;
+        assert_eq!(
+            judge_answer(&[1, 2], both).unwrap(),
+            vec![(1, "a".to_string(), "no".to_string())]
+        );
+        assert!(judge_answer(&[1], br#"{"results":[{"seq":1,"status":"maybe"}]}"#).is_err());
     }
 }

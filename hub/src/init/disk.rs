@@ -115,7 +115,8 @@ pub fn fat_label(dev: &Path) -> Result<String, DiskError> {
     Ok(fat_label_of(&bs).unwrap_or_default())
 }
 
-fn fat_label_of(bs: &[u8; 512]) -> Option<String> {
+#[doc(hidden)]
+pub fn fat_label_of(bs: &[u8; 512]) -> Option<String> {
     if bs[510] != 0x55 || bs[511] != 0xAA {
         return None;
     }
@@ -243,7 +244,8 @@ pub fn ext4_info(dev: &Path) -> Result<Option<Ext4Info>, DiskError> {
     Ok(ext4_info_of(&sb))
 }
 
-fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
+#[doc(hidden)]
+pub fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
     let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
     if u16::from_le_bytes([sb[56], sb[57]]) != 0xEF53 {
         return None;
@@ -253,7 +255,7 @@ fn ext4_info_of(sb: &[u8; 1024]) -> Option<Ext4Info> {
     let state = u16::from_le_bytes([sb[58], sb[59]]);
     let incompat = le32(0x60);
     Some(Ext4Info {
-        bytes: blocks * block_size,
+        bytes: blocks.saturating_mul(block_size),
         // state bit 0 = cleanly unmounted, bit 1 = errors detected; incompat RECOVER
         // (0x4) = the journal holds transactions to replay (mounted when power went).
         needs_check: state & 1 == 0 || state & 2 != 0 || incompat & 0x4 != 0,
@@ -449,5 +451,17 @@ mod tests {
         sb[0x60] = 0;
         sb[58] = 0;
         assert!(ext4_info_of(&sb).unwrap().needs_check);
+    }
+
+    /// Found while writing fuzz/ (ext4): blocks x block size overflowed u64 for a
+    /// garbled superblock (a panic with overflow checks, in PID 1).
+    #[test]
+    fn garbled_superblock_size_saturates() {
+        let mut sb = [0u8; 1024];
+        sb[56..58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        sb[0x150..0x154].copy_from_slice(&u32::MAX.to_le_bytes());
+        sb[24..28].copy_from_slice(&6u32.to_le_bytes());
+        assert_eq!(ext4_info_of(&sb).unwrap().bytes, u64::MAX);
     }
 }

@@ -200,7 +200,8 @@ const REQUEST: u8 = 3;
 const ACK: u8 = 5;
 const NAK: u8 = 6;
 
-fn dhcp_packet(
+#[doc(hidden)]
+pub fn dhcp_packet(
     kind: u8,
     xid: u32,
     mac: &[u8; 6],
@@ -235,15 +236,17 @@ fn dhcp_packet(
 }
 
 /// What a DHCP reply says.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Reply {
-    kind: u8,
-    yiaddr: Ipv4Addr,
-    server: Option<Ipv4Addr>,
-    lease: Lease,
+pub struct Reply {
+    pub kind: u8,
+    pub yiaddr: Ipv4Addr,
+    pub server: Option<Ipv4Addr>,
+    pub lease: Lease,
 }
 
-fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
+#[doc(hidden)]
+pub fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     if p.len() < 240
         || p[0] != 2
         || p[4..8] != xid.to_be_bytes()
@@ -284,9 +287,20 @@ fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
         }
         i += 2 + len;
     }
+    // An offer or ack must give an address we can use.
+    let usable = |a: Ipv4Addr| {
+        !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+    };
+    if matches!(kind, OFFER | ACK) && !usable(yiaddr) {
+        return None;
+    }
+    // A mask that is not 1-32 contiguous ones counts as absent.
     let prefix = mask
-        .map(|m| u32::from(m).leading_ones() as u8)
+        .map(u32::from)
+        .filter(|m| *m != 0 && m.leading_ones() + m.trailing_zeros() == 32)
+        .map(|m| m.leading_ones() as u8)
         .unwrap_or(24);
+    let router = router.filter(|g| usable(*g));
     Some(Reply {
         kind,
         yiaddr,
@@ -410,5 +424,52 @@ mod tests {
             "other client"
         );
         assert!(parse_reply(&p[..100], 42, &mac).is_none(), "truncated");
+    }
+
+    /// Found while writing fuzz/ (dhcp): an offer or ack of 0.0.0.0 (or broadcast,
+    /// multicast, loopback) was taken as our address, a mask of 0.0.0.0 as /0 and a
+    /// router of 0.0.0.0 as the gateway.
+    #[test]
+    fn unusable_leases_are_ignored() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let answer = |yiaddr: [u8; 4], opts: &[u8]| {
+            let mut p = dhcp_packet(DISCOVER, 42, &mac, None, "pos-hub");
+            p[0] = 2;
+            p[16..20].copy_from_slice(&yiaddr);
+            p.truncate(240);
+            p.extend_from_slice(opts);
+            p
+        };
+        for bad in [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [224, 0, 0, 1],
+            [127, 0, 0, 1],
+        ] {
+            assert!(parse_reply(&answer(bad, &[53, 1, ACK, 255]), 42, &mac).is_none());
+        }
+        assert_eq!(
+            parse_reply(&answer([0; 4], &[53, 1, NAK, 255]), 42, &mac)
+                .unwrap()
+                .kind,
+            NAK
+        );
+        let r = parse_reply(
+            &answer(
+                [10, 0, 2, 15],
+                &[53, 1, ACK, 1, 4, 0, 0, 0, 0, 3, 4, 0, 0, 0, 0, 255],
+            ),
+            42,
+            &mac,
+        )
+        .unwrap();
+        assert_eq!((r.lease.prefix, r.lease.gateway), (24, None));
+        let r = parse_reply(
+            &answer([10, 0, 2, 15], &[53, 1, ACK, 1, 4, 255, 0, 255, 0, 255]),
+            42,
+            &mac,
+        )
+        .unwrap();
+        assert_eq!(r.lease.prefix, 24, "non-contiguous mask");
     }
 }

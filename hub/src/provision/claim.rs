@@ -95,6 +95,17 @@ pub fn verify(key: &ClaimKey, t: &str, now: i64) -> Result<Claim, String> {
             v.claims.role
         ));
     }
+    // They name directories under the data dir and lines of claimed.env.
+    for (claim, id) in [
+        ("tenantId", &v.claims.tenant_id),
+        ("storeId", &v.claims.store_id),
+    ] {
+        if !crate::config::valid_realm_part(id) {
+            return Err(format!(
+                "claim {claim} {id:?} must be 1-64 chars of A-Z a-z 0-9 . _ -"
+            ));
+        }
+    }
     // The signature checked out: read the optional claims from the payload.
     let payload = t.trim().split('.').nth(1).unwrap_or("");
     let json: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -124,18 +135,26 @@ pub fn verify(key: &ClaimKey, t: &str, now: i64) -> Result<Claim, String> {
 
 /// Writes `<data>/claimed.env` atomically.
 pub fn save(data_dir: &Path, key: &ClaimKey, c: &Claim) -> Result<(), String> {
+    let text = claimed_env_text(&key.b64, c);
+    crate::util::write_atomic(&claimed_env(data_dir), text.as_bytes(), 0o600)
+        .map_err(|e| e.to_string())
+}
+
+/// The text of `claimed.env` for a claim (read back by [`merge_claimed`]).
+#[doc(hidden)]
+pub fn claimed_env_text(key_b64: &str, c: &Claim) -> String {
     let mut text = format!(
         "# Written by the claim on first boot ({}). Delete with a factory reset.\nTENANT_ID={}\nSTORE_ID={}\nCLUSTER_PUBLIC_KEY_BASE64={}\nDEV=off\n",
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         c.tenant_id,
         c.store_id,
-        key.b64
+        key_b64
     );
+    // Quoted, so a value reads back as it was (spaces, ` #`, quotes at its ends).
     for (k, v) in &c.extra {
-        text.push_str(&format!("{k}={v}\n"));
+        text.push_str(&format!("{k}=\"{v}\"\n"));
     }
-    crate::util::write_atomic(&claimed_env(data_dir), text.as_bytes(), 0o600)
-        .map_err(|e| e.to_string())
+    text
 }
 
 /// Replaces this process with a fresh `pos-hub` (same arguments) that reads the claim.
@@ -310,5 +329,31 @@ mod tests {
         assert!(merge_claimed(&mut s, d.path()).unwrap());
         assert_eq!(s.get("TENANT_ID"), Some("t-abc"));
         assert_eq!(s.get("CLUSTER_PUBLIC_KEY_BASE64"), Some(ck.b64.as_str()));
+    }
+
+    /// Found by fuzz/ (claim): a claim's realm ids were not checked (a line break in
+    /// one became another line of claimed.env), and optional claims were written
+    /// unquoted, so `tok #x` came back as `tok` and `"x"` as `x`.
+    #[test]
+    fn claimed_env_reads_back_exactly() {
+        let (sk, ck) = key();
+        let now = 1_800_000_000;
+        let mut bad = claims("claim", now + 600);
+        bad.tenant_id = "t-abc\nDEV=on".into();
+        let t = mint(&sk, &bad, None).unwrap();
+        assert!(verify(&ck, &t, now).unwrap_err().contains("tenantId"));
+        let c = Claim {
+            tenant_id: "t-abc".into(),
+            store_id: "s-001".into(),
+            extra: vec![
+                ("CLOUD_BRIDGE_TOKEN".into(), "tok #x".into()),
+                ("UPDATE_CHANNEL".into(), "\"canary\"".into()),
+                ("CLOUD_BRIDGE_URL".into(), " https://a.example/v1 ".into()),
+            ],
+        };
+        let map = crate::config::parse_env_file(&claimed_env_text(&ck.b64, &c)).unwrap();
+        for (k, v) in &c.extra {
+            assert_eq!(map.get(k), Some(v), "{k}");
+        }
     }
 }

@@ -571,11 +571,7 @@ impl Updater {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
         let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
-        if text.len() > 64 * 1024 {
-            return Err(format!("{url}: channel file too large"));
-        }
-        let ch: ChannelFile =
-            serde_json::from_str(&text).map_err(|e| format!("{url}: not a channel file: {e}"))?;
+        let ch = parse_channel(&text).map_err(|e| format!("{url}: {e}"))?;
         *self.last_check.lock() = Some(format!("{} at {}", ch.version, super::now_rfc3339()));
         let pinned = matches!(self.channel, UpdateChannel::Pinned(_));
         if ch.version == self.running_version {
@@ -603,11 +599,7 @@ impl Updater {
         if !now && !self.in_window_now() {
             return Ok(format!("{} waits for the maintenance window", ch.version));
         }
-        let bundle_url = if ch.url.starts_with("http://") || ch.url.starts_with("https://") {
-            ch.url.clone()
-        } else {
-            format!("{base}/{}", ch.url.trim_start_matches('/'))
-        };
+        let bundle_url = bundle_url(base, &ch.url);
         if let Some(size) = ch.size {
             self.total.store(size, Ordering::Relaxed);
         }
@@ -650,15 +642,36 @@ impl Updater {
 }
 
 /// `<UPDATE_URL>/<channel>.json`, as written by scripts/publish-update.
+#[doc(hidden)]
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ChannelFile {
-    version: String,
-    url: String,
+pub struct ChannelFile {
+    pub version: String,
+    pub url: String,
     #[serde(default)]
-    size: Option<u64>,
+    pub size: Option<u64>,
     #[serde(default)]
-    rollout: Option<f64>,
+    pub rollout: Option<f64>,
+}
+
+/// Parses a channel file (also the entry point of fuzz/).
+#[doc(hidden)]
+pub fn parse_channel(text: &str) -> Result<ChannelFile, String> {
+    if text.len() > 64 * 1024 {
+        return Err("channel file too large".into());
+    }
+    serde_json::from_str(text).map_err(|e| format!("not a channel file: {e}"))
+}
+
+/// Where the bundle a channel file names is: its `url` as is when absolute, else
+/// under `base`.
+#[doc(hidden)]
+pub fn bundle_url(base: &str, url: &str) -> String {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        url.to_string()
+    } else {
+        format!("{base}/{}", url.trim_start_matches('/'))
+    }
 }
 
 #[allow(clippy::unnecessary_cast)] // statvfs field types differ between targets

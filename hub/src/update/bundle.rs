@@ -263,7 +263,7 @@ pub fn stream_payload<R: Read, W: std::io::Write + std::io::Seek>(
     slot.write_all(&[0u8; 512])?;
     slot.flush()?;
     let hashing = HashingReader {
-        inner: r.take(m.payload_size + 1),
+        inner: r.take(m.payload_size.saturating_add(1)),
         hasher: Sha256::new(),
         count: 0,
         progress: &mut progress,
@@ -543,5 +543,31 @@ mod tests {
         assert_eq!(version_cmp("1.2.0-rc1", "1.2.0"), Less);
         assert_eq!(version_cmp("v2.0", "2.0.0"), Equal);
         assert_eq!(version_cmp("0.2.0", "0.1.9"), Greater);
+    }
+
+    /// Found while writing fuzz/ (bundle): `payload_size + 1` overflowed for a
+    /// signed manifest claiming u64::MAX bytes. Refused, slot left invalid.
+    #[test]
+    fn huge_payload_size_is_refused_without_overflow() {
+        let m = Manifest {
+            version: "0.2.0".into(),
+            board: "rpi4".into(),
+            compatible: vec![],
+            payload_sha256: "00".into(),
+            payload_size: u64::MAX,
+            slot_size: 1000,
+            created: "x".into(),
+            min_version: None,
+            format: "slot-fat-gzip".into(),
+        };
+        let mut slot = Cursor::new(vec![0xA5u8; 4096]);
+        let payload = {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&[1u8; 1000]).unwrap();
+            gz.finish().unwrap()
+        };
+        let e = stream_payload(&payload[..], &m, &mut slot, 1 << 20, |_| {}).unwrap_err();
+        assert!(matches!(e, BundleError::Payload(_)), "{e}");
+        assert!(slot.get_ref()[..512].iter().all(|b| *b == 0));
     }
 }

@@ -15,10 +15,12 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod soak;
+
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
 struct Args {
-    /// all | throughput | latency | fanout | idle | replay | offline | retention
+    /// all | throughput | latency | fanout | idle | replay | offline | retention | soak (not in all)
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Small sizes, a few seconds in all (CI smoke run).
@@ -39,6 +41,9 @@ struct Args {
     replay: usize,
     #[arg(long, default_value_t = 200)]
     fanout: usize,
+    /// Length of `--scenario soak` (not part of `all`), in minutes.
+    #[arg(long, default_value_t = 30.0)]
+    minutes: f64,
 }
 
 // ---------------------------------------------------------------- the hub
@@ -883,6 +888,9 @@ async fn main() {
     }
     if want("retention") {
         retention_year(&a, &mut report);
+    }
+    if a.scenario == "soak" {
+        soak::run(&a, &bin).await;
     }
     let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();

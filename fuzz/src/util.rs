@@ -1,0 +1,71 @@
+//! Helpers shared by the targets: a fixed clock, one Ed25519 key pair made at start
+//! (so inputs can carry valid signatures and reach the checks behind them), JWT
+//! assembly.
+
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use pos_hub::auth::keys::VerifyKey;
+use pos_hub::auth::KeySet;
+
+/// The hub's clock in the targets (2026-12-01).
+pub const NOW: i64 = 1_796_083_200;
+
+pub const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+pub struct Keys {
+    pub pair: ring::signature::Ed25519KeyPair,
+    /// The private key, PKCS#8 DER.
+    pub pkcs8: Vec<u8>,
+    /// The public key in PEM (SPKI).
+    pub public_pem: String,
+    pub raw_public: Vec<u8>,
+    pub set: KeySet,
+}
+
+pub fn keys() -> &'static Keys {
+    static K: OnceLock<Keys> = OnceLock::new();
+    K.get_or_init(|| {
+        use ring::signature::KeyPair;
+        let (private, public) = pos_hub::auth::keys::generate_ed25519().expect("key pair");
+        let der = pem::parse(private.trim()).expect("private pem");
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.contents())
+            .expect("pkcs8");
+        let raw_public = pair.public_key().as_ref().to_vec();
+        let set = KeySet::single(VerifyKey::from_pem(&public, None).expect("public pem"));
+        Keys {
+            pair,
+            pkcs8: der.contents().to_vec(),
+            public_pem: public,
+            raw_public,
+            set,
+        }
+    })
+}
+
+/// `header.claims.signature`, signed with [`keys`] over the exact bytes given.
+pub fn sign_jwt(header: &[u8], claims: &[u8]) -> String {
+    let input = format!("{}.{}", B64URL.encode(header), B64URL.encode(claims));
+    let sig = keys().pair.sign(input.as_bytes());
+    format!("{input}.{}", B64URL.encode(sig.as_ref()))
+}
+
+/// Splits fuzz bytes into `n` parts at 0xFF bytes (missing parts are empty).
+pub fn split(data: &[u8], n: usize) -> Vec<&[u8]> {
+    let mut out: Vec<&[u8]> = data.splitn(n, |b| *b == 0xFF).collect();
+    while out.len() < n {
+        out.push(&[]);
+    }
+    out
+}
+
+/// The bytes as text, or `None` when they are not UTF-8 (most parsers take `&str`).
+pub fn text(data: &[u8]) -> Option<&str> {
+    std::str::from_utf8(data).ok()
+}
+
+/// Parses `s` as any JSON value, panicking with `what` when it is not JSON.
+pub fn json(s: &str, what: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{what} is not valid JSON ({e}): {s:?}"))
+}
