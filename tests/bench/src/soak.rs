@@ -111,7 +111,7 @@ async fn device(port: u16, token: String, dev: usize, rate: f64, t0: Instant, sh
     let mut n = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
         // One device in ten stays away a minute between sessions and catches up.
-        if session > 0 && dev % 10 == 0 {
+        if session > 0 && dev.is_multiple_of(10) {
             let away = Instant::now() + Duration::from_secs(60);
             while Instant::now() < away && !sh.stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
