@@ -195,7 +195,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             let _ = r.bridge.set(state.clone());
             match crate::bridge::start(r.clone(), ep.clone(), state, clock.clone()).await {
                 Ok(()) => {
-                    tracing::info!(realm = %r.key(), push = %ep.push_url, feed = %ep.feed_url, "cloud bridge started")
+                    tracing::info!(realm = %r.key(), push = %crate::bridge::jetstream::redact(&ep.push_url), feed = %ep.feed_url, "cloud bridge started")
                 }
                 Err(e) => {
                     tracing::error!(realm = %r.key(), error = %e, "cloud bridge could not start; the LAN works without it")

@@ -60,7 +60,7 @@ struct CloudEvent<'a> {
 }
 
 /// Checks one cloud event; `Err` says why it is refused.
-fn check(realm: &Realm, raw: &RawValue) -> Result<(String, NewEvent), String> {
+pub(crate) fn check(realm: &Realm, raw: &RawValue) -> Result<(String, NewEvent), String> {
     let e: CloudEvent =
         serde_json::from_str(raw.get()).map_err(|e| format!("not an event object: {e}"))?;
     if e.tenant_id
