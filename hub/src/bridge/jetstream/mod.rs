@@ -312,7 +312,7 @@ impl Target {
                             *nats.connected_server.lock() = None;
                         }
                         async_nats::Event::Connected => {
-                            tracing::info!(realm = %realm, role = %role, "NATS connection back");
+                            tracing::info!(realm = %realm, role = %role, "NATS connected");
                         }
                         async_nats::Event::ServerError(e) => {
                             tracing::warn!(realm = %realm, role = %role, error = %e, "NATS server error")
