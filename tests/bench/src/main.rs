@@ -15,10 +15,12 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
+mod nats;
+
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
 struct Args {
-    /// all | throughput | latency | fanout | idle | replay | offline
+    /// all | throughput | latency | fanout | idle | replay | offline | nats
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Small sizes, a few seconds in all (CI smoke run).
@@ -764,6 +766,9 @@ async fn main() {
     }
     if want("offline") {
         offline_day(&a, &bin, &mut report).await;
+    }
+    if want("nats") {
+        nats::offline_day(a.quick, &bin, &mut report).await;
     }
     let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();

@@ -76,6 +76,8 @@ enum End {
     /// An event's id is still held by the duplicate window although its copy was
     /// deleted: try again in a while.
     Window(String),
+    /// The realm is closing.
+    Shutdown,
 }
 
 /// Pushes forever (until the realm shuts down).
@@ -102,6 +104,7 @@ pub(crate) async fn run(t: Arc<Target>) {
                 t.state.fail("nats up", e);
                 Duration::from_secs(1)
             }
+            End::Shutdown => return,
         };
         tokio::time::sleep(wait).await;
     }
@@ -151,7 +154,7 @@ async fn session(t: &Arc<Target>, pacer: &mut Pacer) -> End {
     loop {
         if t.realm.is_shutting_down() {
             let _ = save(t, &pos).await;
-            return End::Failed("shutting down".into());
+            return End::Shutdown;
         }
         // Publish the next page while there is room and the pacer allows.
         if inflight.len() + batch <= INFLIGHT && Instant::now() >= next_send {
@@ -384,9 +387,11 @@ async fn resync(t: &Target, stream: &jetstream::stream::Stream, mut pos: Pos) ->
     }
     // Walk the realm's messages after q, in stream order.
     let mut at = pos.q;
-    let mut expected: VecDeque<u64> = VecDeque::new();
+    // The LAN events after h, as (seq, Nats-Msg-Id), in order.
+    let mut expected: VecDeque<(u64, String)> = VecDeque::new();
     let (before_h, before_q) = (pos.h, pos.q);
     let mut misplaced = Vec::new();
+    let mut foreign = 0u64;
     loop {
         let m = match stream
             .raw_message_builder()
@@ -404,44 +409,49 @@ async fn resync(t: &Target, stream: &jetstream::stream::Stream, mut pos: Pos) ->
             .headers
             .get(SEQ_HEADER)
             .and_then(|v| v.as_str().parse::<u64>().ok());
-        let ours = m
-            .headers
-            .get("Nats-Msg-Id")
-            .is_some_and(|v| v.as_str().starts_with(&msg_id(&t.realm.cfg.tenant_id, &t.realm.cfg.store_id, "")));
-        match hs {
-            Some(hs) if ours => {
-                if expected.is_empty() {
-                    let r = t.realm.clone();
-                    let h = pos.h;
-                    let page = tokio::task::spawn_blocking(move || {
-                        r.with_reader(|s| s.read_lan_page(h, 1000, usize::MAX))
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                    expected.extend(page.into_iter().map(|(s, _)| s));
-                }
-                if expected.front() == Some(&hs) {
-                    expected.pop_front();
-                    pos.h = hs;
-                    pos.q = m.sequence;
-                } else {
-                    misplaced.push((m.sequence, hs));
-                }
+        let mid = m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string());
+        if let (Some(hs), Some(mid)) = (hs, mid) {
+            if expected.is_empty() {
+                expected.extend(lan_ids(t, pos.h, 1000).await?);
             }
-            _ => {
-                tracing::warn!(realm = %t.realm.key(), stream_seq = m.sequence, "a message on this realm's up subject that the hub did not publish; left alone");
+            if expected.front().is_some_and(|(s, i)| *s == hs && *i == mid) {
+                expected.pop_front();
+                pos.h = hs;
+                pos.q = m.sequence;
+                if at >= last {
+                    break;
+                }
+                continue;
             }
+            // One of ours out of place (after a gap, or a second copy)? Only
+            // what this log published is touched; anything else is left alone.
+            if lan_ids(t, hs.saturating_sub(1), 1)
+                .await?
+                .first()
+                .is_some_and(|(s, i)| *s == hs && *i == mid)
+            {
+                misplaced.push((m.sequence, hs));
+            } else {
+                foreign += 1;
+            }
+        } else {
+            foreign += 1;
         }
         if at >= last {
             break;
         }
     }
+    if foreign > 0 {
+        tracing::warn!(realm = %t.realm.key(), messages = foreign, "messages on this realm's up subject that this hub's log did not publish (another box with this realm, or a log that was reset); left alone");
+    }
+    // Everything walked is accounted for: ours in place, deleted, or not ours.
+    pos.q = pos.q.max(at);
     for (at, hs) in misplaced {
         delete(t, stream, at, hs, "found by the resync walk")
             .await
             .map_err(|e| match e {
                 End::Failed(e) | End::Window(e) => e,
+                End::Shutdown => "shutting down".into(),
             })?;
     }
     if pos.h != before_h {
@@ -461,6 +471,20 @@ async fn resync(t: &Target, stream: &jetstream::stream::Stream, mut pos: Pos) ->
         commit(t, &pos).await?;
     }
     Ok(pos)
+}
+
+/// Up to `n` LAN events after `after` as (seq, Nats-Msg-Id).
+async fn lan_ids(t: &Target, after: u64, n: usize) -> Result<Vec<(u64, String)>, String> {
+    let r = t.realm.clone();
+    let page = tokio::task::spawn_blocking(move || r.with_reader(|s| s.read_lan_page(after, n, usize::MAX)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let (tenant, store) = (&t.realm.cfg.tenant_id, &t.realm.cfg.store_id);
+    Ok(page
+        .into_iter()
+        .map(|(s, j)| (s, msg_id(tenant, store, &event_id(&j).unwrap_or_default())))
+        .collect())
 }
 
 async fn commit(t: &Target, pos: &Pos) -> Result<(), String> {
