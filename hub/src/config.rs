@@ -668,8 +668,17 @@ impl Config {
             });
         }
         for r in &realms {
-            if let Some(u) = r.cloud_bridge_url.as_deref().filter(|u| crate::bridge::jetstream::is_nats_url(u)) {
-                crate::bridge::jetstream::check_target("CLOUD_BRIDGE_URL", u, r.cloud_bridge_token.as_deref(), &bridge.nats)?;
+            if let Some(u) = r
+                .cloud_bridge_url
+                .as_deref()
+                .filter(|u| crate::bridge::jetstream::is_nats_url(u))
+            {
+                crate::bridge::jetstream::check_target(
+                    "CLOUD_BRIDGE_URL",
+                    u,
+                    r.cloud_bridge_token.as_deref(),
+                    &bridge.nats,
+                )?;
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -854,9 +863,20 @@ mod tests {
             Config::from_settings(&s, None, None, None)
         };
         let j = junk.to_str().unwrap();
-        assert_eq!(with(&[("CLOUD_NATS_CREDS", j)]).unwrap_err().key, "CLOUD_NATS_CREDS");
-        assert_eq!(with(&[("CLOUD_NATS_CA", j)]).unwrap_err().key, "CLOUD_NATS_CA");
-        assert_eq!(with(&[("CLOUD_FEED_URL", "http://x/feed")]).unwrap_err().key, "CLOUD_FEED_URL");
+        assert_eq!(
+            with(&[("CLOUD_NATS_CREDS", j)]).unwrap_err().key,
+            "CLOUD_NATS_CREDS"
+        );
+        assert_eq!(
+            with(&[("CLOUD_NATS_CA", j)]).unwrap_err().key,
+            "CLOUD_NATS_CA"
+        );
+        assert_eq!(
+            with(&[("CLOUD_FEED_URL", "http://x/feed")])
+                .unwrap_err()
+                .key,
+            "CLOUD_FEED_URL"
+        );
         let e = with(&[
             ("CLOUD_BRIDGE_URL", "nats://u:p@127.0.0.1:4222"),
             ("CLOUD_BRIDGE_TOKEN", "tok"),

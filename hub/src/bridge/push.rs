@@ -179,7 +179,12 @@ impl Pacer {
 
     /// The least time a batch of `n` events should take, given the realm's LAN
     /// event count now.
-    pub(crate) fn after_batch(&mut self, n: usize, lan_events: u64, now: std::time::Instant) -> Duration {
+    pub(crate) fn after_batch(
+        &mut self,
+        n: usize,
+        lan_events: u64,
+        now: std::time::Instant,
+    ) -> Duration {
         if self.last_lan.is_some_and(|l| l != lan_events) {
             self.lan_seen = Some(now);
         }

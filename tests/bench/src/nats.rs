@@ -26,7 +26,8 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("poshub-bench-nats-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("poshub-bench-nats-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let nodes = (0..3).map(|_| (free_port(), free_port())).collect();
         Cluster {
@@ -132,14 +133,25 @@ pub async fn offline_day(quick: bool, bin: &Path, report: &mut Vec<(String, Stri
         let hub = Hub::start_with(bin, if paced { "nats" } else { "nats-unpaced" }, &env).await;
         bulk_write(&hub, n, "nats").await;
         let mut base = if paced {
-            paced_acks(hub.port, tills(&hub, 50), Duration::from_secs(if quick { 2 } else { 5 }), 17).await
+            paced_acks(
+                hub.port,
+                tills(&hub, 50),
+                Duration::from_secs(if quick { 2 } else { 5 }),
+                17,
+            )
+            .await
         } else {
             Vec::new()
         };
         cluster.start();
         let start = Instant::now();
         let lat = paced.then(|| {
-            tokio::spawn(paced_acks(hub.port, tills(&hub, 50), Duration::from_secs(5), 18))
+            tokio::spawn(paced_acks(
+                hub.port,
+                tills(&hub, 50),
+                Duration::from_secs(5),
+                18,
+            ))
         });
         let done = drained(hub.port, start, Duration::from_secs(600)).await;
         let mut during = match lat {
@@ -165,8 +177,13 @@ pub async fn offline_day(quick: bool, bin: &Path, report: &mut Vec<(String, Stri
         });
         if paced {
             report.push((
-                "LAN ack p99 at 1,000 ev/s: NATS bridge idle (cluster down) / while catching up".into(),
-                format!("{:.2} / {:.2} ms", pct(&mut base, 99.0), pct(&mut during, 99.0)),
+                "LAN ack p99 at 1,000 ev/s: NATS bridge idle (cluster down) / while catching up"
+                    .into(),
+                format!(
+                    "{:.2} / {:.2} ms",
+                    pct(&mut base, 99.0),
+                    pct(&mut during, 99.0)
+                ),
             ));
         }
         hub.stop().await;

@@ -62,7 +62,10 @@ async fn session(t: &Arc<Target>) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("consumer {name}: {e}"))?;
-    let wait = t.tuning.feed_wait.clamp(Duration::from_secs(1), Duration::from_secs(25));
+    let wait = t
+        .tuning
+        .feed_wait
+        .clamp(Duration::from_secs(1), Duration::from_secs(25));
     loop {
         if t.realm.is_shutting_down() {
             return Ok(());
@@ -97,8 +100,11 @@ async fn session(t: &Arc<Target>) -> Result<(), String> {
 /// Appends one fetched batch and acknowledges it.
 async fn take(t: &Target, msgs: Vec<jetstream::Message>) -> Result<(), String> {
     // Consecutive events of one device go in one append.
-    let mut groups: Vec<(String, Vec<Result<NewEvent, EventError>>, Vec<jetstream::Message>)> =
-        Vec::new();
+    let mut groups: Vec<(
+        String,
+        Vec<Result<NewEvent, EventError>>,
+        Vec<jetstream::Message>,
+    )> = Vec::new();
     for m in msgs {
         match check(t, &m) {
             Ok((device, ev)) => match groups.last_mut() {
@@ -156,8 +162,7 @@ fn check(t: &Target, m: &jetstream::Message) -> Result<(String, NewEvent), Strin
         ));
     }
     let text = std::str::from_utf8(&m.payload).map_err(|_| "not UTF-8".to_string())?;
-    let raw: &RawValue =
-        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let raw: &RawValue = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     if !raw.get().trim_start().starts_with('{') {
         return Err("not an event object".into());
     }

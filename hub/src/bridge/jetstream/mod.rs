@@ -120,8 +120,8 @@ pub fn settings_from(s: &Settings) -> Result<NatsSettings, ConfigError> {
         n.creds = Some(PathBuf::from(v));
     }
     if let Some(v) = s.get("CLOUD_NATS_CA") {
-        let text = std::fs::read(v)
-            .map_err(|e| err("CLOUD_NATS_CA", format!("cannot read {v}: {e}")))?;
+        let text =
+            std::fs::read(v).map_err(|e| err("CLOUD_NATS_CA", format!("cannot read {v}: {e}")))?;
         let certs = pem::parse_many(&text)
             .map_err(|e| err("CLOUD_NATS_CA", format!("{v} is not PEM: {e}")))?;
         if !certs.iter().any(|c| c.tag() == "CERTIFICATE") {
@@ -277,7 +277,11 @@ pub(crate) type Lost = Arc<tokio::sync::Notify>;
 impl Target {
     /// Opens a connection. `lost` is notified when it drops: the push stops at once
     /// rather than let the client replay queued publishes onto a new connection.
-    pub async fn connect(&self, role: &str, lost: Option<Lost>) -> Result<async_nats::Client, String> {
+    pub async fn connect(
+        &self,
+        role: &str,
+        lost: Option<Lost>,
+    ) -> Result<async_nats::Client, String> {
         let mut o = match &self.settings.creds {
             Some(p) => async_nats::ConnectOptions::with_credentials_file(p)
                 .await
@@ -321,7 +325,11 @@ impl Target {
                     }
                 }
             });
-        let urls: Vec<String> = self.servers.iter().map(|a| a.as_url_str().to_string()).collect();
+        let urls: Vec<String> = self
+            .servers
+            .iter()
+            .map(|a| a.as_url_str().to_string())
+            .collect();
         let client = o
             .connect(urls.as_slice())
             .await
@@ -344,9 +352,10 @@ impl Target {
         let name = &self.settings.stream;
         match js.get_stream(name).await {
             Ok(s) => {
-                self.nats
-                    .replicas
-                    .store(s.cached_info().config.num_replicas as u64, Ordering::Relaxed);
+                self.nats.replicas.store(
+                    s.cached_info().config.num_replicas as u64,
+                    Ordering::Relaxed,
+                );
                 return Ok(s);
             }
             Err(e) => match e.kind() {
@@ -374,9 +383,10 @@ impl Target {
                     // Too few servers for this many replicas: try fewer. Someone
                     // else may also have created it meanwhile.
                     if let Ok(s) = js.get_stream(name).await {
-                        self.nats
-                            .replicas
-                            .store(s.cached_info().config.num_replicas as u64, Ordering::Relaxed);
+                        self.nats.replicas.store(
+                            s.cached_info().config.num_replicas as u64,
+                            Ordering::Relaxed,
+                        );
                         return Ok(s);
                     }
                     last = e.to_string();
@@ -388,7 +398,11 @@ impl Target {
 }
 
 /// Starts the up and down tasks of a realm whose bridge URL is a NATS server list.
-pub async fn start(realm: Arc<Realm>, ep: Endpoints, state: Arc<BridgeState>) -> Result<(), String> {
+pub async fn start(
+    realm: Arc<Realm>,
+    ep: Endpoints,
+    state: Arc<BridgeState>,
+) -> Result<(), String> {
     let servers = parse_servers(&ep.push_url)?;
     let nats = Arc::new(NatsState {
         servers: redact(&ep.push_url),
@@ -443,7 +457,10 @@ mod tests {
 
     #[test]
     fn server_lists() {
-        assert_eq!(parse_servers("nats://a:4222, tls://b:4223").unwrap().len(), 2);
+        assert_eq!(
+            parse_servers("nats://a:4222, tls://b:4223").unwrap().len(),
+            2
+        );
         assert!(parse_servers("nats://a:4222,https://b").is_err());
         assert!(parse_servers("").is_err());
         assert_eq!(

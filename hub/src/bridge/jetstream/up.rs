@@ -37,7 +37,13 @@ pub const SEQ_HEADER: &str = "Pos-Hub-Seq";
 /// The cursor is saved at least every this many acknowledged events.
 const SAVE_EVERY: u64 = 256;
 
-type AckFut = Pin<Box<dyn Future<Output = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>> + Send>>;
+type AckFut = Pin<
+    Box<
+        dyn Future<
+                Output = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+            > + Send,
+    >,
+>;
 
 /// Loads the position and the counters `/status` derives from it.
 pub(crate) async fn init(t: &Arc<Target>) -> Result<(), String> {
@@ -62,7 +68,10 @@ pub(crate) async fn init(t: &Arc<Target>) -> Result<(), String> {
 }
 
 fn parse_position(v: Option<&str>) -> (u64, u64) {
-    let mut it = v.unwrap_or("").split_whitespace().map(|x| x.parse::<u64>().ok());
+    let mut it = v
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|x| x.parse::<u64>().ok());
     match (it.next().flatten(), it.next().flatten()) {
         (Some(h), Some(q)) => (h, q),
         _ => (0, 0),
@@ -187,7 +196,9 @@ async fn session(t: &Arc<Target>, pacer: &mut Pacer) -> End {
                             // Never storable there: set it aside once everything
                             // before it is acknowledged.
                             while let Some((s, mid, fut)) = inflight.pop_front() {
-                                if let Err(e) = settle(t, &stream, &mut pos, s, &mid, fut.await).await {
+                                if let Err(e) =
+                                    settle(t, &stream, &mut pos, s, &mid, fut.await).await
+                                {
                                     let _ = save(t, &pos).await;
                                     return e;
                                 }
@@ -362,13 +373,21 @@ async fn delete(
 }
 
 /// Reads the realm's messages after `pos.q` and returns the true position.
-async fn resync(t: &Target, stream: &jetstream::stream::Stream, mut pos: Pos) -> Result<Pos, String> {
+async fn resync(
+    t: &Target,
+    stream: &jetstream::stream::Stream,
+    mut pos: Pos,
+) -> Result<Pos, String> {
     t.nats.resyncs.fetch_add(1, Ordering::Relaxed);
     let subject = &t.nats.up_subject;
     let last = match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => Some(m.sequence),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
-        Err(e) => return Err(format!("reading the stream's last message on {subject}: {e}")),
+        Err(e) => {
+            return Err(format!(
+                "reading the stream's last message on {subject}: {e}"
+            ))
+        }
     };
     let Some(last) = last else {
         if pos.h > 0 {
@@ -476,10 +495,12 @@ async fn resync(t: &Target, stream: &jetstream::stream::Stream, mut pos: Pos) ->
 /// Up to `n` LAN events after `after` as (seq, Nats-Msg-Id).
 async fn lan_ids(t: &Target, after: u64, n: usize) -> Result<Vec<(u64, String)>, String> {
     let r = t.realm.clone();
-    let page = tokio::task::spawn_blocking(move || r.with_reader(|s| s.read_lan_page(after, n, usize::MAX)))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let page = tokio::task::spawn_blocking(move || {
+        r.with_reader(|s| s.read_lan_page(after, n, usize::MAX))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     let (tenant, store) = (&t.realm.cfg.tenant_id, &t.realm.cfg.store_id);
     Ok(page
         .into_iter()
