@@ -97,14 +97,17 @@ async fn session(t: &Arc<Target>) -> Result<(), String> {
     }
 }
 
+/// A device's consecutive events and the messages they came in.
+type Group = (
+    String,
+    Vec<Result<NewEvent, EventError>>,
+    Vec<jetstream::Message>,
+);
+
 /// Appends one fetched batch and acknowledges it.
 async fn take(t: &Target, msgs: Vec<jetstream::Message>) -> Result<(), String> {
     // Consecutive events of one device go in one append.
-    let mut groups: Vec<(
-        String,
-        Vec<Result<NewEvent, EventError>>,
-        Vec<jetstream::Message>,
-    )> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     for m in msgs {
         match check(t, &m) {
             Ok((device, ev)) => match groups.last_mut() {
