@@ -225,6 +225,16 @@ pub fn valid_realm_part(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A bridge URL: http(s), or a comma-separated nats:// / tls:// server list.
+fn check_bridge_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if crate::bridge::jetstream::is_nats_url(url) {
+        return crate::bridge::jetstream::parse_servers(url)
+            .map(|_| ())
+            .map_err(|e| err(key, e));
+    }
+    check_url(key, url)
+}
+
 fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
         return Err(err(key, format!("{url:?} is not an http(s) URL")));
@@ -347,8 +357,8 @@ impl RealmEntry {
             Arc::new(KeySet::from_jwks_file(&p).map_err(|e| err(&key("jwksFile"), e.to_string()))?)
         };
         if let Some(u) = &self.cloud_bridge_url {
-            check_url(&key("cloudBridgeUrl"), u)?;
-            if self.cloud_bridge_token.is_none() {
+            check_bridge_url(&key("cloudBridgeUrl"), u)?;
+            if self.cloud_bridge_token.is_none() && !crate::bridge::jetstream::is_nats_url(u) {
                 return Err(err(
                     &key("cloudBridgeToken"),
                     "is not set but cloudBridgeUrl is",
@@ -609,6 +619,7 @@ impl Config {
                 push_batch: num("CLOUD_PUSH_BATCH", d.push_batch, 1, 500)?,
                 max_rate: num("CLOUD_PUSH_MAX_RATE", d.max_rate as usize, 1, 10_000_000)? as f64,
                 busy_rate: num("CLOUD_PUSH_BUSY_RATE", d.busy_rate as usize, 1, 10_000_000)? as f64,
+                nats: crate::bridge::jetstream::settings_from(s)?,
             }
         };
         let token_policy = Policy {
@@ -677,8 +688,15 @@ impl Config {
                 check_url("CLOUD_FEED_URL", f)?;
             }
             if let Some(u) = &url {
-                check_url("CLOUD_BRIDGE_URL", u)?;
-                if s.get("CLOUD_BRIDGE_TOKEN").is_none() {
+                check_bridge_url("CLOUD_BRIDGE_URL", u)?;
+                let nats = crate::bridge::jetstream::is_nats_url(u);
+                if nats && s.get("CLOUD_FEED_URL").is_some() {
+                    return Err(err(
+                        "CLOUD_FEED_URL",
+                        "is not used with a nats:// CLOUD_BRIDGE_URL (the down subject is the feed); unset it",
+                    ));
+                }
+                if s.get("CLOUD_BRIDGE_TOKEN").is_none() && !nats {
                     return Err(err(
                         "CLOUD_BRIDGE_TOKEN",
                         "is not set but CLOUD_BRIDGE_URL is",
@@ -693,6 +711,20 @@ impl Config {
                 cloud_bridge_token: s.get("CLOUD_BRIDGE_TOKEN").map(String::from),
                 cloud_feed_url: s.get("CLOUD_FEED_URL").map(String::from),
             });
+        }
+        for r in &realms {
+            if let Some(u) = r
+                .cloud_bridge_url
+                .as_deref()
+                .filter(|u| crate::bridge::jetstream::is_nats_url(u))
+            {
+                crate::bridge::jetstream::check_target(
+                    "CLOUD_BRIDGE_URL",
+                    u,
+                    r.cloud_bridge_token.as_deref(),
+                    &bridge.nats,
+                )?;
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for r in &realms {
@@ -843,6 +875,11 @@ mod tests {
             ("LOG_RETENTION", "0s"),
             ("LOG_PRUNE_INTERVAL", "1ms"),
             ("LOG_PRUNE_INTERVAL", "2d"),
+            ("CLOUD_BRIDGE_URL", "nats://a:4222,http://b"),
+            ("CLOUD_BRIDGE_URL", "nats://"),
+            ("CLOUD_NATS_CREDS", "/nonexistent/user.creds"),
+            ("CLOUD_NATS_CA", "/nonexistent/ca.pem"),
+            ("CLOUD_NATS_STREAM", "POS.HUB"),
         ];
         for (k, v) in cases {
             let mut s = settings(&base);
@@ -852,6 +889,55 @@ mod tests {
         }
         let e = Config::from_settings(&settings(&[]), None, None, None).unwrap_err();
         assert_eq!(e.key, "TENANT_ID");
+    }
+
+    /// A nats:// list selects JetStream: no token needed, one way to log in, no
+    /// feed URL, the NATS keys validated.
+    #[test]
+    fn nats_target_settings() {
+        let b64 = pub_b64();
+        let base = [
+            ("TENANT_ID", "t"),
+            ("STORE_ID", "s"),
+            ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str()),
+            ("CLOUD_BRIDGE_URL", "nats://127.0.0.1:4222, tls://n2:4222"),
+        ];
+        let c = Config::from_settings(&settings(&base), None, None, None).unwrap();
+        assert_eq!(c.bridge.nats.stream, "POSHUB");
+        assert!(c.realms[0].cloud_bridge_url.is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, "not a creds file").unwrap();
+        let with = |extra: &[(&str, &str)]| {
+            let mut s = settings(&base);
+            for (k, v) in extra {
+                s.set(k, v);
+            }
+            Config::from_settings(&s, None, None, None)
+        };
+        let j = junk.to_str().unwrap();
+        assert_eq!(
+            with(&[("CLOUD_NATS_CREDS", j)]).unwrap_err().key,
+            "CLOUD_NATS_CREDS"
+        );
+        assert_eq!(
+            with(&[("CLOUD_NATS_CA", j)]).unwrap_err().key,
+            "CLOUD_NATS_CA"
+        );
+        assert_eq!(
+            with(&[("CLOUD_FEED_URL", "http://x/feed")])
+                .unwrap_err()
+                .key,
+            "CLOUD_FEED_URL"
+        );
+        let e = with(&[
+            ("CLOUD_BRIDGE_URL", "nats://u:p@127.0.0.1:4222"),
+            ("CLOUD_BRIDGE_TOKEN", "tok"),
+        ])
+        .unwrap_err();
+        assert!(e.message.contains("one way"), "{e}");
+        let c = with(&[("CLOUD_NATS_STREAM", "CHAIN_1")]).unwrap();
+        assert_eq!(c.bridge.nats.stream, "CHAIN_1");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! the LAN and never blocks it: devices are acked on the local commit, whatever the
 //! cloud is doing, and one realm's dead cloud does not slow another realm.
 //!
-//! The API it speaks is written down in `hub/api/cloud-api.yaml`.
+//! The API it speaks is written down in `hub/api/cloud-api.yaml`; a `nats://` or
+//! `tls://` URL selects the NATS JetStream target instead (`jetstream/`).
 
+pub mod jetstream;
 pub mod pull;
 pub mod push;
 
@@ -43,6 +45,8 @@ pub struct Tuning {
     pub max_rate: f64,
     /// Events/s pushed at most while devices are writing (CLOUD_PUSH_BUSY_RATE).
     pub busy_rate: f64,
+    /// The NATS target's settings (CLOUD_NATS_*), used when the URL is `nats://`.
+    pub nats: jetstream::NatsSettings,
 }
 
 impl Default for Tuning {
@@ -54,6 +58,7 @@ impl Default for Tuning {
             push_batch: 100,
             max_rate: 20_000.0,
             busy_rate: 1_000.0,
+            nats: jetstream::NatsSettings::default(),
         }
     }
 }
@@ -63,6 +68,7 @@ impl Endpoints {
     /// (`ingest`) replaced by `feed`.
     pub fn new(push_url: &str, feed_url: Option<&str>, token: &str, tuning: Tuning) -> Self {
         let feed = match feed_url {
+            _ if jetstream::is_nats_url(push_url) => String::new(),
             Some(f) => f.to_string(),
             None => match push_url.rsplit_once('/') {
                 Some((base, _)) => format!("{base}/feed"),
@@ -93,6 +99,8 @@ pub struct BridgeState {
     pub set_aside: AtomicU64,
     pub pulled: AtomicU64,
     pub refused_from_cloud: AtomicU64,
+    /// Set when the target is a NATS JetStream cluster.
+    pub nats: std::sync::OnceLock<Arc<jetstream::NatsState>>,
 }
 
 impl BridgeState {
@@ -112,6 +120,8 @@ impl BridgeState {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BridgeStatus {
+    /// `http` (the cloud API) or `nats` (JetStream).
+    pub kind: &'static str,
     pub state: &'static str,
     pub online: bool,
     pub pushed_cursor: u64,
@@ -121,13 +131,17 @@ pub struct BridgeStatus {
     pub set_aside: u64,
     pub pulled: u64,
     pub refused_from_cloud: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<jetstream::NatsStatus>,
 }
 
 impl BridgeState {
     pub fn status(&self) -> BridgeStatus {
         let online = self.online.load(Ordering::Relaxed);
         let last = self.last_success_ms.load(Ordering::Relaxed);
+        let nats = self.nats.get().map(|n| n.status());
         BridgeStatus {
+            kind: if nats.is_some() { "nats" } else { "http" },
             state: if online { "online" } else { "offline" },
             online,
             pushed_cursor: self.pushed_cursor.load(Ordering::Relaxed),
@@ -137,6 +151,7 @@ impl BridgeState {
             set_aside: self.set_aside.load(Ordering::Relaxed),
             pulled: self.pulled.load(Ordering::Relaxed),
             refused_from_cloud: self.refused_from_cloud.load(Ordering::Relaxed),
+            nats,
         }
     }
 }
@@ -189,6 +204,9 @@ pub async fn start(
     state: Arc<BridgeState>,
     clock: Arc<crate::clock::Clock>,
 ) -> Result<(), String> {
+    if jetstream::is_nats_url(&ep.push_url) {
+        return jetstream::start(realm, ep, state).await;
+    }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(50))

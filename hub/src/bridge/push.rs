@@ -159,7 +159,7 @@ const BUSY_FOR: Duration = Duration::from_secs(2);
 
 /// Paces the push: full speed while the LAN is quiet, the busy rate while devices
 /// have written within the last [`BUSY_FOR`].
-struct Pacer {
+pub(crate) struct Pacer {
     max_rate: f64,
     busy_rate: f64,
     last_lan: Option<u64>,
@@ -167,7 +167,7 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn new(max_rate: f64, busy_rate: f64) -> Self {
+    pub(crate) fn new(max_rate: f64, busy_rate: f64) -> Self {
         Pacer {
             max_rate,
             busy_rate: busy_rate.min(max_rate),
@@ -177,13 +177,18 @@ impl Pacer {
     }
 
     /// Paces at the busy rate for the next [`BUSY_FOR`] whatever the LAN does.
-    fn assume_busy(&mut self, now: std::time::Instant) {
+    pub(crate) fn assume_busy(&mut self, now: std::time::Instant) {
         self.lan_seen = Some(now);
     }
 
     /// The least time a batch of `n` events should take, given the realm's LAN
     /// event count now.
-    fn after_batch(&mut self, n: usize, lan_events: u64, now: std::time::Instant) -> Duration {
+    pub(crate) fn after_batch(
+        &mut self,
+        n: usize,
+        lan_events: u64,
+        now: std::time::Instant,
+    ) -> Duration {
         if self.last_lan.is_some_and(|l| l != lan_events) {
             self.lan_seen = Some(now);
         }

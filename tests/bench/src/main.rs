@@ -16,11 +16,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod soak;
+mod nats;
 
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
 struct Args {
-    /// all | throughput | latency | fanout | idle | replay | offline | retention | soak (not in all)
+    /// all | throughput | latency | fanout | idle | replay | offline | retention | soak, nats (not in all)
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Small sizes, a few seconds in all (CI smoke run).
@@ -891,6 +892,9 @@ async fn main() {
     }
     if a.scenario == "soak" {
         soak::run(&a, &bin).await;
+    }
+    if a.scenario == "nats" {
+        nats::offline_day(a.quick, &bin, &mut report).await;
     }
     let w = report.iter().map(|(k, _)| k.len()).max().unwrap_or(10);
     println!();
