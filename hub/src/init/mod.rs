@@ -42,10 +42,7 @@ use std::time::Duration;
 use bootlog::BootLog;
 use down::Down;
 
-/// Where the settings partition is mounted; the hub reads `hub.env` there.
-pub const CONFIG_DIR: &str = "/config";
-/// Where the data partition is mounted.
-pub const DATA_DIR: &str = "/data";
+pub use crate::system::{CONFIG_DIR, DATA_DIR};
 
 /// Runs the init flow. Never returns.
 pub fn run_as_pid1() -> ! {
@@ -78,7 +75,7 @@ fn boot(log: &BootLog) -> Result<Down, String> {
     mounts::attach_console();
     log.line(format!(
         "pos-hub {} starting as PID 1",
-        crate::update::agent::firmware_version()
+        crate::system::firmware_version()
     ));
     // Signals are taken synchronously by the main loop; block them before any thread
     // or child exists (children get them unblocked again).
@@ -91,7 +88,8 @@ fn boot(log: &BootLog) -> Result<Down, String> {
     modules::load(log);
 
     // 3. The card: find it, grow and mount its partitions, reset if asked.
-    let disk = disk::find_boot_disk(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    let disk =
+        crate::system::disk::find_boot_disk(Duration::from_secs(20)).map_err(|e| e.to_string())?;
     log.line(format!(
         "boot disk /dev/{} (settings {}, data {})",
         disk.name,

@@ -12,6 +12,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use super::bootlog::BootLog;
 use super::disk;
 use super::{CONFIG_DIR, DATA_DIR};
+use crate::system::disk::BootDisk;
 
 /// /proc, /sys, /dev, /run and /tmp (an EBUSY means already mounted: fine).
 pub fn early() -> Result<(), String> {
@@ -65,7 +66,7 @@ pub fn attach_console() {
 }
 
 /// The settings partition, read-only at /config; the box runs on defaults without it.
-pub fn config(log: &BootLog, d: &disk::BootDisk) {
+pub fn config(log: &BootLog, d: &BootDisk) {
     let _ = std::fs::create_dir_all(CONFIG_DIR);
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if let Err(e) = mount(
@@ -84,7 +85,7 @@ pub fn config(log: &BootLog, d: &disk::BootDisk) {
 
 /// The data partition at /data: created when blank, checked (e2fsck) otherwise, grown
 /// to its partition when smaller.
-pub fn data(log: &BootLog, d: &disk::BootDisk) -> Result<(), String> {
+pub fn data(log: &BootLog, d: &BootDisk) -> Result<(), String> {
     let dev = &d.data;
     match disk::ext4_info(dev).map_err(|e| e.to_string())? {
         None => {
@@ -121,7 +122,8 @@ pub fn data(log: &BootLog, d: &disk::BootDisk) -> Result<(), String> {
         Some("errors=remount-ro"),
     )
     .map_err(|e| format!("mount data partition {}: {e}", dev.display()))?;
-    if let (Ok(Some(fs)), Some(part)) = (disk::ext4_info(dev), disk::dev_bytes(dev)) {
+    if let (Ok(Some(fs)), Some(part)) = (disk::ext4_info(dev), crate::system::disk::dev_bytes(dev))
+    {
         if part > fs.bytes + (8 << 20) {
             match disk::grow_data_fs(dev) {
                 Ok(()) => log.line(format!(
