@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use pos_hub::init::net::{dhcp_packet, parse_reply};
+use pos_hub::init::net::{dhcp_packet, parse_reply, MessageType};
 
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const XID: u32 = 0x1234_5678;
@@ -19,7 +19,7 @@ pub fn run(data: &[u8]) {
     let p = if mode & 1 == 1 {
         rest.to_vec()
     } else {
-        let mut p = dhcp_packet(1, XID, &MAC, None, "pos-hub");
+        let mut p = dhcp_packet(MessageType::Discover, XID, &MAC, None, "pos-hub");
         p.truncate(240);
         p[0] = 2;
         p[16..20].copy_from_slice(&[10, 0, 2, 15]);
@@ -41,7 +41,7 @@ pub fn run(data: &[u8]) {
         !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
     };
     // Offers and acks (the ones whose lease is used) give a usable address.
-    if matches!(r.kind, 2 | 5) {
+    if matches!(r.kind, MessageType::Offer | MessageType::Ack) {
         assert!(usable(l.address), "a lease of {}", l.address);
     }
     assert!(

@@ -2,7 +2,7 @@
 //! a label is read only from a signed boot sector with an extended boot record and
 //! is at most the 11 bytes it was stored in.
 
-use pos_hub::init::disk::fat_label_of;
+use pos_hub::system::disk::fat_label_of;
 
 pub fn run(data: &[u8]) {
     let mut bs = [0u8; 512];

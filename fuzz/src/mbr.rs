@@ -3,7 +3,8 @@
 //! grown partition starts where it did, ends within the disk on a 1 MiB boundary,
 //! only grows, and nothing else in the sector changes.
 
-use pos_hub::init::disk::{grow_last_entry, parse_mbr};
+use pos_hub::init::disk::grow_last_entry;
+use pos_hub::system::disk::parse_mbr;
 
 pub fn run(data: &[u8]) {
     let mut size = [0u8; 8];

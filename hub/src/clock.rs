@@ -8,6 +8,10 @@
 //! process (`CLOCK_SET=on`) it steps the system clock and clears the kernel's
 //! unsynchronised flag; as a plain service it only measures and reports.
 //! The trust state (`synced`, `floor`, `unknown`) is in `/status`.
+//!
+//! SNTP stays our own 48-byte packet: the crates (sntpc, rsntp) use the echoed transmit
+//! timestamp as t1, so it cannot carry random low bits against off-path spoofing without
+//! skewing the offset, and rsntp fails on the first stray datagram instead of waiting.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

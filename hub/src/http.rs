@@ -999,7 +999,7 @@ fn support_files(web: &Web, all: bool, one: Option<&str>) -> Vec<(String, Vec<u8
         "versions.json".into(),
         pretty(&serde_json::json!({
             "hub": crate::VERSION,
-            "firmware": crate::update::agent::firmware_version(),
+            "firmware": crate::system::firmware_version(),
             "runningVersion": web.updater.running_version,
             "bootedSlot": u.get("bootedSlot"),
             "kernel": st.pointer("/system/kernel"),

@@ -73,7 +73,7 @@ pub async fn run_config_error(
                 let d = data_dir.clone();
                 async move {
                     axum::Json(serde_json::json!({
-                        "version": crate::update::agent::firmware_version(),
+                        "version": crate::system::firmware_version(),
                         "configError": *m,
                         "system": crate::system::status(&d),
                         "realms": [],

@@ -17,6 +17,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+pub use crate::config::Tuning;
 use crate::realm::Realm;
 use crate::util::now_ms;
 
@@ -27,40 +28,6 @@ pub struct Endpoints {
     pub feed_url: String,
     pub token: String,
     pub tuning: Tuning,
-}
-
-/// The bridge's knobs (validated with the rest of the configuration).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tuning {
-    /// Cap of the exponential backoff (CLOUD_BACKOFF_MAX).
-    pub backoff_max: Duration,
-    /// Request timeout (CLOUD_TIMEOUT); a feed long-poll adds `feed_wait`.
-    pub timeout: Duration,
-    /// How long the cloud may hold a feed long-poll (CLOUD_FEED_WAIT, 0-30 s).
-    pub feed_wait: Duration,
-    /// Events per push request (CLOUD_PUSH_BATCH, 1-500: smaller bursts keep the
-    /// LAN's latency while catching up).
-    pub push_batch: usize,
-    /// Events/s pushed at most while no device is writing (CLOUD_PUSH_MAX_RATE).
-    pub max_rate: f64,
-    /// Events/s pushed at most while devices are writing (CLOUD_PUSH_BUSY_RATE).
-    pub busy_rate: f64,
-    /// The NATS target's settings (CLOUD_NATS_*), used when the URL is `nats://`.
-    pub nats: jetstream::NatsSettings,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Tuning {
-            backoff_max: Duration::from_secs(60),
-            timeout: Duration::from_secs(30),
-            feed_wait: Duration::from_secs(25),
-            push_batch: 100,
-            max_rate: 20_000.0,
-            busy_rate: 1_000.0,
-            nats: jetstream::NatsSettings::default(),
-        }
-    }
 }
 
 impl Endpoints {

@@ -1,5 +1,6 @@
 //! Networking without a network manager: loopback up, then the Ethernet port by DHCP
-//! (a small DHCPv4 client: DISCOVER, OFFER, REQUEST, ACK; renewed at half the lease)
+//! (a small DHCPv4 client: DISCOVER, OFFER, REQUEST, ACK, the packets encoded and
+//! decoded by `dhcproto`; renewed at half the lease)
 //! or a static address from the settings (`NET_ADDRESS=10.1.2.3/24`,
 //! `NET_GATEWAY`, `NET_DNS`). Addresses and routes are set with the classic
 //! SIOCSIF*/SIOCADDRT ioctls; DNS servers go to /run/resolv.conf (/etc/resolv.conf
@@ -8,6 +9,10 @@
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+pub use dhcproto::v4::MessageType;
+use dhcproto::v4::{DhcpOption, Flags, Message, Opcode, OptionCode};
+use dhcproto::{Decodable, Decoder, Encodable};
 
 /// An IPv4 configuration for one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,125 +197,106 @@ pub fn parse_static(addr: &str, gateway: Option<&str>, dns: Option<&str>) -> Res
     })
 }
 
-// ---- DHCPv4 ----
-
-const DISCOVER: u8 = 1;
-const OFFER: u8 = 2;
-const REQUEST: u8 = 3;
-const ACK: u8 = 5;
-const NAK: u8 = 6;
+// ---- DHCPv4 (packets encoded and decoded by the dhcproto crate) ----
 
 #[doc(hidden)]
+/// A DISCOVER (no `requested`) or a REQUEST for `requested = (address, server)`.
 pub fn dhcp_packet(
-    kind: u8,
+    kind: MessageType,
     xid: u32,
     mac: &[u8; 6],
     requested: Option<(Ipv4Addr, Ipv4Addr)>,
     hostname: &str,
 ) -> Vec<u8> {
-    let mut p = vec![0u8; 240];
-    p[0] = 1; // BOOTREQUEST
-    p[1] = 1; // Ethernet
-    p[2] = 6;
-    p[4..8].copy_from_slice(&xid.to_be_bytes());
-    p[10] = 0x80; // broadcast flag: we have no address yet
-    p[28..34].copy_from_slice(mac);
-    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
-    p.extend_from_slice(&[53, 1, kind]);
-    p.extend_from_slice(&[61, 7, 1]);
-    p.extend_from_slice(mac);
+    let unspecified = Ipv4Addr::UNSPECIFIED;
+    let mut m = Message::new_with_id(xid, unspecified, unspecified, unspecified, unspecified, mac);
+    // The broadcast flag: we have no address yet to receive a unicast answer on.
+    m.set_flags(Flags::default().set_broadcast());
+    let opts = m.opts_mut();
+    opts.insert(DhcpOption::MessageType(kind));
+    let mut client_id = vec![1]; // hardware type Ethernet, then the MAC
+    client_id.extend_from_slice(mac);
+    opts.insert(DhcpOption::ClientIdentifier(client_id));
     if let Some((ip, server)) = requested {
-        p.extend_from_slice(&[50, 4]);
-        p.extend_from_slice(&ip.octets());
-        p.extend_from_slice(&[54, 4]);
-        p.extend_from_slice(&server.octets());
+        opts.insert(DhcpOption::RequestedIpAddress(ip));
+        opts.insert(DhcpOption::ServerIdentifier(server));
     }
-    let h = hostname.as_bytes();
-    if !h.is_empty() && h.len() < 64 {
-        p.extend_from_slice(&[12, h.len() as u8]);
-        p.extend_from_slice(h);
+    if !hostname.is_empty() && hostname.len() < 64 {
+        opts.insert(DhcpOption::Hostname(hostname.to_string()));
     }
-    p.extend_from_slice(&[55, 4, 1, 3, 6, 51]); // mask, router, DNS, lease
-    p.push(255);
-    p
+    opts.insert(DhcpOption::ParameterRequestList(vec![
+        OptionCode::SubnetMask,
+        OptionCode::Router,
+        OptionCode::DomainNameServer,
+        OptionCode::AddressLeaseTime,
+    ]));
+    // Encoding a message built from these fields cannot fail; an empty packet would
+    // simply get no answer.
+    m.to_vec().unwrap_or_default()
 }
 
 /// What a DHCP reply says.
 #[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    pub kind: u8,
+    pub kind: MessageType,
     pub yiaddr: Ipv4Addr,
     pub server: Option<Ipv4Addr>,
     pub lease: Lease,
 }
 
 #[doc(hidden)]
+/// A reply to our transaction `xid` for our `mac`; `None` for anything else (another
+/// client's answer, a request, garbage).
 pub fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
-    if p.len() < 240
-        || p[0] != 2
-        || p[4..8] != xid.to_be_bytes()
-        || &p[28..34] != mac
-        || p[236..240] != [99, 130, 83, 99]
-    {
+    let m = Message::decode(&mut Decoder::new(p)).ok()?;
+    if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6)? != mac {
         return None;
     }
-    let yiaddr = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    let (mut kind, mut server, mut mask, mut router, mut dns, mut lease) =
-        (0, None, None, None, Vec::new(), None);
-    let mut i = 240;
-    while i < p.len() {
-        let code = p[i];
-        if code == 255 {
-            break;
-        }
-        if code == 0 {
-            i += 1;
-            continue;
-        }
-        let len = *p.get(i + 1)? as usize;
-        let v = p.get(i + 2..i + 2 + len)?;
-        let ip = |v: &[u8]| (v.len() >= 4).then(|| Ipv4Addr::new(v[0], v[1], v[2], v[3]));
-        match code {
-            53 if len == 1 => kind = v[0],
-            54 => server = ip(v),
-            1 => mask = ip(v),
-            3 => router = ip(v),
-            6 => {
-                dns = v
-                    .chunks_exact(4)
-                    .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
-                    .collect()
-            }
-            51 if len == 4 => lease = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
-            _ => {}
-        }
-        i += 2 + len;
-    }
+    let opts = m.opts();
+    let kind = opts.msg_type()?;
+    let server = match opts.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+        _ => None,
+    };
     // An offer or ack must give an address we can use.
     let usable = |a: Ipv4Addr| {
         !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
     };
-    if matches!(kind, OFFER | ACK) && !usable(yiaddr) {
+    if matches!(kind, MessageType::Offer | MessageType::Ack) && !usable(m.yiaddr()) {
         return None;
     }
     // A mask that is not 1-32 contiguous ones counts as absent.
-    let prefix = mask
-        .map(u32::from)
-        .filter(|m| *m != 0 && m.leading_ones() + m.trailing_zeros() == 32)
-        .map(|m| m.leading_ones() as u8)
-        .unwrap_or(24);
-    let router = router.filter(|g| usable(*g));
+    let prefix = match opts.get(OptionCode::SubnetMask) {
+        Some(DhcpOption::SubnetMask(mask)) => Some(u32::from(*mask)),
+        _ => None,
+    }
+    .filter(|m| *m != 0 && m.leading_ones() + m.trailing_zeros() == 32)
+    .map(|m| m.leading_ones() as u8)
+    .unwrap_or(24);
+    let gateway = match opts.get(OptionCode::Router) {
+        Some(DhcpOption::Router(r)) => r.first().copied(),
+        _ => None,
+    }
+    .filter(|g| usable(*g));
+    let dns = match opts.get(OptionCode::DomainNameServer) {
+        Some(DhcpOption::DomainNameServer(d)) => d.clone(),
+        _ => Vec::new(),
+    };
+    let lease = match opts.get(OptionCode::AddressLeaseTime) {
+        Some(DhcpOption::AddressLeaseTime(secs)) => *secs,
+        _ => 3600,
+    };
     Some(Reply {
         kind,
-        yiaddr,
+        yiaddr: m.yiaddr(),
         server,
         lease: Lease {
-            address: yiaddr,
+            address: m.yiaddr(),
             prefix,
-            gateway: router,
+            gateway,
             dns,
-            lease: Some(Duration::from_secs(lease.unwrap_or(3600).max(60) as u64)),
+            lease: Some(Duration::from_secs(u64::from(lease.max(60)))),
         },
     })
 }
@@ -333,18 +319,33 @@ pub fn dhcp(ifname: &str, hostname: &str, timeout: Duration) -> Result<Lease, St
     while start.elapsed() < timeout {
         attempt += 1;
         let xid: u32 = rand::random();
-        let _ = sock.send_to(&dhcp_packet(DISCOVER, xid, &mac, None, hostname), dest);
+        let _ = sock.send_to(
+            &dhcp_packet(MessageType::Discover, xid, &mac, None, hostname),
+            dest,
+        );
         let wait = Duration::from_secs((1u64 << attempt.min(3)).min(8));
-        let Some(offer) = receive(&sock, xid, &mac, &[OFFER], wait) else {
+        let Some(offer) = receive(&sock, xid, &mac, &[MessageType::Offer], wait) else {
             continue;
         };
         let server = offer.server.unwrap_or(Ipv4Addr::BROADCAST);
         let _ = sock.send_to(
-            &dhcp_packet(REQUEST, xid, &mac, Some((offer.yiaddr, server)), hostname),
+            &dhcp_packet(
+                MessageType::Request,
+                xid,
+                &mac,
+                Some((offer.yiaddr, server)),
+                hostname,
+            ),
             dest,
         );
-        match receive(&sock, xid, &mac, &[ACK, NAK], wait) {
-            Some(r) if r.kind == ACK => return Ok(r.lease),
+        match receive(
+            &sock,
+            xid,
+            &mac,
+            &[MessageType::Ack, MessageType::Nak],
+            wait,
+        ) {
+            Some(r) if r.kind == MessageType::Ack => return Ok(r.lease),
             _ => continue,
         }
     }
@@ -355,7 +356,7 @@ fn receive(
     sock: &UdpSocket,
     xid: u32,
     mac: &[u8; 6],
-    kinds: &[u8],
+    kinds: &[MessageType],
     wait: Duration,
 ) -> Option<Reply> {
     let until = Instant::now() + wait;
@@ -403,16 +404,42 @@ mod tests {
     #[test]
     fn dhcp_reply_is_parsed_and_foreign_replies_ignored() {
         let mac = [2, 0, 0, 0, 0, 1];
-        let mut p = dhcp_packet(DISCOVER, 42, &mac, None, "pos-hub");
+        // Our DISCOVER as a server sees it.
+        let d = dhcp_packet(MessageType::Discover, 42, &mac, None, "pos-hub");
+        let m = Message::decode(&mut Decoder::new(&d)).unwrap();
+        assert_eq!(m.opcode(), Opcode::BootRequest);
+        assert!(m.flags().broadcast());
+        assert_eq!(m.opts().msg_type(), Some(MessageType::Discover));
+        assert_eq!(
+            m.opts().get(OptionCode::Hostname),
+            Some(&DhcpOption::Hostname("pos-hub".into()))
+        );
+        // A REQUEST names the offered address and the server.
+        let r = dhcp_packet(
+            MessageType::Request,
+            42,
+            &mac,
+            Some((Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2))),
+            "pos-hub",
+        );
+        let m = Message::decode(&mut Decoder::new(&r)).unwrap();
+        assert_eq!(
+            m.opts().get(OptionCode::RequestedIpAddress),
+            Some(&DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 2, 15)))
+        );
+
+        // The server's OFFER, byte by byte as on the wire (as QEMU's slirp sends it).
+        let mut p = d.clone();
         p[0] = 2;
         p[16..20].copy_from_slice(&[10, 0, 2, 15]);
         p.truncate(240);
         p.extend_from_slice(&[
-            53, 1, OFFER, 54, 4, 10, 0, 2, 2, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10,
-            0, 2, 3, 51, 4, 0, 1, 81, 128, 255,
+            53, 1, 2, 54, 4, 10, 0, 2, 2, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10, 0,
+            2, 3, 51, 4, 0, 1, 81, 128, 255,
         ]);
         let r = parse_reply(&p, 42, &mac).unwrap();
-        assert_eq!(r.kind, OFFER);
+        assert_eq!(r.kind, MessageType::Offer);
+        assert_eq!(r.server, Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(r.lease.address, Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(r.lease.prefix, 24);
         assert_eq!(r.lease.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
@@ -424,6 +451,10 @@ mod tests {
             "other client"
         );
         assert!(parse_reply(&p[..100], 42, &mac).is_none(), "truncated");
+        assert!(
+            parse_reply(&d, 42, &mac).is_none(),
+            "a request, not a reply"
+        );
     }
 
     /// Found while writing fuzz/ (dhcp): an offer or ack of 0.0.0.0 (or broadcast,
@@ -432,8 +463,9 @@ mod tests {
     #[test]
     fn unusable_leases_are_ignored() {
         let mac = [2, 0, 0, 0, 0, 1];
+        let (ack, nak) = (5, 6);
         let answer = |yiaddr: [u8; 4], opts: &[u8]| {
-            let mut p = dhcp_packet(DISCOVER, 42, &mac, None, "pos-hub");
+            let mut p = dhcp_packet(MessageType::Discover, 42, &mac, None, "pos-hub");
             p[0] = 2;
             p[16..20].copy_from_slice(&yiaddr);
             p.truncate(240);
@@ -446,18 +478,18 @@ mod tests {
             [224, 0, 0, 1],
             [127, 0, 0, 1],
         ] {
-            assert!(parse_reply(&answer(bad, &[53, 1, ACK, 255]), 42, &mac).is_none());
+            assert!(parse_reply(&answer(bad, &[53, 1, ack, 255]), 42, &mac).is_none());
         }
         assert_eq!(
-            parse_reply(&answer([0; 4], &[53, 1, NAK, 255]), 42, &mac)
+            parse_reply(&answer([0; 4], &[53, 1, nak, 255]), 42, &mac)
                 .unwrap()
                 .kind,
-            NAK
+            MessageType::Nak
         );
         let r = parse_reply(
             &answer(
                 [10, 0, 2, 15],
-                &[53, 1, ACK, 1, 4, 0, 0, 0, 0, 3, 4, 0, 0, 0, 0, 255],
+                &[53, 1, ack, 1, 4, 0, 0, 0, 0, 3, 4, 0, 0, 0, 0, 255],
             ),
             42,
             &mac,
@@ -465,7 +497,7 @@ mod tests {
         .unwrap();
         assert_eq!((r.lease.prefix, r.lease.gateway), (24, None));
         let r = parse_reply(
-            &answer([10, 0, 2, 15], &[53, 1, ACK, 1, 4, 255, 0, 255, 0, 255]),
+            &answer([10, 0, 2, 15], &[53, 1, ack, 1, 4, 255, 0, 255, 0, 255]),
             42,
             &mac,
         )

@@ -73,3 +73,35 @@ impl Watchdog {
         let _ = self.file.write_all(b"V");
     }
 }
+
+/// Opens the watchdog unless `WATCHDOG=off`, with `WATCHDOG_TIMEOUT` seconds
+/// (default 15); logs what it found.
+pub fn arm(
+    log: &super::bootlog::BootLog,
+    settings: &std::collections::HashMap<String, String>,
+) -> Option<Watchdog> {
+    if settings.get("WATCHDOG").map(String::as_str) == Some("off") {
+        return None;
+    }
+    let secs = settings
+        .get("WATCHDOG_TIMEOUT")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15u64);
+    match Watchdog::open(Duration::from_secs(secs)) {
+        Ok(Some(w)) => {
+            log.line(format!(
+                "watchdog {} armed, timeout {:?}",
+                w.identity, w.timeout
+            ));
+            Some(w)
+        }
+        Ok(None) => {
+            log.line("no hardware watchdog found");
+            None
+        }
+        Err(e) => {
+            log.line(format!("watchdog: {e}"));
+            None
+        }
+    }
+}

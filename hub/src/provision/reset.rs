@@ -31,7 +31,7 @@ pub struct ResetArgs {
 
 /// The marker init looks for on the data partition.
 pub fn data_marker() -> PathBuf {
-    Path::new(crate::init::DATA_DIR).join("RESET")
+    Path::new(crate::system::DATA_DIR).join("RESET")
 }
 
 /// Asks init (via the data partition) to reset at the next boot, then reboots.

@@ -51,15 +51,6 @@ pub struct Updater {
     last_check: Mutex<Option<String>>,
 }
 
-/// The firmware version: /etc/pos-hub-version in the image, else the crate version.
-pub fn firmware_version() -> String {
-    std::fs::read_to_string("/etc/pos-hub-version")
-        .map(|v| v.trim().to_string())
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| crate::VERSION.to_string())
-}
-
 /// This box's board: the hardware board its device tree names (a bundle built for the Pi
 /// 4 family must not land on a Pi 5 running the two-family image), else (QEMU's `virt`,
 /// an unknown board) the board its image was built for, /etc/pos-hub-board.
@@ -101,7 +92,7 @@ impl Updater {
         Arc::new(Updater {
             cfg,
             channel,
-            running_version: firmware_version(),
+            running_version: crate::system::firmware_version(),
             board: board(),
             store_id,
             appliance,
@@ -352,7 +343,7 @@ impl Updater {
             .write(true)
             .open(&dev)
             .map_err(|e| format!("{}: {e}", dev.display()))?;
-        let cap = crate::init::disk::dev_bytes(&dev).unwrap_or(u64::MAX);
+        let cap = crate::system::disk::dev_bytes(&dev).unwrap_or(u64::MAX);
         tracing::info!(version = %m.version, slot = slots::slot_name(target), bytes = m.payload_size, "installing update");
         let t = std::time::Instant::now();
         let res = bundle::stream_payload(&mut r, &m, &mut f, cap, |n| {

@@ -95,7 +95,7 @@ fn create(a: &CreateArgs) -> Result<bundle::Manifest, String> {
     img.read_exact(&mut mbr)
         .map_err(|e| format!("{}: {e}", a.image.display()))?;
     let parts =
-        crate::init::disk::parse_mbr(&mbr).map_err(|e| format!("{}: {e}", a.image.display()))?;
+        crate::system::disk::parse_mbr(&mbr).map_err(|e| format!("{}: {e}", a.image.display()))?;
     let slot = parts[1];
     if slot.sectors == 0 {
         return Err(format!(

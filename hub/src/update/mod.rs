@@ -13,102 +13,11 @@ pub mod cmd;
 pub mod slots;
 
 use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{err, parse_duration, ConfigError, Settings};
-
+pub use crate::config::update::{parse_window, UpdateConfig};
 pub use agent::Updater;
-
-/// Update settings (validated at start with everything else).
-#[derive(Debug, Clone)]
-pub struct UpdateConfig {
-    /// Base URL of the channel files (`<UPDATE_URL>/<channel>.json`); none = no polling.
-    pub url: Option<String>,
-    /// Maintenance window, minutes after local midnight (start, end); may wrap.
-    pub window: Option<(u32, u32)>,
-    /// Local time = UTC + this offset (the box has no time-zone database).
-    pub tz_offset_minutes: i32,
-    pub interval: Duration,
-    pub trial_timeout: Duration,
-    /// Directory of trusted bundle keys (`<key id>.pub`).
-    pub keys_dir: std::path::PathBuf,
-}
-
-impl UpdateConfig {
-    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
-        let url = match s.get("UPDATE_URL").map(str::trim).filter(|u| !u.is_empty()) {
-            None => None,
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-                Some(u.trim_end_matches('/').to_string())
-            }
-            Some(u) => return Err(err("UPDATE_URL", format!("{u:?} is not an http(s) URL"))),
-        };
-        let window = match s
-            .get("UPDATE_WINDOW")
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-        {
-            None => None,
-            Some(w) => Some(parse_window(w).ok_or_else(|| {
-                err(
-                    "UPDATE_WINDOW",
-                    format!("{w:?} is not a window like 02:00-05:00"),
-                )
-            })?),
-        };
-        let tz_offset_minutes = match s
-            .get("UPDATE_TZ_OFFSET")
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-        {
-            None => 0,
-            Some(o) => parse_offset(o).ok_or_else(|| {
-                err(
-                    "UPDATE_TZ_OFFSET",
-                    format!("{o:?} is not an offset like +01:00 or -05:00"),
-                )
-            })?,
-        };
-        let dur = |key: &str, default: u64| match s.get(key) {
-            Some(v) => parse_duration(key, v),
-            None => Ok(Duration::from_secs(default)),
-        };
-        Ok(UpdateConfig {
-            url,
-            window,
-            tz_offset_minutes,
-            interval: dur("UPDATE_INTERVAL", 3600)?.max(Duration::from_secs(10)),
-            trial_timeout: dur("UPDATE_TRIAL_TIMEOUT", 120)?,
-            keys_dir: s
-                .get("UPDATE_KEYS_DIR")
-                .unwrap_or("/etc/pos-hub/bundle-keys")
-                .into(),
-        })
-    }
-}
-
-fn parse_hhmm(s: &str) -> Option<u32> {
-    let (h, m) = s.trim().split_once(':')?;
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60).then_some(h * 60 + m)
-}
-
-pub fn parse_window(w: &str) -> Option<(u32, u32)> {
-    let (a, b) = w.split_once('-')?;
-    Some((parse_hhmm(a)?, parse_hhmm(b)?))
-}
-
-fn parse_offset(o: &str) -> Option<i32> {
-    let (sign, rest) = match o.as_bytes().first()? {
-        b'+' => (1, &o[1..]),
-        b'-' => (-1, &o[1..]),
-        _ => (1, o),
-    };
-    let m = parse_hhmm(rest)? as i32;
-    Some(sign * m)
-}
 
 /// Whether `minute_of_day` (local) falls in `window` (start inclusive, end exclusive).
 pub fn in_window(window: (u32, u32), minute_of_day: u32) -> bool {
@@ -230,8 +139,6 @@ mod tests {
         assert!(
             in_window((1410, 60), 1430) && in_window((1410, 60), 10) && !in_window((1410, 60), 600)
         );
-        assert_eq!(parse_offset("+01:00"), Some(60));
-        assert_eq!(parse_offset("-05:30"), Some(-330));
     }
 
     #[test]
@@ -243,24 +150,6 @@ mod tests {
             .filter(|i| in_wave(&format!("s-{i}"), 25.0))
             .count();
         assert!((400..600).contains(&n), "about a quarter of stores: {n}");
-    }
-
-    #[test]
-    fn config_validation() {
-        let mut s = Settings::default();
-        s.set("UPDATE_WINDOW", "2am");
-        assert!(UpdateConfig::from_settings(&s)
-            .unwrap_err()
-            .to_string()
-            .contains("UPDATE_WINDOW"));
-        let mut s = Settings::default();
-        s.set("UPDATE_URL", "ftp://x");
-        assert!(UpdateConfig::from_settings(&s).is_err());
-        let mut s = Settings::default();
-        s.set("UPDATE_URL", "http://10.0.2.100:8080/updates/");
-        s.set("UPDATE_WINDOW", "02:00-05:00");
-        let c = UpdateConfig::from_settings(&s).unwrap();
-        assert_eq!(c.url.as_deref(), Some("http://10.0.2.100:8080/updates"));
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub struct Slots {
 impl Slots {
     pub fn appliance() -> Self {
         Slots {
-            config_dir: PathBuf::from(crate::init::CONFIG_DIR),
+            config_dir: PathBuf::from(crate::system::CONFIG_DIR),
         }
     }
 
@@ -111,7 +111,7 @@ impl Slots {
 
     /// The block device of partition `slot` on the boot disk.
     pub fn device(&self, slot: u32) -> Result<PathBuf, String> {
-        let d = crate::init::disk::find_boot_disk(std::time::Duration::from_secs(1))
+        let d = crate::system::disk::find_boot_disk(std::time::Duration::from_secs(1))
             .map_err(|e| e.to_string())?;
         Ok(if slot == SLOT_A { d.slot_a } else { d.slot_b })
     }

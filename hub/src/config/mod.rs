@@ -2,6 +2,11 @@
 //! optional env file (the environment wins), plus an optional realms file or
 //! directory for several realms on one box. Everything is validated at start; every
 //! bad value stops start-up with one message naming the key and what is wrong.
+//!
+//! The settings types of every concern live here, below the modules that use them, so
+//! config imports none of its users: [`bridge`] (the cloud bridge's knobs), [`update`]
+//! (channel, window, polling), [`claim`] (the claim key of an unclaimed box); the
+//! realms, TLS, mDNS, clock, UPS and log settings are in this file.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +20,14 @@ use serde::Deserialize;
 use crate::auth::keys::VerifyKey;
 use crate::auth::{KeySet, Policy};
 
+pub mod bridge;
+pub mod claim;
+pub mod update;
+
+pub use bridge::Tuning;
+pub use claim::{claim_key, ClaimKey};
+pub use update::{UpdateChannel, UpdateConfig};
+
 /// A bad setting. Printed as `KEY: what is wrong (what to do)`.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -27,40 +40,6 @@ pub(crate) fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
         message: message.into(),
-    }
-}
-
-/// The update channel a box follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpdateChannel {
-    Stable,
-    Canary,
-    Pinned(String),
-}
-
-impl UpdateChannel {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "stable" => Some(Self::Stable),
-            "canary" => Some(Self::Canary),
-            v => {
-                let v = v.strip_prefix('v').unwrap_or(v);
-                let ok = !v.is_empty()
-                    && v.split('.').count() <= 4
-                    && v.split('.').all(|p| {
-                        !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    })
-                    && v.starts_with(|c: char| c.is_ascii_digit());
-                ok.then(|| Self::Pinned(v.to_string()))
-            }
-        }
-    }
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Stable => "stable",
-            Self::Canary => "canary",
-            Self::Pinned(v) => v,
-        }
     }
 }
 
@@ -95,9 +74,9 @@ pub struct Config {
     pub token_policy: Policy,
     pub update_channel: UpdateChannel,
     /// UPDATE_URL, UPDATE_WINDOW and friends (see crate::update).
-    pub update: crate::update::UpdateConfig,
+    pub update: UpdateConfig,
     /// Set when no realm is configured and a claim key is known: the box is unclaimed.
-    pub claim: Option<crate::provision::claim::ClaimKey>,
+    pub claim: Option<ClaimKey>,
     pub mdns: bool,
     /// Interfaces to advertise on (MDNS_INTERFACES, comma-separated; empty = all).
     pub mdns_interfaces: Vec<String>,
@@ -123,7 +102,7 @@ pub struct Config {
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
     /// The cloud bridge's knobs (CLOUD_TIMEOUT, CLOUD_PUSH_BATCH, ...), for every realm.
-    pub bridge: crate::bridge::Tuning,
+    pub bridge: Tuning,
     /// LOG_RETENTION: events older than this (and pushed, when a cloud is configured)
     /// are pruned; `None` (`off`) keeps everything.
     pub log_retention: Option<Duration>,
@@ -243,6 +222,24 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// An on/off setting (`on|off|true|false|yes|no|1|0`); anything else is an error.
+/// A whole number from `min` to `max`, `default` when unset.
+pub(crate) fn number(
+    s: &Settings,
+    key: &str,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    match s.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| err(key, format!("{v:?} is not a number from {min} to {max}"))),
+    }
+}
+
 fn switch(s: &Settings, key: &str, default: bool) -> Result<bool, ConfigError> {
     match s.get(key).map(|v| v.to_ascii_lowercase()) {
         None => Ok(default),
@@ -502,18 +499,7 @@ impl Config {
         };
         let mdns = switch(s, "MDNS", true)?;
         let num =
-            |key: &str, default: usize, min: usize, max: usize| -> Result<usize, ConfigError> {
-                match s.get(key) {
-                    None => Ok(default),
-                    Some(v) => v
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| (min..=max).contains(n))
-                        .ok_or_else(|| {
-                            err(key, format!("{v:?} is not a number from {min} to {max}"))
-                        }),
-                }
-            };
+            |key: &str, default: usize, min: usize, max: usize| number(s, key, default, min, max);
         let tls = switch(s, "TLS", true)?;
         let mut tls_extra_names = Vec::new();
         for n in s
@@ -601,27 +587,7 @@ impl Config {
         let clock_set = switch(s, "CLOCK_SET", false)?;
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
-        let bridge = {
-            let d = crate::bridge::Tuning::default();
-            let dur_or = |key: &str, default: Duration| match s.get(key) {
-                None => Ok(default),
-                Some(v) => parse_duration(key, v),
-            };
-            let feed_wait = dur_or("CLOUD_FEED_WAIT", d.feed_wait)?;
-            if feed_wait > Duration::from_secs(30) {
-                return Err(err("CLOUD_FEED_WAIT", "must be at most 30s"));
-            }
-            crate::bridge::Tuning {
-                backoff_max: dur_or("CLOUD_BACKOFF_MAX", d.backoff_max)?
-                    .max(Duration::from_millis(1)),
-                timeout: dur_or("CLOUD_TIMEOUT", d.timeout)?.max(Duration::from_millis(100)),
-                feed_wait,
-                push_batch: num("CLOUD_PUSH_BATCH", d.push_batch, 1, 500)?,
-                max_rate: num("CLOUD_PUSH_MAX_RATE", d.max_rate as usize, 1, 10_000_000)? as f64,
-                busy_rate: num("CLOUD_PUSH_BUSY_RATE", d.busy_rate as usize, 1, 10_000_000)? as f64,
-                nats: crate::bridge::jetstream::settings_from(s)?,
-            }
-        };
+        let bridge = Tuning::from_settings(s)?;
         let token_policy = Policy {
             issuer: s.get("TOKEN_ISSUER").map(String::from),
             audience: s.get("TOKEN_AUDIENCE").map(String::from),
@@ -638,7 +604,7 @@ impl Config {
         let store = s.get("STORE_ID");
         // No realm anywhere but a claim key: the box starts unclaimed (setup page only).
         let claim = if tenant.is_none() && store.is_none() && realms.is_empty() {
-            crate::provision::claim::claim_key(s)?
+            claim_key(s)?
         } else {
             None
         };
@@ -744,7 +710,7 @@ impl Config {
             token_offline_grace,
             token_policy,
             update_channel,
-            update: crate::update::UpdateConfig::from_settings(s)?,
+            update: UpdateConfig::from_settings(s)?,
             claim,
             mdns,
             mdns_interfaces: s
@@ -830,7 +796,7 @@ mod tests {
             ("CLUSTER_PUBLIC_KEY_BASE64", b64.as_str()),
         ]);
         let c = Config::from_settings(&s, None, None, None).unwrap();
-        assert_eq!(c.bridge, crate::bridge::Tuning::default());
+        assert_eq!(c.bridge, Tuning::default());
         s.set("CLOUD_TIMEOUT", "2s");
         s.set("CLOUD_PUSH_BUSY_RATE", "250");
         let c = Config::from_settings(&s, None, None, None).unwrap();

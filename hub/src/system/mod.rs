@@ -1,11 +1,27 @@
 //! What the hub knows of the box it runs on when it is the appliance (started by
-//! init with POS_HUB_INIT=1): the running boot slot, whether the root is really
-//! read-only, how full the data partition is, and asking init to reboot or power
-//! off. Outside the appliance (`serve` on a workstation) it reports `appliance: false`.
+//! init with POS_HUB_INIT=1): which disk and partitions it boots from ([`disk`]), the
+//! firmware version written into the image, the running boot slot, whether
+//! the root is really read-only, how full the data partition is, and asking init to
+//! reboot or power off. Outside the appliance (`serve` on a workstation) it reports
+//! `appliance: false`. Init and the update agent both stand on this module; it
+//! imports neither.
+
+pub mod disk;
 
 use std::path::Path;
 
 use serde::Serialize;
+
+pub use disk::{CONFIG_DIR, DATA_DIR};
+
+/// The firmware version: /etc/pos-hub-version in the image, else the crate version.
+pub fn firmware_version() -> String {
+    std::fs::read_to_string("/etc/pos-hub-version")
+        .map(|v| v.trim().to_string())
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| crate::VERSION.to_string())
+}
 
 /// True when PID 1 is our init (set by init in the hub's environment).
 pub fn under_init() -> bool {
