@@ -87,7 +87,14 @@ export async function createStream(c, { name = "POSHUB", replicas = 3, duplicate
     const jsm = await nc.jetstreamManager();
     const cfg = { name, subjects: ["poshub.>"], num_replicas: replicas };
     if (duplicateWindowMs) cfg.duplicate_window = duplicateWindowMs * 1e6;
-    return jsm.streams.add(cfg);
+    // Right after start the meta leader may not yet know every peer ("no suitable peers
+    // for placement"): retry for a while, as an operator's tooling would.
+    for (let i = 0; ; i++) {
+      try { return await jsm.streams.add(cfg); } catch (e) {
+        if (i >= 60 || !/no suitable peers|insufficient resources|not available/i.test(String(e.message))) throw e;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
   });
 }
 
