@@ -80,7 +80,11 @@ pub fn parse_feed_page(
 }
 
 /// Checks one cloud event; `Err` says why it is refused.
-pub(crate) fn check(tenant: &str, store: &str, raw: &RawValue) -> Result<(String, NewEvent), String> {
+pub(crate) fn check(
+    tenant: &str,
+    store: &str,
+    raw: &RawValue,
+) -> Result<(String, NewEvent), String> {
     let e: CloudEvent =
         serde_json::from_str(raw.get()).map_err(|e| format!("not an event object: {e}"))?;
     if e.tenant_id.as_deref().is_some_and(|t| t != tenant)

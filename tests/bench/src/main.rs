@@ -15,8 +15,8 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-mod soak;
 mod nats;
+mod soak;
 
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
