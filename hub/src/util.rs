@@ -91,6 +91,36 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// An HTTP client for a hub's admin API (`pos-hub update|logs|support-bundle --hub URL`):
+/// over https it trusts only the store CA, from `ca` or fetched from the hub's plain
+/// `/ca.crt`. Returns the client and the base URL without a trailing slash.
+pub async fn hub_client(
+    hub: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<(reqwest::Client, String), String> {
+    let base = hub.trim_end_matches('/').to_string();
+    let mut b = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+    if base.starts_with("https://") {
+        let ca_pem = match ca {
+            Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            None => {
+                let plain = base.replacen("https://", "http://", 1);
+                reqwest::get(format!("{plain}/ca.crt"))
+                    .await
+                    .map_err(|e| format!("fetching the store CA from {plain}/ca.crt: {e}"))?
+                    .bytes()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_vec()
+            }
+        };
+        let cert = reqwest::Certificate::from_pem(&ca_pem)
+            .map_err(|e| format!("the store CA is not a PEM certificate: {e}"))?;
+        b = b.add_root_certificate(cert).tls_built_in_root_certs(false);
+    }
+    Ok((b.build().map_err(|e| e.to_string())?, base))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

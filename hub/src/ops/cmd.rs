@@ -49,27 +49,7 @@ pub struct BundleArgs {
 }
 
 async fn client(a: &HubArgs) -> Result<(reqwest::Client, String), String> {
-    let base = a.hub.trim_end_matches('/').to_string();
-    let mut b = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
-    if base.starts_with("https://") {
-        let ca_pem = match &a.ca {
-            Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
-            None => {
-                let plain = base.replacen("https://", "http://", 1);
-                reqwest::get(format!("{plain}/ca.crt"))
-                    .await
-                    .map_err(|e| format!("fetching the store CA from {plain}/ca.crt: {e}"))?
-                    .bytes()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_vec()
-            }
-        };
-        let cert = reqwest::Certificate::from_pem(&ca_pem)
-            .map_err(|e| format!("the store CA is not a PEM certificate: {e}"))?;
-        b = b.add_root_certificate(cert).tls_built_in_root_certs(false);
-    }
-    Ok((b.build().map_err(|e| e.to_string())?, base))
+    crate::util::hub_client(&a.hub, a.ca.as_deref()).await
 }
 
 async fn get(a: &HubArgs, path_and_query: &str) -> Result<reqwest::Response, String> {

@@ -199,26 +199,7 @@ pub fn update_main(a: UpdateArgs) -> i32 {
 }
 
 async fn update_cmd(a: UpdateArgs) -> Result<serde_json::Value, String> {
-    let base = a.hub.trim_end_matches('/').to_string();
-    let ca_pem = match &a.ca {
-        Some(p) => std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        None => {
-            let plain = base.replacen("https://", "http://", 1);
-            reqwest::get(format!("{plain}/ca.crt"))
-                .await
-                .map_err(|e| format!("fetching the store CA: {e}"))?
-                .bytes()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_vec()
-        }
-    };
-    let cert = reqwest::Certificate::from_pem(&ca_pem).map_err(|e| format!("store CA: {e:?}"))?;
-    let client = reqwest::Client::builder()
-        .add_root_certificate(cert)
-        .tls_built_in_root_certs(false)
-        .build()
-        .map_err(|e| format!("{e:?}"))?;
+    let (client, base) = crate::util::hub_client(&a.hub, a.ca.as_deref()).await?;
     let token = a
         .token
         .ok_or("an admin token is needed: --token or POS_HUB_ADMIN_TOKEN")?;
