@@ -77,6 +77,25 @@ fn fds(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// What each open descriptor of `pid` is (`socket:[inode]`, a path, `anon_inode:[eventpoll]`),
+/// by kind, so a descriptor that did not return to baseline can be named.
+fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut kinds = std::collections::BTreeMap::new();
+    if let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in d.flatten() {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "?".into());
+            let kind = match target.split_once(":[") {
+                Some((k, _)) => format!("{k}:[..]"),
+                None => target,
+            };
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+    }
+    kinds
+}
+
 fn file_kib(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len() / 1024).unwrap_or(0)
 }
@@ -304,6 +323,7 @@ pub async fn run(a: &Args, bin: &Path) {
     // Idle baseline: the hub with its bridge connected, no device.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (base_fds, base_threads) = (fds(hub.pid()), proc_status(hub.pid(), "Threads:"));
+    let base_kinds = fd_kinds(hub.pid());
     let sh = Arc::new(Shared::default());
     *sh.fault.lock().unwrap() = "none".into();
     let t0 = Instant::now();
@@ -395,6 +415,14 @@ pub async fn run(a: &Args, bin: &Path) {
     // Idle again: tokio's blocking threads leave after 10 s without work.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let (end_fds, end_threads) = (fds(hub.pid()), proc_status(hub.pid(), "Threads:"));
+    if end_fds > base_fds {
+        for (kind, n) in fd_kinds(hub.pid()) {
+            let before = base_kinds.get(&kind).copied().unwrap_or(0);
+            if n != before {
+                println!("soak: descriptors {kind}: {before} idle before, {n} after");
+            }
+        }
+    }
     let end_rss = proc_status(hub.pid(), "VmRSS:");
     let secs = t0.elapsed().as_secs_f64();
 
