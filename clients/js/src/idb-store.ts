@@ -1,6 +1,8 @@
 // Browser storage: IndexedDB. record() resolves after the transaction that holds the entry
 // (and the next record number) has committed with durability "strict" (Chromium flushes it
-// to disk before completing). Concurrent record() calls share one transaction.
+// to disk before completing). Concurrent record() calls share one transaction. One tab at a
+// time: the store holds the Web Lock `pos-hub-client:<name>` from load() to close() (the
+// browser drops it when the tab closes or reloads), so two tabs never share an outbox.
 import { HubClientError, StorageFullError } from "./common.js";
 import { Entry, Loaded, Store, randomInstance } from "./store.js";
 
@@ -29,10 +31,51 @@ export class IdbStore implements Store {
   private cursorSaved = 0;
   private cursorWriting: Promise<void> | null = null;
 
-  constructor(private name: string) {}
+  private release: (() => void) | null = null;
+
+  constructor(private name: string, private lockWait = 2000, private allowUnlocked = false) {}
+
+  /** Takes the Web Lock of this storage name, waiting at most lockWait ms for another tab to let go. */
+  private async lock(): Promise<void> {
+    const locks = (globalThis.navigator as { locks?: LockManager } | undefined)?.locks;
+    if (!locks) {
+      if (this.allowUnlocked) return;
+      throw new HubClientError("storage_unguarded", "this page has no Web Locks API (navigator.locks: only in secure contexts, https or localhost), so two tabs could share this outbox and reuse its event ids; serve the page over https, or pass storage: {allowUnlocked: true} if you make sure only one tab opens it");
+    }
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const ac = new AbortController();
+    const timer = Number.isFinite(this.lockWait) ? setTimeout(() => ac.abort(), this.lockWait) : null;
+    const got = await new Promise<boolean>((resolve, reject) => {
+      locks.request(`pos-hub-client:${this.name}`, { signal: ac.signal }, () => { resolve(true); return held; })
+        .catch((e: unknown) => ((e as DOMException)?.name === "AbortError" ? resolve(false) : reject(idbError(e, "taking the tab lock"))));
+    });
+    if (timer) clearTimeout(timer);
+    if (!got) {
+      throw new HubClientError("storage_locked", `the outbox "${this.name}" is open in another tab or window of this browser (waited ${this.lockWait} ms); close it, or wait for it (storage: {lockWait: Infinity})`);
+    }
+    this.release = release;
+  }
+
+  private unlock() {
+    this.release?.();
+    this.release = null;
+  }
 
   async load(): Promise<Loaded> {
     if (typeof indexedDB === "undefined") throw new HubClientError("storage_error", "IndexedDB is not available here; pass storage: {dir} in Node");
+    await this.lock();
+    try {
+      return await this.open();
+    } catch (e) {
+      this.db?.close();
+      this.db = null;
+      this.unlock();
+      throw e;
+    }
+  }
+
+  private async open(): Promise<Loaded> {
     const open = indexedDB.open(`pos-hub-client:${this.name}`, 1);
     open.onupgradeneeded = () => {
       const db = open.result;
@@ -161,5 +204,6 @@ export class IdbStore implements Store {
     await this.cursorWriting?.catch(() => {});
     this.db?.close();
     this.db = null;
+    this.unlock();
   }
 }

@@ -94,3 +94,112 @@ test("browser till: a hub whose CA the browser does not trust is reported with w
   await hub.stop();
   srv.close();
 });
+
+test("browser till: the storage quota used up during record() is storage_full; nothing recorded before is lost", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
+  if (!fs.existsSync(dist)) buildTill();
+  const { srv, port: webPort } = await serveDist();
+  let hub = await startHub({ env: { TLS: "off" } });
+  const { dataDir, port } = hub;
+  await hub.stop();
+  browser ??= await launch();
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  // Chromium's own quota for this origin, lowered to 512 KB (the override holds only when set
+  // before the origin first touches its storage): IndexedDB then aborts with QuotaExceededError.
+  const origin = `http://127.0.0.1:${webPort}`;
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("Storage.overrideQuotaForOrigin", { origin, quotaSize: 512 * 1024 });
+  const q = new URLSearchParams({ hub: `http://127.0.0.1:${port}`, token: mint(dataDir, "web-quota"), db: "quota" });
+  await page.goto(`${origin}/?${q}`);
+  await page.evaluate(() => window.till.ready);
+  // Random text (incompressible), 20 KB per event, until the quota refuses one.
+  const big = (i) => page.evaluate((i) => {
+    const b = new Uint8Array(15000);
+    crypto.getRandomValues(b);
+    return window.till.tryRecord("order.created", { i, pad: btoa(String.fromCharCode(...b)) });
+  }, i);
+  const ids = [];
+  let refused;
+  for (let i = 0; i < 200 && !refused; i++) {
+    const r = await big(i);
+    if (r.id) ids.push(r.id); else refused = r;
+  }
+  assert.ok(refused, "the quota was never reached");
+  assert.equal(refused.code, "storage_full");
+  assert.equal(refused.name, "StorageFullError");
+  assert.match(refused.message, /quota/);
+  assert.ok(ids.length >= 5, `${ids.length} recorded before the quota ran out`);
+  assert.equal((await page.evaluate(() => window.till.status())).outbox, ids.length, "the refused event is not in the outbox");
+  // Everything resolved before is intact after a reload, and reaches the hub once, in order.
+  await page.reload();
+  await page.evaluate(() => window.till.ready);
+  assert.equal((await page.evaluate(() => window.till.status())).outbox, ids.length);
+  hub = await startHub({ dataDir, port, env: { TLS: "off" } });
+  await page.evaluate(() => window.till.drained());
+  const mine = (await readLog(`http://127.0.0.1:${port}`, mint(dataDir, "checker"))).filter((e) => e.deviceId === "web-quota");
+  assert.deepEqual(mine.map((e) => e.id), ids);
+  assert.deepEqual(mine.map((e) => e.payload.i), [...ids.keys()]);
+  console.log("# after drain:", JSON.stringify(await big(999)), JSON.stringify(await page.evaluate(() => navigator.storage.estimate())));
+  await context.close();
+  await hub.stop();
+  srv.close();
+});
+
+test("browser till: two tabs of one till page never share its outbox or cursor (Web Locks)", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
+  if (!fs.existsSync(dist)) buildTill();
+  const { srv, port: webPort } = await serveDist();
+  let hub = await startHub({ env: { TLS: "off" } });
+  const { dataDir, port } = hub;
+  const hubUrl = `http://127.0.0.1:${port}`;
+  browser ??= await launch();
+  const context = await browser.newContext(); // one profile: both tabs see the same IndexedDB
+  const url = `http://127.0.0.1:${webPort}/?${new URLSearchParams({ hub: hubUrl, token: mint(dataDir, "web-tabs"), db: "shared", lockWait: "1000" })}`;
+  const tab1 = await context.newPage();
+  await tab1.goto(url);
+  await tab1.evaluate(() => window.till.ready);
+  await until(() => tab1.evaluate(() => window.till.status().state === "hub"), 10000, "tab 1 connected");
+  const other = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
+  await new Promise((r) => other.once("connect", r));
+  const send = async (id) => assert.equal((await other.emitWithAck("event", { id, type: "kitchen.ready", payload: {} })).ok, true);
+  for (const id of ["k1", "k2", "k3"]) await send(id);
+  await until(() => tab1.evaluate(() => window.till.received().length === 3), 10000, "tab 1 received 3 events");
+
+  // The second tab of the same page is refused while the first holds the outbox.
+  const tab2 = await context.newPage();
+  await tab2.goto(url);
+  const r2 = await tab2.evaluate(() => window.till.ready.then(() => "ok", (e) => ({ code: e.code, message: e.message })));
+  assert.equal(r2.code, "storage_locked", JSON.stringify(r2));
+  assert.match(r2.message, /another tab/);
+  assert.equal((await tab2.evaluate(() => window.till.tryRecord("order.created", {}))).code, "not_started");
+  assert.equal((await tab2.evaluate(() => window.till.start())).code, "storage_locked", "and again on a retry");
+
+  // Tab 1 records with the hub down, then closes with those events still in the outbox.
+  await hub.stop();
+  await until(() => tab1.evaluate(() => window.till.status().state === "offline"), 10000, "tab 1 offline");
+  const ids = [];
+  for (let i = 0; i < 10; i++) ids.push(await tab1.evaluate((i) => window.till.record("order.created", { i }), i));
+  const cursor = (await tab1.evaluate(() => window.till.status())).cursor;
+  await tab1.close();
+
+  // Now the second tab takes over: the same outbox and cursor, each event sent once, nothing
+  // received twice.
+  assert.equal(await tab2.evaluate(() => window.till.start()), "ok");
+  let st = await tab2.evaluate(() => window.till.status());
+  assert.equal(st.outbox, 10);
+  assert.equal(st.cursor, cursor);
+  hub = await startHub({ dataDir, port, env: { TLS: "off" } });
+  await tab2.evaluate(() => window.till.drained());
+  const other2 = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
+  await new Promise((r) => other2.once("connect", r));
+  assert.equal((await other2.emitWithAck("event", { id: "k4", type: "kitchen.ready", payload: {} })).ok, true);
+  await until(() => tab2.evaluate(() => window.till.received().length >= 1), 10000, "tab 2 received k4");
+  await sleep(300);
+  assert.deepEqual((await tab2.evaluate(() => window.till.received())).map((e) => e.id), ["k4"]);
+  const mine = (await readLog(hubUrl, mint(dataDir, "checker"))).filter((e) => e.deviceId === "web-tabs");
+  assert.deepEqual(mine.map((e) => e.id), ids, "every event of the shared outbox stored once, in record order");
+  other.close();
+  other2.close();
+  await context.close();
+  await hub.stop();
+  srv.close();
+});
