@@ -11,10 +11,12 @@ import { io } from "socket.io-client";
 import { HubClient, HubClientError } from "../dist/node.js";
 import { procs, tmp, startHub, sleep, mint, until, readLog, httpGet } from "./helpers.mjs";
 
-after(() => { for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
+const sockets = new Set();
+after(() => { for (const s of sockets) s.close(); for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
 
 async function writer(url, token) {
   const s = io(url, { transports: ["websocket"], auth: { token }, reconnection: false });
+  sockets.add(s);
   await new Promise((res, rej) => { s.once("connect", res); s.once("connect_error", rej); });
   s.write = async (prefix, n) => {
     const seqs = [];
