@@ -14,17 +14,33 @@ import { procs, startHub, sleep, mint, until, readLog } from "./helpers.mjs";
 import { CHROMIUM, buildTill, serveDist, launch } from "./browser-helpers.mjs";
 
 let browser;
-after(async () => { await browser?.close(); for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
+const sockets = new Set();
+after(async () => { for (const s of sockets) s.close(); await browser?.close(); for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
 
-test("browser till: record while the hub is down, reload, hub back: everything arrives once", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
+/** The example till built and served on loopback, a hub (`env`), and the browser. */
+async function setup(env = { TLS: "off" }) {
   buildTill();
   const { srv, port: webPort } = await serveDist();
+  const hub = await startHub({ env });
+  browser ??= await launch();
+  return { srv, webPort, hub, dataDir: hub.dataDir, port: hub.port, hubUrl: `http://127.0.0.1:${hub.port}` };
+}
+
+/** Another device of the store (plain socket.io-client), connected. */
+async function kitchen(hubUrl, dataDir) {
+  const s = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
+  sockets.add(s);
+  await new Promise((r) => s.once("connect", r));
+  return s;
+}
+
+/** The events of one device in the hub's log, in seq order. */
+const eventsOf = async (hubUrl, dataDir, deviceId) => (await readLog(hubUrl, mint(dataDir, "checker"))).filter((e) => e.deviceId === deviceId);
+
+test("browser till: record while the hub is down, reload, hub back: everything arrives once", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
   // Create the hub's data (keys) once, then keep it down while the till records.
-  let hub = await startHub({ env: { TLS: "off" } });
-  const { dataDir, port } = hub;
+  let { srv, webPort, hub, dataDir, port, hubUrl } = await setup();
   await hub.stop();
-  const hubUrl = `http://127.0.0.1:${port}`;
-  browser = await launch();
   const page = await browser.newPage();
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(e.message));
@@ -50,8 +66,7 @@ test("browser till: record while the hub is down, reload, hub back: everything a
   assert.equal(st.outbox, 0);
 
   // Another device writes; the page receives each once.
-  const other = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
-  await new Promise((r) => other.once("connect", r));
+  const other = await kitchen(hubUrl, dataDir);
   const otherIds = [];
   for (let i = 0; i < 3; i++) {
     const id = `k-${i}`;
@@ -63,8 +78,7 @@ test("browser till: record while the hub is down, reload, hub back: everything a
   await sleep(300);
   assert.deepEqual((await page.evaluate(() => window.till.received())).map((e) => e.id), otherIds);
 
-  const log = await readLog(hubUrl, mint(dataDir, "checker"));
-  const mine = log.filter((e) => e.deviceId === "web-till");
+  const mine = await eventsOf(hubUrl, dataDir, "web-till");
   assert.deepEqual(mine.map((e) => e.id), ids, "every recorded event exactly once, in record order");
   assert.deepEqual(mine.map((e) => e.payload.i), [...Array(25).keys()]);
 
@@ -80,10 +94,7 @@ test("browser till: record while the hub is down, reload, hub back: everything a
 });
 
 test("browser till: a hub whose CA the browser does not trust is reported with where to get it", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
-  buildTill();
-  const { srv, port: webPort } = await serveDist();
-  const hub = await startHub(); // TLS on, store CA not in this browser
-  browser ??= await launch();
+  const { srv, webPort, hub } = await setup({}); // TLS on, store CA not in this browser
   const page = await browser.newPage();
   const q = new URLSearchParams({ hub: `https://127.0.0.1:${hub.port}`, token: mint(hub.dataDir, "web-till-2"), db: "t2" });
   await page.goto(`http://127.0.0.1:${webPort}/?${q}`);
@@ -99,12 +110,8 @@ test("browser till: a hub whose CA the browser does not trust is reported with w
 });
 
 test("browser till: the storage quota used up during record() is storage_full; nothing recorded before is lost", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
-  buildTill();
-  const { srv, port: webPort } = await serveDist();
-  let hub = await startHub({ env: { TLS: "off" } });
-  const { dataDir, port } = hub;
+  let { srv, webPort, hub, dataDir, port, hubUrl } = await setup();
   await hub.stop();
-  browser ??= await launch();
   const context = await browser.newContext();
   const page = await context.newPage();
   // Chromium's own quota for this origin, lowered to 512 KB (the override holds only when set
@@ -112,7 +119,7 @@ test("browser till: the storage quota used up during record() is storage_full; n
   const origin = `http://127.0.0.1:${webPort}`;
   const cdp = await context.newCDPSession(page);
   await cdp.send("Storage.overrideQuotaForOrigin", { origin, quotaSize: 512 * 1024 });
-  const q = new URLSearchParams({ hub: `http://127.0.0.1:${port}`, token: mint(dataDir, "web-quota"), db: "quota" });
+  const q = new URLSearchParams({ hub: hubUrl, token: mint(dataDir, "web-quota"), db: "quota" });
   await page.goto(`${origin}/?${q}`);
   await page.evaluate(() => window.till.ready);
   // Random text (incompressible), 20 KB per event, until the quota refuses one.
@@ -139,7 +146,7 @@ test("browser till: the storage quota used up during record() is storage_full; n
   assert.equal((await page.evaluate(() => window.till.status())).outbox, ids.length);
   hub = await startHub({ dataDir, port, env: { TLS: "off" } });
   await page.evaluate(() => window.till.drained());
-  const mine = (await readLog(`http://127.0.0.1:${port}`, mint(dataDir, "checker"))).filter((e) => e.deviceId === "web-quota");
+  const mine = await eventsOf(hubUrl, dataDir, "web-quota");
   assert.deepEqual(mine.map((e) => e.id), ids);
   assert.deepEqual(mine.map((e) => e.payload.i), [...ids.keys()]);
   // The acked entries were deleted: the quota has room again.
@@ -152,20 +159,14 @@ test("browser till: the storage quota used up during record() is storage_full; n
 });
 
 test("browser till: two tabs of one till page never share its outbox or cursor (Web Locks)", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
-  buildTill();
-  const { srv, port: webPort } = await serveDist();
-  let hub = await startHub({ env: { TLS: "off" } });
-  const { dataDir, port } = hub;
-  const hubUrl = `http://127.0.0.1:${port}`;
-  browser ??= await launch();
+  let { srv, webPort, hub, dataDir, port, hubUrl } = await setup();
   const context = await browser.newContext(); // one profile: both tabs see the same IndexedDB
   const url = `http://127.0.0.1:${webPort}/?${new URLSearchParams({ hub: hubUrl, token: mint(dataDir, "web-tabs"), db: "shared", lockWait: "1000" })}`;
   const tab1 = await context.newPage();
   await tab1.goto(url);
   await tab1.evaluate(() => window.till.ready);
   await until(() => tab1.evaluate(() => window.till.status().state === "hub"), 10000, "tab 1 connected");
-  const other = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
-  await new Promise((r) => other.once("connect", r));
+  const other = await kitchen(hubUrl, dataDir);
   const send = async (id) => assert.equal((await other.emitWithAck("event", { id, type: "kitchen.ready", payload: {} })).ok, true);
   for (const id of ["k1", "k2", "k3"]) await send(id);
   await until(() => tab1.evaluate(() => window.till.received().length === 3), 10000, "tab 1 received 3 events");
@@ -195,13 +196,12 @@ test("browser till: two tabs of one till page never share its outbox or cursor (
   assert.equal(st.cursor, cursor);
   hub = await startHub({ dataDir, port, env: { TLS: "off" } });
   await tab2.evaluate(() => window.till.drained());
-  const other2 = io(hubUrl, { transports: ["websocket"], auth: { token: mint(dataDir, "kitchen") }, reconnection: false });
-  await new Promise((r) => other2.once("connect", r));
+  const other2 = await kitchen(hubUrl, dataDir);
   assert.equal((await other2.emitWithAck("event", { id: "k4", type: "kitchen.ready", payload: {} })).ok, true);
   await until(() => tab2.evaluate(() => window.till.received().length >= 1), 10000, "tab 2 received k4");
   await sleep(300);
   assert.deepEqual((await tab2.evaluate(() => window.till.received())).map((e) => e.id), ["k4"]);
-  const mine = (await readLog(hubUrl, mint(dataDir, "checker"))).filter((e) => e.deviceId === "web-tabs");
+  const mine = await eventsOf(hubUrl, dataDir, "web-tabs");
   assert.deepEqual(mine.map((e) => e.id), ids, "every event of the shared outbox stored once, in record order");
   other.close();
   other2.close();
