@@ -463,7 +463,7 @@ export class HubClientCore extends Emitter {
         const r = fn(arg) as any;
         if (r && typeof r.then === "function") await r;
       } catch (err) {
-        this.fail("handler_error", `an ${name} handler threw on ${what}: ${(err as Error)?.message ?? err}`, name === "gap" ? arg : { seq: (arg as HubEvent).seq });
+        this.fail("handler_error", `${name === "event" ? "an event" : "a gap"} handler threw on ${what}: ${(err as Error)?.message ?? err}`, name === "gap" ? arg : { seq: (arg as HubEvent).seq });
       }
     }
   }
