@@ -3,16 +3,23 @@
 // back with events in its outbox. The app is told once, in seq position (`gap` handler, and
 // `cursor_expired` as an error with the missing range); the cursor becomes oldestSeq - 1; the
 // till reconnects at once, receives every kept event and later live ones, and its outbox
-// reaches the hub exactly once, in record order.
+// reaches the hub exactly once, in record order. The outbox is sent while a `gap` handler
+// still runs, and a till killed inside its `gap` handler is told the same gap again.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import path from "node:path";
 import { io } from "socket.io-client";
 import { HubClient, HubClientError } from "../dist/node.js";
-import { procs, tmp, startHub, sleep, mint, until, readLog, httpGet } from "./helpers.mjs";
+import { procs, tmp, startHub, sleep, mint, until, readLog, httpGet, spawnNode } from "./helpers.mjs";
 
 const sockets = new Set();
-after(() => { for (const s of sockets) s.close(); for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
+const clients = new Set();
+after(() => {
+  for (const s of sockets) s.close();
+  for (const c of clients) void c.stop();
+  for (const p of procs) try { p.kill("SIGKILL"); } catch {}
+});
 
 async function writer(url, token) {
   const s = io(url, { transports: ["websocket"], auth: { token }, reconnection: false });
@@ -37,6 +44,7 @@ test("cursor_expired: the gap is reported in seq position, the cursor moves past
   const url = `http://127.0.0.1:${port}`;
   const opts = { token: mint(dataDir, "till-gap"), hubs: [url], storage: { dir: path.join(tmp("sdk-gap"), "s") }, timeout: 3000, backoffMax: 500 };
   const watch = (c) => {
+    clients.add(c);
     const w = { log: [], errors: [], statuses: [] };
     c.on("event", (e) => { w.log.push(e.seq); });
     c.on("gap", async (g) => { w.log.push(g); await sleep(100); }); // an async handler is awaited before the next event
@@ -66,18 +74,33 @@ test("cursor_expired: the gap is reported in seq position, the cursor moves past
   await hub.stop();
 
   c = new HubClient(opts);
-  const w = watch(c);
   await c.start();
   assert.equal(c.status().cursor, first.at(-1), "the persisted cursor");
   const ids = [];
   for (let i = 0; i < 10; i++) ids.push((await c.record("order.created", { i })).id);
   assert.equal(c.status().outbox, 10);
+  await c.stop();
 
+  // First a till process whose gap handler never returns: its outbox is delivered all the
+  // same; then it is killed inside the handler, before the cursor passed the gap.
   hub = await startHub({ dataDir, port, env: { TLS: "off", LOG_RETENTION: "off" } });
-  await c.drained();
-  await until(() => c.status().cursor === kept.at(-1), 10000, "the till caught up with what the hub kept");
+  const d = tmp("sdk-gap-proc");
+  const child = spawnNode("device.mjs", [JSON.stringify({ ...opts, dir: opts.storage.dir, resolved: path.join(d, "resolved"), rx: path.join(d, "rx"), count: 0, gapHang: true })]);
+  await until(() => child.messages.some((m) => m.drained) && child.messages.some((m) => m.gap), 20000, `the process drained its outbox inside the gap handler (${child.err})`);
   const gap = { from: missed[0], to: missed.at(-1), oldestSeq: kept[0] };
-  // The app sees: one gap, before the first kept event, then every kept event once.
+  assert.deepEqual(child.messages.find((m) => m.gap).gap, gap);
+  assert.equal(fs.existsSync(path.join(d, "rx")), false, "no event delivered past the unfinished gap handler");
+  child.kill("SIGKILL");
+  await child.exited;
+
+  c = new HubClient(opts);
+  const w = watch(c);
+  await c.start();
+  assert.equal(c.status().cursor, first.at(-1), "the cursor did not pass the unfinished gap");
+  await c.drained();
+  // (The cursor then goes on past the till's own events, which the killed process delivered.)
+  await until(() => c.status().cursor >= kept.at(-1), 10000, "the till caught up with what the hub kept");
+  // The app sees (again, after the kill): one gap, before the first kept event, then every kept event once.
   assert.deepEqual(w.log, [gap, ...kept]);
   const expired = w.errors.filter((e) => e.code === "cursor_expired");
   assert.equal(expired.length, 1, w.errors.map((e) => e.code).join());
