@@ -277,9 +277,10 @@ export class HubClientCore extends Emitter {
       return "failed";
     }
     const timeout = this.opts.timeout ?? 10000;
+    let since = 0;
     const s = io(c.url, {
       transports: ["websocket"], reconnection: false, forceNew: true, timeout,
-      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: Math.max(this.cursor, this.rxTop) }),
+      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: (since = Math.max(this.cursor, this.rxTop)) }),
       ...extra,
     });
     // Listen before the handshake completes: socket.io-client emits events that arrived with
@@ -290,7 +291,14 @@ export class HubClientCore extends Emitter {
       if (typeof e?.seq === "number" && e.seq > this.rxTop) this.rxTop = e.seq;
       this.queue(e);
     });
-    s.on("synced", () => this.emitStatus(true));
+    s.on("synced", (m: { seq?: unknown }) => {
+      // A log that ends before the cursor is not the one this device followed (the hub was
+      // reset or replaced, its seqs start again): said, not repaired (see the README).
+      if (live && typeof m?.seq === "number" && m.seq < since) {
+        this.fail("cursor_ahead", `${c.url}'s log ends at seq ${m.seq}, before this device's cursor ${since}: it is not the log this device followed (the hub was reset or replaced); its events up to seq ${since} are not delivered here`, { cursor: since, hubSeq: m.seq });
+      }
+      this.emitStatus(true);
+    });
     const outcome = await new Promise<"ok" | HubClientError>((resolve) => {
       const t = setTimeout(() => resolve(new HubClientError("hub_unreachable", `${c.url}: no answer within ${timeout} ms`)), timeout + 1000);
       s.once("connect", () => { clearTimeout(t); resolve("ok"); });

@@ -4,7 +4,8 @@
 // `cursor_expired` as an error with the missing range); the cursor becomes oldestSeq - 1; the
 // till reconnects at once, receives every kept event and later live ones, and its outbox
 // reaches the hub exactly once, in record order. The outbox is sent while a `gap` handler
-// still runs, and a till killed inside its `gap` handler is told the same gap again.
+// still runs, and a till killed inside its `gap` handler is told the same gap again. And a hub
+// whose log ends before the cursor (reset or replaced) is reported as cursor_ahead.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
@@ -138,4 +139,35 @@ test("cursor_expired: the gap is reported in seq position, the cursor moves past
   kitchen.close();
   await c.stop();
   await hub.stop();
+});
+
+test("a hub whose log ends before the cursor (reset or replaced) is reported as cursor_ahead", async () => {
+  const hub = await startHub({ env: { TLS: "off" } });
+  const url = `http://127.0.0.1:${hub.port}`;
+  const opts = { token: mint(hub.dataDir, "till-ahead"), hubs: [url], storage: { dir: path.join(tmp("sdk-ahead"), "s") }, timeout: 3000, backoffMax: 500 };
+  let c = new HubClient(opts);
+  clients.add(c);
+  await c.start();
+  const kitchen = await writer(url, mint(hub.dataDir, "kitchen"));
+  const seqs = await kitchen.write("a", 3);
+  await until(() => c.status().cursor === seqs.at(-1), 10000, "received");
+  kitchen.close();
+  await c.stop();
+  await hub.stop();
+  // Another hub at the same address with the same dev key, and an empty log.
+  const fresh = tmp("data");
+  fs.cpSync(path.join(hub.dataDir, "dev"), path.join(fresh, "dev"), { recursive: true });
+  const hub2 = await startHub({ dataDir: fresh, port: hub.port, env: { TLS: "off" } });
+  c = new HubClient(opts);
+  clients.add(c);
+  const errors = [];
+  c.on("error", (e) => errors.push(e));
+  await c.start();
+  const err = await until(() => errors.find((e) => e.code === "cursor_ahead"), 10000, "cursor_ahead reported");
+  assert.deepEqual(err.data, { cursor: seqs.at(-1), hubSeq: 0 });
+  assert.match(err.message, /reset or replaced/);
+  assert.equal(c.status().lastError?.code, "cursor_ahead");
+  assert.equal(c.status().state, "hub");
+  await c.stop();
+  await hub2.stop();
 });
