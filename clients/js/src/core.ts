@@ -278,6 +278,7 @@ export class HubClientCore extends Emitter {
     }
     const timeout = this.opts.timeout ?? 10000;
     let since = 0;
+    let ahead: Status["lastError"] = null;
     const s = io(c.url, {
       transports: ["websocket"], reconnection: false, forceNew: true, timeout,
       auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: (since = Math.max(this.cursor, this.rxTop)) }),
@@ -296,6 +297,7 @@ export class HubClientCore extends Emitter {
       // reset or replaced, its seqs start again): said, not repaired (see the README).
       if (live && typeof m?.seq === "number" && m.seq < since) {
         this.fail("cursor_ahead", `${c.url}'s log ends at seq ${m.seq}, before this device's cursor ${since}: it is not the log this device followed (the hub was reset or replaced); its events up to seq ${since} are not delivered here`, { cursor: since, hubSeq: m.seq });
+        ahead = this.lastError;
       }
       this.emitStatus(true);
     });
@@ -345,7 +347,7 @@ export class HubClientCore extends Emitter {
     this.socket = s;
     this.inflight = 0;
     this.sendPos = 0;
-    this.lastError = null;
+    this.lastError = ahead; // socket.io-client emits what came with the CONNECT (synced) first
     this.setState("hub", c.url);
     const known = (Array.isArray(this.meta.hubs) ? this.meta.hubs : []) as string[];
     if (known[0] !== c.url) void this.setMeta("hubs", [c.url, ...known.filter((u) => u !== c.url)].slice(0, 16));

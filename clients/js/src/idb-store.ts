@@ -4,7 +4,7 @@
 // time: the store holds the Web Lock `pos-hub-client:<name>` from load() to close() (the
 // browser drops it when the tab closes or reloads), so two tabs never share an outbox.
 import { HubClientError, StorageFullError } from "./common.js";
-import { Entry, Loaded, Store, randomInstance } from "./store.js";
+import { CursorWriter, Entry, Loaded, Store, randomInstance } from "./store.js";
 
 function req<T>(r: IDBRequest<T>): Promise<T> {
   return new Promise((resolve, reject) => {
@@ -27,9 +27,7 @@ export class IdbStore implements Store {
   private writing = false;
   private next = 1;
   private meta: Record<string, unknown> = {};
-  private cursorWant = 0;
-  private cursorSaved = 0;
-  private cursorWriting: Promise<void> | null = null;
+  private cursor = new CursorWriter((c) => this.put({ cursor: c }));
 
   private release: (() => void) | null = null;
 
@@ -91,14 +89,14 @@ export class IdbStore implements Store {
     keys.forEach((k, i) => (this.meta[k] = vals[i]));
     let instance = this.meta.instance as string | undefined;
     this.next = Math.max(Number(this.meta.next) || 1, ...entries.map((e) => e.n + 1));
-    this.cursorSaved = this.cursorWant = Number(this.meta.cursor) || 0;
+    this.cursor.loaded(Number(this.meta.cursor) || 0);
     if (!instance) {
       instance = randomInstance();
       await this.put({ instance });
     }
     const user = { ...this.meta };
     delete user.instance; delete user.next; delete user.cursor;
-    return { instance, next: this.next, cursor: this.cursorSaved, entries: entries.sort((a, b) => a.n - b.n), meta: user };
+    return { instance, next: this.next, cursor: this.cursor.value, entries: entries.sort((a, b) => a.n - b.n), meta: user };
   }
 
   private tx(stores: string[]): IDBTransaction {
@@ -178,21 +176,7 @@ export class IdbStore implements Store {
   }
 
   saveCursor(cursor: number): Promise<void> {
-    this.cursorWant = Math.max(this.cursorWant, cursor);
-    if (!this.cursorWriting) {
-      this.cursorWriting = (async () => {
-        try {
-          while (this.cursorSaved < this.cursorWant) {
-            const c = this.cursorWant;
-            await this.put({ cursor: c });
-            this.cursorSaved = c;
-          }
-        } finally {
-          this.cursorWriting = null;
-        }
-      })();
-    }
-    return this.cursorWriting;
+    return this.cursor.save(cursor);
   }
 
   setMeta(key: string, value: unknown) {
@@ -201,7 +185,7 @@ export class IdbStore implements Store {
 
   async close() {
     while (this.writing || this.queue.length) await new Promise((r) => setTimeout(r, 5));
-    await this.cursorWriting?.catch(() => {});
+    await this.cursor.idle();
     this.db?.close();
     this.db = null;
     this.unlock();
