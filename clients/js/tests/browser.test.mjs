@@ -10,7 +10,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import { io } from "socket.io-client";
-import { procs, startHub, sleep, mint, until, readLog } from "./helpers.mjs";
+import { procs, startHub, sleep, mint, until, eventsOf } from "./helpers.mjs";
 import { CHROMIUM, buildTill, serveDist, launch } from "./browser-helpers.mjs";
 
 let browser;
@@ -33,9 +33,6 @@ async function kitchen(hubUrl, dataDir) {
   await new Promise((r) => s.once("connect", r));
   return s;
 }
-
-/** The events of one device in the hub's log, in seq order. */
-const eventsOf = async (hubUrl, dataDir, deviceId) => (await readLog(hubUrl, mint(dataDir, "checker"))).filter((e) => e.deviceId === deviceId);
 
 test("browser till: record while the hub is down, reload, hub back: everything arrives once", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
   // Create the hub's data (keys) once, then keep it down while the till records.
@@ -78,7 +75,7 @@ test("browser till: record while the hub is down, reload, hub back: everything a
   await sleep(300);
   assert.deepEqual((await page.evaluate(() => window.till.received())).map((e) => e.id), otherIds);
 
-  const mine = await eventsOf(hubUrl, dataDir, "web-till");
+  const mine = await eventsOf(hubUrl, mint(dataDir, "checker"), "web-till", ids.length);
   assert.deepEqual(mine.map((e) => e.id), ids, "every recorded event exactly once, in record order");
   assert.deepEqual(mine.map((e) => e.payload.i), [...Array(25).keys()]);
 
@@ -146,7 +143,7 @@ test("browser till: the storage quota used up during record() is storage_full; n
   assert.equal((await page.evaluate(() => window.till.status())).outbox, ids.length);
   hub = await startHub({ dataDir, port, env: { TLS: "off" } });
   await page.evaluate(() => window.till.drained());
-  const mine = await eventsOf(hubUrl, dataDir, "web-quota");
+  const mine = await eventsOf(hubUrl, mint(dataDir, "checker"), "web-quota", ids.length);
   assert.deepEqual(mine.map((e) => e.id), ids);
   assert.deepEqual(mine.map((e) => e.payload.i), [...ids.keys()]);
   // The acked entries were deleted: the quota has room again.
@@ -201,7 +198,7 @@ test("browser till: two tabs of one till page never share its outbox or cursor (
   await until(() => tab2.evaluate(() => window.till.received().length >= 1), 10000, "tab 2 received k4");
   await sleep(300);
   assert.deepEqual((await tab2.evaluate(() => window.till.received())).map((e) => e.id), ["k4"]);
-  const mine = await eventsOf(hubUrl, dataDir, "web-tabs");
+  const mine = await eventsOf(hubUrl, mint(dataDir, "checker"), "web-tabs", ids.length);
   assert.deepEqual(mine.map((e) => e.id), ids, "every event of the shared outbox stored once, in record order");
   other.close();
   other2.close();

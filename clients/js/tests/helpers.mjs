@@ -66,6 +66,17 @@ export async function readLog(url, token, ca, since = 0) {
   return out;
 }
 
+/**
+ * One device's events in the hub's log after `since`, once at least `count` are there: `sync`
+ * shows an event once the hub has fanned it out, a moment after its ack (`drained()`).
+ */
+export function eventsOf(url, token, deviceId, count, { ca, since = 0 } = {}) {
+  return until(async () => {
+    const mine = (await readLog(url, token, ca, since)).filter((e) => e.deviceId === deviceId);
+    return mine.length >= count && mine;
+  }, 10000, `${count} events of ${deviceId} in the hub's log`);
+}
+
 /** Starts pos-cloud-ref on loopback. */
 export async function startCloud({ tokens = ["bridge-secret"], reject = [] } = {}) {
   const db = path.join(tmp("cloud"), "cloud.db");
