@@ -30,5 +30,5 @@ export function serveDist() {
   return new Promise((r) => srv.listen(0, "127.0.0.1", () => r({ srv, port: srv.address().port })));
 }
 
-export const launch = () => chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+export const launch = (args = []) => chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox", ...args] });
 

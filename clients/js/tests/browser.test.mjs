@@ -5,7 +5,8 @@
 // whose CA the browser does not trust is reported as such, with where to get the CA. The
 // origin's quota used up (lowered through DevTools) makes record() fail with storage_full,
 // losing nothing recorded before. Two tabs of the same page: the second is refused until the
-// first closes, then takes over its outbox and cursor.
+// first closes, then takes over its outbox and cursor; a third waits as a standby. A page
+// that is no secure context has no Web Locks and is refused unless it opts out.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
@@ -200,9 +201,43 @@ test("browser till: two tabs of one till page never share its outbox or cursor (
   assert.deepEqual((await tab2.evaluate(() => window.till.received())).map((e) => e.id), ["k4"]);
   const mine = await eventsOf(hubUrl, mint(dataDir, "checker"), "web-tabs", ids.length);
   assert.deepEqual(mine.map((e) => e.id), ids, "every event of the shared outbox stored once, in record order");
+
+  // A third tab with lockWait: Infinity stands by, and takes over when the second closes.
+  const tab3 = await context.newPage();
+  await tab3.goto(url.replace("lockWait=1000", "lockWait=Infinity"));
+  const waiting = () => Promise.race([window.till.ready.then(() => "started", (e) => e.code), new Promise((r) => setTimeout(() => r("waiting"), 1500))]);
+  assert.equal(await tab3.evaluate(waiting), "waiting");
+  const cursor2 = (await tab2.evaluate(() => window.till.status())).cursor;
+  await tab2.close();
+  await tab3.evaluate(() => window.till.ready);
+  assert.equal((await tab3.evaluate(() => window.till.status())).cursor, cursor2);
   other.close();
   other2.close();
   await context.close();
+  await hub.stop();
+  srv.close();
+});
+
+test("browser till: a page that is no secure context (no Web Locks) is refused with storage_unguarded, unless allowUnlocked", { skip: !fs.existsSync(CHROMIUM) && `no ${CHROMIUM}` }, async () => {
+  const { srv, webPort, hub, dataDir, hubUrl } = await setup();
+  // A LAN name over plain http is not a secure context (127.0.0.1 and localhost are).
+  const plain = await launch(["--host-resolver-rules=MAP till.lan 127.0.0.1"]);
+  try {
+    const page = await plain.newPage();
+    const q = new URLSearchParams({ hub: hubUrl, token: mint(dataDir, "web-plain"), db: "plain" });
+    await page.goto(`http://till.lan:${webPort}/?${q}`);
+    assert.equal(await page.evaluate(() => window.isSecureContext), false);
+    const r = await page.evaluate(() => window.till.ready.then(() => "ok", (e) => ({ code: e.code, message: e.message })));
+    assert.equal(r.code, "storage_unguarded", JSON.stringify(r));
+    assert.match(r.message, /allowUnlocked/);
+    await page.goto(`http://till.lan:${webPort}/?${q}&allowUnlocked=1`);
+    await page.evaluate(() => window.till.ready);
+    const id = await page.evaluate(() => window.till.record("order.created", {}));
+    await page.evaluate(() => window.till.drained());
+    assert.deepEqual((await eventsOf(hubUrl, mint(dataDir, "checker"), "web-plain", 1)).map((e) => e.id), [id]);
+  } finally {
+    await plain.close();
+  }
   await hub.stop();
   srv.close();
 });

@@ -6,7 +6,7 @@ const q = new URLSearchParams(location.search);
 const client = new HubClient({
   token: q.get("token"),
   hubs: (q.get("hub") ?? "").split(",").filter(Boolean),
-  storage: { name: q.get("db") ?? "till", lockWait: q.has("lockWait") ? Number(q.get("lockWait")) : undefined },
+  storage: { name: q.get("db") ?? "till", lockWait: q.has("lockWait") ? Number(q.get("lockWait")) : undefined, allowUnlocked: q.has("allowUnlocked") },
   timeout: 3000,
   backoffMax: 500,
 });
