@@ -7,33 +7,12 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { HUB, tmp, run, startHub, sleep } from "../lib/hub.mjs";
+import { vethPair } from "../lib/netns.mjs";
 
 const haveAvahi = run("sh", ["-c", "command -v avahi-daemon && command -v avahi-browse && command -v dbus-daemon"]).code === 0;
 const root = process.getuid?.() === 0 && run("ip", ["netns", "list"]).code === 0;
 
-function netns(tag) {
-  const a = `poshub-ma-${tag}`, b = `poshub-mb-${tag}`;
-  for (const n of [a, b]) run("ip", ["netns", "del", n]);
-  const cmds = [
-    ["netns", "add", a], ["netns", "add", b],
-    ["link", "add", "a0", "netns", a, "type", "veth", "peer", "name", "b0", "netns", b],
-    ["-n", a, "addr", "add", "10.88.0.1/24", "dev", "a0"], ["-n", b, "addr", "add", "10.88.0.2/24", "dev", "b0"],
-    ["-n", a, "link", "set", "a0", "up"], ["-n", b, "link", "set", "b0", "up"],
-    ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"],
-    ["-n", a, "route", "add", "224.0.0.0/4", "dev", "a0"], ["-n", b, "route", "add", "224.0.0.0/4", "dev", "b0"],
-  ];
-  for (const c of cmds) assert.equal(run("ip", c).code, 0, `ip ${c.join(" ")}`);
-  return {
-    a, b,
-    cleanup: () => {
-      for (const n of [a, b]) {
-        const pids = run("ip", ["netns", "pids", n]).out.split(/\s+/).filter(Boolean);
-        for (const p of pids) try { process.kill(Number(p), "SIGKILL"); } catch {}
-        run("ip", ["netns", "del", n]);
-      }
-    },
-  };
-}
+const netns = (tag) => vethPair(`poshub-ma-${tag}`, `poshub-mb-${tag}`, "10.88.0");
 
 function avahiBrowse(ns) {
   const dir = tmp("avahi");

@@ -10,7 +10,8 @@ export type { Candidate } from "./core.js";
 
 const browserPlatform: Platform = {
   openStore(opts) {
-    return new IdbStore(opts.storage?.name ?? "pos-hub");
+    const s = opts.storage ?? {};
+    return new IdbStore(s.name ?? "pos-hub", s.lockWait ?? 2000, s.allowUnlocked ?? false);
   },
   async prepare() {
     return {};

@@ -33,6 +33,20 @@ export interface HubEvent {
   origin: "lan" | "cloud";
 }
 
+/**
+ * Events this device will never receive from the hub: its cursor was below the oldest event
+ * the hub still keeps (`cursor_expired`; the hub's LOG_RETENTION deleted them). Delivered to
+ * `gap` handlers in seq position: after every event before `from`, before `oldestSeq`.
+ */
+export interface Gap {
+  /** The first missing seq (the cursor + 1). */
+  from: number;
+  /** The last missing seq (`oldestSeq - 1`); the cursor becomes this once the gap is handled. */
+  to: number;
+  /** The oldest seq the hub still keeps: the next event delivered. */
+  oldestSeq: number;
+}
+
 export interface Status {
   /** hub: connected to a hub; cloud: no hub answered, the outbox goes to the cloud; offline: neither. */
   state: "hub" | "cloud" | "offline";
@@ -83,8 +97,13 @@ export interface HubClientOptions {
   ca?: string;
   /** Node: pin the CA fetched from `<hub>/ca.crt` if its SHA-256 fingerprint is this. */
   caFingerprint?: string;
-  /** Node: `{dir}` for the outbox files. Browsers: `{name}` of the IndexedDB database (default "pos-hub"). */
-  storage?: { dir?: string; name?: string };
+  /**
+   * Node: `{dir}` for the outbox files. Browsers: `{name}` of the IndexedDB database (default
+   * "pos-hub"); one tab at a time holds it (Web Locks): start() waits `lockWait` ms (default
+   * 2000; Infinity: until the other tab closes) and then refuses with `storage_locked`;
+   * `allowUnlocked: true` opens it without the lock where the page has no Web Locks API.
+   */
+  storage?: { dir?: string; name?: string; lockWait?: number; allowUnlocked?: boolean };
   /** Fallback to the cloud API when no hub answers. */
   cloud?: CloudOptions;
   /** Node: browse mDNS `_poshub._tcp` for hubs of the token's tenantId/storeId (default false). */

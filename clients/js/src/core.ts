@@ -5,7 +5,7 @@
 // Platform (node.ts, browser.ts).
 import { io, Socket } from "socket.io-client";
 import {
-  Claims, Emitter, HubClientError, HubClientOptions, HubEvent, RecordOptions, RejectedEvent, Status,
+  Claims, Emitter, Gap, HubClientError, HubClientOptions, HubEvent, RecordOptions, RejectedEvent, Status,
   REJECT_CODES, TOKEN_CODES, decodeToken, validateEvent,
 } from "./common.js";
 import { Entry, Store } from "./store.js";
@@ -57,7 +57,10 @@ export class HubClientCore extends Emitter {
   private offlineSince = Date.now();
   private wakers: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
-  private rx: HubEvent[] = [];
+  /** Received, not yet handled: events in seq order, and gap markers in their place. */
+  private rx: (HubEvent | { gap: Gap })[] = [];
+  /** The highest seq queued in rx (or skipped by a gap): the `since` of the next handshake. */
+  private rxTop = 0;
   private delivering = false;
   private statusTimer: ReturnType<typeof setTimeout> | null = null;
   private loops: Promise<void>[] = [];
@@ -274,9 +277,11 @@ export class HubClientCore extends Emitter {
       return "failed";
     }
     const timeout = this.opts.timeout ?? 10000;
+    let since = 0;
+    let ahead: Status["lastError"] = null;
     const s = io(c.url, {
       transports: ["websocket"], reconnection: false, forceNew: true, timeout,
-      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: this.cursor }),
+      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: (since = Math.max(this.cursor, this.rxTop)) }),
       ...extra,
     });
     // Listen before the handshake completes: socket.io-client emits events that arrived with
@@ -284,10 +289,18 @@ export class HubClientCore extends Emitter {
     let live = true;
     s.on("event", (e: HubEvent) => {
       if (!live || this.stopped) return;
-      this.rx.push(e);
-      if (!this.delivering) void this.deliver();
+      if (typeof e?.seq === "number" && e.seq > this.rxTop) this.rxTop = e.seq;
+      this.queue(e);
     });
-    s.on("synced", () => this.emitStatus(true));
+    s.on("synced", (m: { seq?: unknown }) => {
+      // A log that ends before the cursor is not the one this device followed (the hub was
+      // reset or replaced, its seqs start again): said, not repaired (see the README).
+      if (live && typeof m?.seq === "number" && m.seq < since) {
+        this.fail("cursor_ahead", `${c.url}'s log ends at seq ${m.seq}, before this device's cursor ${since}: it is not the log this device followed (the hub was reset or replaced); its events up to seq ${since} are not delivered here`, { cursor: since, hubSeq: m.seq });
+        ahead = this.lastError;
+      }
+      this.emitStatus(true);
+    });
     const outcome = await new Promise<"ok" | HubClientError>((resolve) => {
       const t = setTimeout(() => resolve(new HubClientError("hub_unreachable", `${c.url}: no answer within ${timeout} ms`)), timeout + 1000);
       s.once("connect", () => { clearTimeout(t); resolve("ok"); });
@@ -306,13 +319,15 @@ export class HubClientCore extends Emitter {
       s.close();
       this.hub = c.url;
       if (outcome.code === "cursor_expired") {
-        const d = (outcome.data ?? {}) as Record<string, unknown>;
-        const oldest = Number(d.oldestSeq ?? d.oldest ?? d.seq);
-        if (Number.isFinite(oldest) && oldest > 0) {
-          const from = this.cursor;
-          this.cursor = Math.max(0, oldest - 1);
-          await this.store!.saveCursor(this.cursor).catch(() => {});
-          this.fail("cursor_expired", `the hub no longer keeps events ${from + 1}-${oldest - 1}; this device continues from ${oldest} (those events are missing here)`, d);
+        const oldest = Number((outcome.data as { oldestSeq?: unknown } | undefined)?.oldestSeq);
+        const from = Math.max(this.cursor, this.rxTop) + 1;
+        if (Number.isInteger(oldest) && oldest > from) {
+          // The gap goes into the receive queue after what was received before it, and the
+          // next handshake resumes after it; the cursor passes it once its handlers ran.
+          const gap: Gap = { from, to: oldest - 1, oldestSeq: oldest };
+          this.rxTop = gap.to;
+          this.queue({ gap });
+          this.fail("cursor_expired", `${c.url} no longer keeps events ${gap.from}-${gap.to} (deleted by its log retention): they are missing on this device; it continues from ${oldest}`, gap);
           return "again";
         }
       }
@@ -332,7 +347,7 @@ export class HubClientCore extends Emitter {
     this.socket = s;
     this.inflight = 0;
     this.sendPos = 0;
-    this.lastError = null;
+    this.lastError = ahead; // socket.io-client emits what came with the CONNECT (synced) first
     this.setState("hub", c.url);
     const known = (Array.isArray(this.meta.hubs) ? this.meta.hubs : []) as string[];
     if (known[0] !== c.url) void this.setMeta("hubs", [c.url, ...known.filter((u) => u !== c.url)].slice(0, 16));
@@ -446,24 +461,40 @@ export class HubClientCore extends Emitter {
 
   // ---- receiving ----
 
+  private queue(item: HubEvent | { gap: Gap }) {
+    this.rx.push(item);
+    if (!this.delivering) void this.deliver();
+  }
+
+  /** Runs the `event` (or `gap`) handlers of one item, one after another, awaiting promises. */
+  private async handle(name: "event" | "gap", arg: HubEvent | Gap, what: string) {
+    for (const fn of this.listenerList(name)) {
+      try {
+        const r = fn(arg) as any;
+        if (r && typeof r.then === "function") await r;
+      } catch (err) {
+        this.fail("handler_error", `${name === "event" ? "an event" : "a gap"} handler threw on ${what}: ${(err as Error)?.message ?? err}`, name === "gap" ? arg : { seq: (arg as HubEvent).seq });
+      }
+    }
+  }
+
   private async deliver() {
     this.delivering = true;
     try {
       while (this.rx.length) {
-        const e = this.rx.shift()!;
-        if (typeof e?.seq !== "number" || e.seq <= this.cursor) continue;
-        if (e.deviceId !== this.claims.deviceId) {
-          for (const fn of this.listenerList("event")) {
-            try {
-              const r = fn(e) as any;
-              if (r && typeof r.then === "function") await r;
-            } catch (err) {
-              this.fail("handler_error", `an event handler threw on seq ${e.seq}: ${(err as Error)?.message ?? err}`, { seq: e.seq });
-            }
-          }
+        const item = this.rx.shift()!;
+        let seq: number;
+        if ("gap" in item) {
+          seq = item.gap.to;
+          if (seq <= this.cursor) continue;
+          await this.handle("gap", item.gap, `the gap ${item.gap.from}-${item.gap.to}`);
+        } else {
+          seq = item.seq;
+          if (typeof seq !== "number" || seq <= this.cursor) continue;
+          if (item.deviceId !== this.claims.deviceId) await this.handle("event", item, `seq ${seq}`);
         }
-        this.cursor = e.seq;
-        void this.store!.saveCursor(e.seq).catch((err) => this.fail("storage_error", `saving the cursor: ${err.message}`));
+        this.cursor = seq;
+        void this.store!.saveCursor(seq).catch((err) => this.fail("storage_error", `saving the cursor: ${err.message}`));
       }
     } finally {
       this.delivering = false;

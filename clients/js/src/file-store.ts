@@ -8,7 +8,7 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { HubClientError, StorageFullError } from "./common.js";
-import { Entry, Loaded, Store, randomInstance } from "./store.js";
+import { CursorWriter, Entry, Loaded, Store, randomInstance } from "./store.js";
 
 const COMPACT_BYTES = 4 * 1024 * 1024;
 
@@ -53,9 +53,7 @@ export class FileStore implements Store {
   private instance = "";
   private next = 1;
   private meta: Record<string, unknown> = {};
-  private cursorWant = 0;
-  private cursorSaved = 0;
-  private cursorWriting: Promise<void> | null = null;
+  private cursor = new CursorWriter((c) => writeAtomic(path.join(this.dir, "cursor.json"), JSON.stringify({ cursor: c })));
   private metaChain: Promise<void> = Promise.resolve();
 
   constructor(private dir: string, private compactBytes = COMPACT_BYTES) {
@@ -126,10 +124,10 @@ export class FileStore implements Store {
     }
     try {
       const c = JSON.parse(await fsp.readFile(path.join(this.dir, "cursor.json"), "utf8"));
-      this.cursorSaved = this.cursorWant = Number(c.cursor) || 0;
+      this.cursor.loaded(Number(c.cursor) || 0);
     } catch {}
     try { this.meta = JSON.parse(await fsp.readFile(path.join(this.dir, "meta.json"), "utf8")); } catch {}
-    return { instance: this.instance, next: this.next, cursor: this.cursorSaved, entries: [...entries.values()].sort((a, b) => a.n - b.n), meta: { ...this.meta } };
+    return { instance: this.instance, next: this.next, cursor: this.cursor.value, entries: [...entries.values()].sort((a, b) => a.n - b.n), meta: { ...this.meta } };
   }
 
   private async lock() {
@@ -233,21 +231,7 @@ export class FileStore implements Store {
   }
 
   saveCursor(cursor: number): Promise<void> {
-    this.cursorWant = Math.max(this.cursorWant, cursor);
-    if (!this.cursorWriting) {
-      this.cursorWriting = (async () => {
-        try {
-          while (this.cursorSaved < this.cursorWant) {
-            const c = this.cursorWant;
-            await writeAtomic(path.join(this.dir, "cursor.json"), JSON.stringify({ cursor: c }));
-            this.cursorSaved = c;
-          }
-        } finally {
-          this.cursorWriting = null;
-        }
-      })();
-    }
-    return this.cursorWriting;
+    return this.cursor.save(cursor);
   }
 
   setMeta(key: string, value: unknown): Promise<void> {
@@ -259,7 +243,7 @@ export class FileStore implements Store {
 
   async close() {
     while (this.writing || this.queue.length) await new Promise((r) => setTimeout(r, 5));
-    await this.cursorWriting?.catch(() => {});
+    await this.cursor.idle();
     await this.metaChain;
     await this.fh?.close();
     this.fh = null;

@@ -1,8 +1,10 @@
 // Browser storage: IndexedDB. record() resolves after the transaction that holds the entry
 // (and the next record number) has committed with durability "strict" (Chromium flushes it
-// to disk before completing). Concurrent record() calls share one transaction.
+// to disk before completing). Concurrent record() calls share one transaction. One tab at a
+// time: the store holds the Web Lock `pos-hub-client:<name>` from load() to close() (the
+// browser drops it when the tab closes or reloads), so two tabs never share an outbox.
 import { HubClientError, StorageFullError } from "./common.js";
-import { Entry, Loaded, Store, randomInstance } from "./store.js";
+import { CursorWriter, Entry, Loaded, Store, randomInstance } from "./store.js";
 
 function req<T>(r: IDBRequest<T>): Promise<T> {
   return new Promise((resolve, reject) => {
@@ -25,14 +27,53 @@ export class IdbStore implements Store {
   private writing = false;
   private next = 1;
   private meta: Record<string, unknown> = {};
-  private cursorWant = 0;
-  private cursorSaved = 0;
-  private cursorWriting: Promise<void> | null = null;
+  private cursor = new CursorWriter((c) => this.put({ cursor: c }));
 
-  constructor(private name: string) {}
+  private release: (() => void) | null = null;
+
+  constructor(private name: string, private lockWait = 2000, private allowUnlocked = false) {}
+
+  /** Takes the Web Lock of this storage name, waiting at most lockWait ms for another tab to let go. */
+  private async lock(): Promise<void> {
+    const locks = (globalThis.navigator as { locks?: LockManager } | undefined)?.locks;
+    if (!locks) {
+      if (this.allowUnlocked) return;
+      throw new HubClientError("storage_unguarded", "this page has no Web Locks API (navigator.locks: only in secure contexts, https or localhost), so two tabs could share this outbox and reuse its event ids; serve the page over https, or pass storage: {allowUnlocked: true} if you make sure only one tab opens it");
+    }
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const ac = new AbortController();
+    const timer = Number.isFinite(this.lockWait) ? setTimeout(() => ac.abort(), this.lockWait) : null;
+    const got = await new Promise<boolean>((resolve, reject) => {
+      locks.request(`pos-hub-client:${this.name}`, { signal: ac.signal }, () => { resolve(true); return held; })
+        .catch((e: unknown) => ((e as DOMException)?.name === "AbortError" ? resolve(false) : reject(idbError(e, "taking the tab lock"))));
+    });
+    if (timer) clearTimeout(timer);
+    if (!got) {
+      throw new HubClientError("storage_locked", `the outbox "${this.name}" is open in another tab or window of this browser (waited ${this.lockWait} ms); close it, or wait for it (storage: {lockWait: Infinity})`);
+    }
+    this.release = release;
+  }
+
+  private unlock() {
+    this.release?.();
+    this.release = null;
+  }
 
   async load(): Promise<Loaded> {
     if (typeof indexedDB === "undefined") throw new HubClientError("storage_error", "IndexedDB is not available here; pass storage: {dir} in Node");
+    await this.lock();
+    try {
+      return await this.open();
+    } catch (e) {
+      this.db?.close();
+      this.db = null;
+      this.unlock();
+      throw e;
+    }
+  }
+
+  private async open(): Promise<Loaded> {
     const open = indexedDB.open(`pos-hub-client:${this.name}`, 1);
     open.onupgradeneeded = () => {
       const db = open.result;
@@ -48,14 +89,14 @@ export class IdbStore implements Store {
     keys.forEach((k, i) => (this.meta[k] = vals[i]));
     let instance = this.meta.instance as string | undefined;
     this.next = Math.max(Number(this.meta.next) || 1, ...entries.map((e) => e.n + 1));
-    this.cursorSaved = this.cursorWant = Number(this.meta.cursor) || 0;
+    this.cursor.loaded(Number(this.meta.cursor) || 0);
     if (!instance) {
       instance = randomInstance();
       await this.put({ instance });
     }
     const user = { ...this.meta };
     delete user.instance; delete user.next; delete user.cursor;
-    return { instance, next: this.next, cursor: this.cursorSaved, entries: entries.sort((a, b) => a.n - b.n), meta: user };
+    return { instance, next: this.next, cursor: this.cursor.value, entries: entries.sort((a, b) => a.n - b.n), meta: user };
   }
 
   private tx(stores: string[]): IDBTransaction {
@@ -135,21 +176,7 @@ export class IdbStore implements Store {
   }
 
   saveCursor(cursor: number): Promise<void> {
-    this.cursorWant = Math.max(this.cursorWant, cursor);
-    if (!this.cursorWriting) {
-      this.cursorWriting = (async () => {
-        try {
-          while (this.cursorSaved < this.cursorWant) {
-            const c = this.cursorWant;
-            await this.put({ cursor: c });
-            this.cursorSaved = c;
-          }
-        } finally {
-          this.cursorWriting = null;
-        }
-      })();
-    }
-    return this.cursorWriting;
+    return this.cursor.save(cursor);
   }
 
   setMeta(key: string, value: unknown) {
@@ -158,8 +185,9 @@ export class IdbStore implements Store {
 
   async close() {
     while (this.writing || this.queue.length) await new Promise((r) => setTimeout(r, 5));
-    await this.cursorWriting?.catch(() => {});
+    await this.cursor.idle();
     this.db?.close();
     this.db = null;
+    this.unlock();
   }
 }

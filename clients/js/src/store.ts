@@ -42,6 +42,50 @@ export interface Store {
   close(): Promise<void>;
 }
 
+/**
+ * Persists the receive cursor, coalesced: one write in flight at a time, a call while it
+ * runs raises the target, and the promise resolves once the highest value asked for is
+ * written. It never goes down.
+ */
+export class CursorWriter {
+  private want = 0;
+  private saved = 0;
+  private writing: Promise<void> | null = null;
+  constructor(private write: (cursor: number) => Promise<void>) {}
+
+  /** The cursor read at load (nothing is written). */
+  loaded(cursor: number) {
+    this.want = this.saved = cursor;
+  }
+
+  get value() {
+    return this.saved;
+  }
+
+  save(cursor: number): Promise<void> {
+    this.want = Math.max(this.want, cursor);
+    if (!this.writing) {
+      this.writing = (async () => {
+        try {
+          while (this.saved < this.want) {
+            const c = this.want;
+            await this.write(c);
+            this.saved = c;
+          }
+        } finally {
+          this.writing = null;
+        }
+      })();
+    }
+    return this.writing;
+  }
+
+  /** Resolves when no write is in flight (errors are the save() caller's). */
+  async idle() {
+    await this.writing?.catch(() => {});
+  }
+}
+
 export function randomInstance(): string {
   const b = new Uint8Array(8);
   crypto.getRandomValues(b);

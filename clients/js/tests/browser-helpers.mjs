@@ -9,7 +9,11 @@ import { here } from "./helpers.mjs";
 export const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 export const dist = path.join(here, "..", "examples", "till", "dist");
 
+let built = false;
+/** Builds the example till with the current dist/browser.js, once per process. */
 export function buildTill() {
+  if (built) return;
+  built = true;
   execFileSync(process.execPath, [path.join(here, "..", "node_modules", "vite", "bin", "vite.js"), "build", path.join(here, "..", "examples", "till")], { stdio: "inherit" });
 }
 
@@ -22,8 +26,9 @@ export function serveDist() {
     res.writeHead(200, { "content-type": file.endsWith(".js") ? "text/javascript" : "text/html" });
     res.end(fs.readFileSync(file));
   });
+  srv.unref(); // a failed test must not leave the process waiting on it
   return new Promise((r) => srv.listen(0, "127.0.0.1", () => r({ srv, port: srv.address().port })));
 }
 
-export const launch = () => chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+export const launch = (args = []) => chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox", ...args] });
 

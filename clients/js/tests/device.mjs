@@ -1,7 +1,9 @@
 // A till process for the tests: records COUNT events (continuing after a restart from what
 // its resolved log says), appends each resolved id to RESOLVED, each received event to RX,
 // prints {"drained":...} once the outbox is empty, and keeps receiving until killed.
-// Usage: node device.mjs JSON-OPTIONS   ({token, hubs, ca?, dir, resolved, rx, count, name, gapMs})
+// With gapHang, a `gap` is printed ({"gap": ...}) and its handler never returns (a crash
+// inside it is then a SIGKILL from the test).
+// Usage: node device.mjs JSON-OPTIONS   ({token, hubs, ca?, dir, resolved, rx, count, name, gapMs, gapHang})
 import fs from "node:fs";
 import { HubClient } from "../dist/node.js";
 
@@ -10,6 +12,7 @@ const say = (m) => process.stdout.write(JSON.stringify(m) + "\n");
 const client = new HubClient({ token: o.token, hubs: o.hubs, ca: o.ca, caFingerprint: o.caFingerprint, storage: { dir: o.dir }, discovery: o.discovery, timeout: 3000, backoffMax: 500, cloud: o.cloud });
 client.on("event", (e) => { fs.appendFileSync(o.rx, `${process.pid} ${e.seq} ${e.id} ${e.deviceId}\n`); });
 client.on("error", (e) => say({ error: e.code, message: e.message }));
+if (o.gapHang) client.on("gap", (g) => { say({ gap: g }); return new Promise(() => {}); });
 client.on("status", (s) => { if (o.statusLog) say({ status: s }); });
 await client.start();
 say({ started: client.status() });

@@ -50,12 +50,11 @@ export async function until(pred, ms, what) {
   throw new Error(`timed out after ${ms} ms: ${what}`);
 }
 
-/** Reads the hub's whole log (sync pages) as a plain socket.io-client device. */
-export async function readLog(url, token, ca) {
+/** Reads the hub's log after `since` (default: all of it) with sync pages, as a plain socket.io-client device. */
+export async function readLog(url, token, ca, since = 0) {
   const s = io(url, { transports: ["websocket"], auth: { token }, reconnection: false, ...(ca ? { ca } : {}) });
   await new Promise((res, rej) => { s.once("connect", res); s.once("connect_error", rej); });
   const out = [];
-  let since = 0;
   for (;;) {
     const r = await s.timeout(10000).emitWithAck("sync", { since, limit: 1000 });
     if (!r.ok) throw new Error(JSON.stringify(r));
@@ -65,6 +64,17 @@ export async function readLog(url, token, ca) {
   }
   s.close();
   return out;
+}
+
+/**
+ * One device's events in the hub's log after `since`, once at least `count` are there: `sync`
+ * shows an event once the hub has fanned it out, a moment after its ack (`drained()`).
+ */
+export function eventsOf(url, token, deviceId, count, { ca, since = 0 } = {}) {
+  return until(async () => {
+    const mine = (await readLog(url, token, ca, since)).filter((e) => e.deviceId === deviceId);
+    return mine.length >= count && mine;
+  }, 10000, `${count} events of ${deviceId} in the hub's log`);
 }
 
 /** Starts pos-cloud-ref on loopback. */

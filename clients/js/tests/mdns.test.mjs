@@ -7,32 +7,12 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { HUB, procs, tmp, run, startHub, sleep, mint, caPem, until, spawnNode } from "./helpers.mjs";
+import { vethPair } from "../../../tests/lib/netns.mjs";
 
 after(() => { for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
 const root = process.getuid?.() === 0 && run("ip", ["netns", "list"]).code === 0;
 
-function netns(tag) {
-  const a = `poshub-sdka-${tag}`, b = `poshub-sdkb-${tag}`;
-  for (const n of [a, b]) run("ip", ["netns", "del", n]);
-  const cmds = [
-    ["netns", "add", a], ["netns", "add", b],
-    ["link", "add", "a0", "netns", a, "type", "veth", "peer", "name", "b0", "netns", b],
-    ["-n", a, "addr", "add", "10.89.0.1/24", "dev", "a0"], ["-n", b, "addr", "add", "10.89.0.2/24", "dev", "b0"],
-    ["-n", a, "link", "set", "a0", "up"], ["-n", b, "link", "set", "b0", "up"],
-    ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"],
-    ["-n", a, "route", "add", "224.0.0.0/4", "dev", "a0"], ["-n", b, "route", "add", "224.0.0.0/4", "dev", "b0"],
-  ];
-  for (const c of cmds) assert.equal(run("ip", c).code, 0, `ip ${c.join(" ")}`);
-  return {
-    a, b,
-    cleanup: () => {
-      for (const n of [a, b]) {
-        for (const p of run("ip", ["netns", "pids", n]).out.split(/\s+/).filter(Boolean)) try { process.kill(Number(p), "SIGKILL"); } catch {}
-        run("ip", ["netns", "del", n]);
-      }
-    },
-  };
-}
+const netns = (tag) => vethPair(`poshub-sdka-${tag}`, `poshub-sdkb-${tag}`, "10.89.0");
 
 function device(ns, dataDir, name, extra = {}) {
   const d = tmp(`sdk-mdns-${name}`);
