@@ -68,6 +68,7 @@ pub async fn sample_loop(web: Arc<Web>) {
         let now = crate::util::now_ms();
         for r in web.realms.iter() {
             web.history.sample(&r.key(), now, outbox_depth(r));
+            r.close_idle_readers();
         }
     }
 }

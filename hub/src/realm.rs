@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
@@ -189,7 +189,9 @@ pub struct Realm {
     fan_tx: Sender<Fan>,
     /// The highest seq the fan-out has sent to live devices.
     fanned_seq: Arc<AtomicU64>,
-    readers: Mutex<Vec<Store>>,
+    /// Read-only connections for catch-up and `sync`, newest last, with when each was
+    /// last given back; at most [`READERS`], closed after [`READER_IDLE`] unused.
+    readers: Mutex<Vec<(Store, Instant)>>,
     devices: Mutex<HashMap<Sid, DeviceEntry>>,
     admitted: RwLock<HashSet<String>>,
     shutting_down: AtomicBool,
@@ -394,17 +396,25 @@ impl Realm {
         &self,
         f: impl FnOnce(&Store) -> Result<T, LogError>,
     ) -> Result<T, LogError> {
-        let reader = self.readers.lock().pop();
+        let reader = self.readers.lock().pop().map(|(r, _)| r);
         let reader = match reader {
             Some(r) => r,
             None => Store::open_reader(&self.db_path)?,
         };
         let r = f(&reader);
         let mut pool = self.readers.lock();
-        if pool.len() < 4 {
-            pool.push(reader);
+        if pool.len() < READERS {
+            pool.push((reader, Instant::now()));
         }
         r
+    }
+
+    /// Closes pooled readers unused for [`READER_IDLE`], so a busy hour's descriptors
+    /// (two per reader: the database and its WAL) go back once the store is quiet.
+    pub fn close_idle_readers(&self) {
+        self.readers
+            .lock()
+            .retain(|(_, used)| used.elapsed() < READER_IDLE);
     }
 
     /// Reads one page of events `(after, min(upto, fanned)]` on a pooled reader.
@@ -547,6 +557,11 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHand
         })
 }
 
+/// Read-only connections a realm keeps open between reads.
+const READERS: usize = 4;
+/// How long a pooled reader may stay unused before it is closed.
+pub const READER_IDLE: Duration = Duration::from_secs(30);
+
 /// How long a catching-up device may take nothing before it is cut.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -554,7 +569,7 @@ const STALL: Duration = Duration::from_secs(10);
 /// false if the device is gone or was cut for taking nothing for [`STALL`].
 async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Str> + Clone) -> bool {
     let mut rest = packets;
-    let mut stalled_since: Option<std::time::Instant> = None;
+    let mut stalled_since: Option<Instant> = None;
     loop {
         match link::try_send_all(sock, rest.clone()) {
             Ok(_) => return true,
@@ -565,7 +580,7 @@ async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Str> + 
                         rest.next();
                     }
                 }
-                let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                let since = *stalled_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > STALL {
                     link::cut(sock, Why::CatchUpStalled);
                     return false;

@@ -412,8 +412,9 @@ pub async fn run(a: &Args, bin: &Path) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
-    // Idle again: tokio's blocking threads leave after 10 s without work.
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Idle again: tokio's blocking threads leave after 10 s without work; the realm's
+    // pooled readers are closed 30 s after their last use (checked every 15 s).
+    tokio::time::sleep(Duration::from_secs(50)).await;
     let (end_fds, end_threads) = (fds(hub.pid()), proc_status(hub.pid(), "Threads:"));
     if end_fds > base_fds {
         for (kind, n) in fd_kinds(hub.pid()) {
