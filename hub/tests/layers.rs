@@ -197,7 +197,12 @@ fn edges(src: &Path) -> BTreeMap<(String, String), Vec<String>> {
     let mut edges: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for file in files {
         let rel = file.strip_prefix(src).unwrap();
-        let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
         let from = first.trim_end_matches(".rs").to_string();
         if from == "lib" || from == "main" {
             continue; // the crate root declares the modules; main is the binary on top
