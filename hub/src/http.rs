@@ -240,7 +240,7 @@ fn metrics_text(web: &Web) -> String {
         family(
             "poshub_data_bytes_free",
             "gauge",
-            "Free bytes on the data partition",
+            "Bytes free on the data partition (for unprivileged writers)",
             vec![(String::new(), free as f64)],
         );
         family(
@@ -353,21 +353,6 @@ fn metrics_text(web: &Web) -> String {
             })
             .collect(),
     );
-    let sys = crate::system::status(&web.data_dir);
-    if let (Some(free), Some(total)) = (sys.data_bytes_free, sys.data_bytes_total) {
-        family(
-            "poshub_data_bytes_free",
-            "gauge",
-            "Bytes free on the data partition (for unprivileged writers)",
-            vec![(String::new(), free as f64)],
-        );
-        family(
-            "poshub_data_bytes_total",
-            "gauge",
-            "Size of the data partition",
-            vec![(String::new(), total as f64)],
-        );
-    }
     crate::metrics::render(&mut m);
     m
 }

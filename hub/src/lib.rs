@@ -1,6 +1,7 @@
 //! pos-hub: store firmware for point-of-sale systems.
 //!
-//! The crate is split by concern; lower layers never import upper ones:
+//! The crate is split by concern; lower layers never import upper ones (the layers are a
+//! table in the README's "Design notes", checked by `hub/tests/layers.rs`):
 //!
 //! * [`allocs`]   counts heap allocations (for /metrics and the benchmark)
 //! * [`config`]   settings from env / `.env` / realms file, validated at start

@@ -214,6 +214,49 @@ test("an .img.xz image is decompressed through xz", () => {
   assert.equal(envMap(hubEnv(out)).STORE_ID, "s-002");
 });
 
+test("the field tech's static binary (scripts/build-tools) flashes an .img.xz in an empty environment: no PATH, no xz, no mtools", (t) => {
+  const TOOLS = process.env.POS_HUB_TOOLS_BIN; // out/tools/pos-hub-<version>-x86_64-linux
+  if (!TOOLS) return t.skip("POS_HUB_TOOLS_BIN not set (scripts/build-tools builds it)");
+  assert.match(run("file", ["-L", TOOLS]), /statically linked|static-pie linked/);
+  const xz = tmp("tools.img.xz");
+  run("xz", ["-T1", "-c", IMG], { stdio: ["ignore", fs.openSync(xz, "w"), "inherit"] });
+  const out = tmp("tools-out.img");
+  const r = spawnSync(TOOLS, ["flash", xz, out, "--realm", "t-abc:s-003", "--cluster-key-file", KEY_FILE, "--yes"], { env: {}, encoding: "utf8", input: "", timeout: 120000 });
+  assert.equal(r.status, 0, r.stderr);
+  sameOutside(IMG, out, P1.start, P1.start + P1.size, fs.statSync(IMG).size);
+  assert.match(r.stdout, new RegExp(`^target sha256 ${sha(IMG)}$`, "m"));
+  assert.equal(envMap(hubEnv(out)).STORE_ID, "s-003");
+});
+
+test("scripts/publish-imager: an Imager repository with the stable and canary entries, sizes and SHA-256s of the images", () => {
+  const www = tmp("www");
+  const stable = tmp("pos-hub-0.1.0-rpi.img.xz"), canary = tmp("pos-hub-0.2.0-rpi5.img.xz");
+  for (const f of [stable, canary]) run("xz", ["-T1", "-c", IMG], { stdio: ["ignore", fs.openSync(f, "w"), "inherit"] });
+  const PUBLISH = path.resolve(here, "../../scripts/publish-imager");
+  run(PUBLISH, ["--dir", www, "--base-url", "https://updates.example/pos/", "--stable", stable, "--canary", canary]);
+  const list = JSON.parse(fs.readFileSync(path.join(www, "os_list.json"), "utf8")).os_list;
+  assert.deepEqual(list.map((e) => [e.name, e.url, e.devices]), [
+    ["pos-hub 0.1.0 (stable)", "https://updates.example/pos/images/pos-hub-0.1.0-rpi.img.xz", ["pi4-64bit", "pi5-64bit"]],
+    ["pos-hub 0.2.0 (canary)", "https://updates.example/pos/images/pos-hub-0.2.0-rpi5.img.xz", ["pi5-64bit"]],
+  ]);
+  for (const [e, f] of [[list[0], stable], [list[1], canary]]) {
+    assert.equal(e.extract_size, fs.statSync(IMG).size);
+    assert.equal(e.extract_sha256, sha(IMG));
+    assert.equal(e.image_download_size, fs.statSync(f).size);
+    assert.equal(e.image_download_sha256, sha(f));
+    assert.ok(fs.readFileSync(path.join(www, "images", path.basename(f))).equals(fs.readFileSync(f)), "the image is copied as is");
+  }
+  // A later run for one channel keeps the other's entry.
+  run(PUBLISH, ["--dir", www, "--base-url", "https://updates.example/pos", "--canary", stable]);
+  const again = JSON.parse(fs.readFileSync(path.join(www, "os_list.json"), "utf8")).os_list;
+  assert.deepEqual(again.map((e) => e.name), ["pos-hub 0.1.0 (stable)", "pos-hub 0.1.0 (canary)"]);
+  // Refused: a raw image (Imager downloads the .img.xz), a name without version and board.
+  assert.throws(() => run(PUBLISH, ["--dir", www, "--base-url", "https://x", "--stable", IMG], { stdio: "pipe" }), /not an \.img\.xz/);
+  const odd = tmp("firmware.img.xz");
+  fs.copyFileSync(stable, odd);
+  assert.throws(() => run(PUBLISH, ["--dir", www, "--base-url", "https://x", "--stable", odd], { stdio: "pipe" }), /not named pos-hub-<version>-<board>/);
+});
+
 test("refused: a target smaller than the image, untouched", () => {
   const small = tmp("small.bin");
   fs.writeFileSync(small, crypto.randomBytes(20 * MiB));

@@ -4,7 +4,7 @@
 // the store CA, through the forwarded port. Each test boots its own copy of the image.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { IMAGE, cardFrom, boot, devTokens, connect, httpGet, httpsReq, sleep } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, allIds, httpGet, httpsReq, sleep } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const cleanup = [];
@@ -20,14 +20,6 @@ async function sendAcked(sock, ids) {
     seqs.push(ack.seq);
   }
   return seqs;
-}
-
-/** Every event of the log, by catching up from 0. */
-async function allEvents(box, token) {
-  const s = await connect(box, token, { auth: { since: 0 } });
-  const ids = s.got.map((e) => e.id);
-  s.close();
-  return ids;
 }
 
 test("first boot: blank data partition formatted and grown, read-only root, /healthz and a WSS event round trip", async () => {
@@ -62,7 +54,7 @@ test("first boot: blank data partition formatted and grown, read-only root, /hea
   const [seq] = await sendAcked(a, ["img-1"]);
   assert.ok(seq >= 1);
   a.close();
-  assert.deepEqual(await allEvents(box, device), ["img-1"]);
+  assert.deepEqual(await allIds(box, device), ["img-1"]);
   await box.stop();
 });
 
@@ -85,7 +77,7 @@ test("acknowledged events survive a reboot and a power cut", async () => {
   await sleep(500);
   await box.healthz(90000);
   assert.doesNotMatch(box.console.slice(mark), /not cleanly unmounted/, "a reboot unmounts the data partition cleanly");
-  assert.deepEqual(await allEvents(box, device), ["r-1", "r-2", "r-3"]);
+  assert.deepEqual(await allIds(box, device), ["r-1", "r-2", "r-3"]);
 
   // Power cut right after acks.
   const s2 = await connect(box, device);
@@ -95,7 +87,7 @@ test("acknowledged events survive a reboot and a power cut", async () => {
   cleanup.push(box);
   await box.waitFor(/not cleanly unmounted: checking it/, 60000);
   await box.healthz(90000);
-  assert.deepEqual(await allEvents(box, device), ["r-1", "r-2", "r-3", "p-1", "p-2", "p-3", "p-4"]);
+  assert.deepEqual(await allIds(box, device), ["r-1", "r-2", "r-3", "p-1", "p-2", "p-3", "p-4"]);
   await box.stop();
 });
 

@@ -1,6 +1,7 @@
 // Helpers for the image tests: a private copy of the built image (optionally a bigger
 // "card" and a different hub.env), booted by scripts/run-qemu (the project's Pi
 // bootloader stand-in) with the hub's port forwarded to a free loopback port.
+import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
@@ -183,4 +184,19 @@ export async function connect(box, token, opts = {}) {
   });
   await s.synced;
   return s;
+}
+
+/** Sends events `ids` (type order.paid) on a connection of its own, each acked ok, then closes it. */
+export async function sendAcked(box, token, ids) {
+  const s = await connect(box, token);
+  for (const id of ids) assert.equal((await s.timeout(10000).emitWithAck("event", { id, type: "order.paid", payload: { id } })).ok, true);
+  s.close();
+}
+
+/** The ids of every event of the box's log, by catching up from 0. */
+export async function allIds(box, token) {
+  const s = await connect(box, token, { auth: { since: 0 } });
+  const ids = s.got.map((e) => e.id);
+  s.close();
+  return ids;
 }

@@ -6,7 +6,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
-import { cardFrom, boot, devTokens, connect, httpsReq } from "./qemu.mjs";
+import { cardFrom, boot, devTokens, httpsReq, sendAcked, allIds } from "./qemu.mjs";
 
 const V1 = process.env.POS_HUB_IMAGE;
 const B2 = process.env.POS_HUB_BUNDLE_V2;
@@ -14,19 +14,7 @@ if (!V1 || !B2) throw new Error("scripts/test-image sets POS_HUB_IMAGE and POS_H
 const cleanup = [];
 after(async () => { for (const b of cleanup) await b.stop(); });
 const auth = (t) => ({ authorization: `Bearer ${t}` });
-const ev = (id) => ({ id, type: "order.paid", payload: { id } });
 
-async function sendAcked(box, token, ids) {
-  const s = await connect(box, token);
-  for (const id of ids) assert.equal((await s.timeout(10000).emitWithAck("event", ev(id))).ok, true);
-  s.close();
-}
-async function allIds(box, token) {
-  const s = await connect(box, token, { auth: { since: 0 } });
-  const ids = s.got.map((e) => e.id);
-  s.close();
-  return ids;
-}
 
 test("an SSD on USB (qemu-xhci + usb-storage): first boot, a power cut, an update to v2 and its commit", async () => {
   const { card } = cardFrom(V1, { sizeMiB: 512 });

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { execFileSync } from "node:child_process";
-import { cardFrom, boot, devTokens, connect, httpsReq, staticServer, sleep, ROOT, SCALE } from "./qemu.mjs";
+import { cardFrom, boot, devTokens, httpsReq, staticServer, sleep, sendAcked, allIds, ROOT, SCALE } from "./qemu.mjs";
 
 const V1 = process.env.POS_HUB_IMAGE;
 const V2 = process.env.POS_HUB_IMAGE_V2;
@@ -22,22 +22,10 @@ const HUB = process.env.POS_HUB_BIN || path.join(ROOT, "target/debug/pos-hub");
 const cleanup = [];
 after(async () => { for (const b of cleanup) await b.stop(); });
 
-const ev = (id) => ({ id, type: "order.paid", payload: { id } });
 const auth = (t) => ({ authorization: `Bearer ${t}` });
 
 async function status(box, admin) {
   return JSON.parse((await httpsReq(box, "/status", { headers: auth(admin) })).body);
-}
-async function sendAcked(box, token, ids) {
-  const s = await connect(box, token);
-  for (const id of ids) assert.equal((await s.timeout(10000).emitWithAck("event", ev(id))).ok, true);
-  s.close();
-}
-async function allIds(box, token) {
-  const s = await connect(box, token, { auth: { since: 0 } });
-  const ids = s.got.map((e) => e.id);
-  s.close();
-  return ids;
 }
 async function upload(box, admin, bundle, query = "now=1") {
   const r = await httpsReq(box, `/admin/update/install?${query}`, { method: "POST", headers: auth(admin), body: fs.readFileSync(bundle), timeout: 120000 });

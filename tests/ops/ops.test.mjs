@@ -269,6 +269,9 @@ test("metrics an operator graphs: ack latency, commit batches, bridge lag, event
   assert.ok(num(/^poshub_device_disconnects_total\{reason="client_disconnect"\} (\d+)$/m) >= 1);
   assert.equal(num(/^poshub_device_refused_total\{code="bad_signature"\} (\d+)$/m), 1);
   assert.ok(num(/^poshub_data_bytes_free (\d+)$/m) > 0);
+  // Prometheus refuses a scrape that names a family twice (a second HELP or TYPE line).
+  const families = [...m.matchAll(/^# TYPE (\S+) /gm)].map((x) => x[1]);
+  assert.deepEqual(families.filter((f, i) => families.indexOf(f) !== i), [], "each metric family once in /metrics");
   if (lanAddr) assert.equal((await req(lanAddr, S.port, "/metrics", S.ca, { token: S.till })).status, 401);
 });
 

@@ -7,13 +7,11 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync, spawnSync } from "node:child_process";
 import fs from "node:fs";
-import http from "node:http";
 import path from "node:path";
 import { io } from "socket.io-client";
 import { HUB, procs, tmp, httpGet, sleep, freePort } from "../lib/hub.mjs";
+import { CLOUD_TOKEN as TOKEN, startCloud, device as connectDevice, until } from "../lib/cloud.mjs";
 
-const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "pos-cloud-ref");
-const TOKEN = "bridge-secret";
 const mounts = [];
 after(() => {
   for (const p of procs) try { p.kill("SIGKILL"); } catch {}
@@ -70,36 +68,9 @@ async function answering(hub, ms = 20000) {
   }
 }
 
-async function startCloud(port) {
-  const db = path.join(tmp("cloud"), "cloud.db"); // off the full partition, like a real cloud
-  const child = spawn(CLOUD, ["--listen", `127.0.0.1:${port}`, "--db", db, "--token", TOKEN], { stdio: ["ignore", "pipe", "pipe"] });
-  procs.add(child);
-  const url = await new Promise((res, rej) => {
-    let out = "";
-    child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
-    child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
-    setTimeout(() => rej(new Error("cloud did not start")), 10000);
-  });
-  const events = () => new Promise((res, rej) => {
-    http.get(`${url}/v1/admin/events?tenantId=t-dev&storeId=s-dev`, (r) => { let b = ""; r.on("data", (d) => (b += d)); r.on("end", () => res(JSON.parse(b).events)); }).on("error", rej);
-  });
-  return { events };
-}
-
 function device(hub, since) {
   const token = fs.readFileSync(path.join(hub.dataDir, "dev-token.txt"), "utf8").trim();
-  const s = io(`http://127.0.0.1:${hub.port}`, { transports: ["websocket"], auth: { token, since }, reconnection: false, timeout: 5000 });
-  s.got = [];
-  s.on("event", (e) => s.got.push(e));
-  s.ready = new Promise((res, rej) => { s.on("synced", res); s.on("connect_error", rej); setTimeout(() => rej(new Error("no synced")), 15000); });
-  return s;
-}
-
-async function until(pred, ms, what) {
-  const end = Date.now() + ms;
-  let last;
-  while (Date.now() < end) { last = await pred(); if (last) return last; await sleep(50); }
-  throw new Error(`timed out: ${what}`);
+  return connectDevice(io, hub, { token, since, timeout: 5000, readyMs: 15000 });
 }
 
 const status = async (hub) => JSON.parse((await httpGet(hub.port, "/status")).body);
@@ -172,7 +143,7 @@ test("a full data partition: storage_full refusals, nothing acked lost, reads an
   assert.deepEqual(page.events.map((e) => e.id), acked.slice(0, 50).map((a) => a.id));
 
   // The bridge keeps pushing: the cloud comes up while the partition is still full.
-  const cloud = await startCloud(cloudPort);
+  const cloud = await startCloud({ port: cloudPort });
   await until(async () => (await cloud.events()).length >= acked.length, 30000, "the cloud got every acked event while the hub's disk is full");
   assert.deepEqual((await cloud.events()).map((e) => e.id), acked.map((a) => a.id));
   assert.equal((await status(hub)).realms[0].outboxDepth, 0);

@@ -5,67 +5,21 @@
 // retention shortened to seconds (LOG_RETENTION=8s, LOG_PRUNE_INTERVAL=200ms).
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import fs from "node:fs";
-import http from "node:http";
 import path from "node:path";
 import { io } from "socket.io-client";
-import { HUB, procs, tmp, httpGet, startHub, sleep, freePort } from "../lib/hub.mjs";
+import { procs, httpGet, startHub, sleep, freePort } from "../lib/hub.mjs";
+import { CLOUD_TOKEN as TOKEN, startCloud, device as connectDevice, write as writeEvents, until, realmStatus as realm } from "../lib/cloud.mjs";
 
 after(() => { for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
-const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "pos-cloud-ref");
-const TOKEN = "bridge-secret";
-
-async function startCloud(port) {
-  const db = path.join(tmp("cloud"), "cloud.db");
-  const child = spawn(CLOUD, ["--listen", `127.0.0.1:${port}`, "--db", db, "--token", TOKEN], { stdio: ["ignore", "pipe", "pipe"] });
-  procs.add(child);
-  const url = await new Promise((res, rej) => {
-    let out = "";
-    child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
-    child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
-    setTimeout(() => rej(new Error("cloud did not start")), 10000);
-  });
-  return {
-    events: () => new Promise((res, rej) => {
-      http.get(`${url}/v1/admin/events?tenantId=t-dev&storeId=s-dev`, (r) => { let b = ""; r.on("data", (d) => (b += d)); r.on("end", () => res(JSON.parse(b).events)); }).on("error", rej);
-    }),
-  };
-}
-
-function device(hub, since) {
-  const s = io(`http://127.0.0.1:${hub.port}`, { transports: ["websocket"], auth: { token: hub.token, since }, reconnection: false, timeout: 5000 });
-  s.got = [];
-  s.on("event", (e) => s.got.push(e));
-  s.ready = new Promise((res, rej) => { s.on("synced", res); s.on("connect_error", rej); setTimeout(() => rej(new Error("no synced")), 10000); });
-  return s;
-}
+const device = (hub, since) => connectDevice(io, hub, { token: hub.token, since, timeout: 5000 });
+const write = (d, prefix, n, size = 500) => writeEvents(d, prefix, n, (i) => ({ i, note: "y".repeat(size) }));
 
 async function refusal(hub, since) {
   const s = device(hub, since);
   // The code is the message; the oldest kept seq comes as the CONNECT_ERROR's data.
   try { await s.ready; } catch (e) { return e.data?.oldestSeq !== undefined ? `${e.message} oldestSeq=${e.data.oldestSeq}` : e.message; } finally { s.close(); }
   return "connected";
-}
-
-async function until(pred, ms, what) {
-  const end = Date.now() + ms;
-  let last;
-  while (Date.now() < end) { last = await pred(); if (last) return last; await sleep(50); }
-  throw new Error(`timed out: ${what}`);
-}
-
-const realm = async (hub) => JSON.parse((await httpGet(hub.port, "/status")).body).realms[0];
-
-async function write(d, prefix, n, size = 500) {
-  const out = [];
-  for (let i = 0; i < n; i++) {
-    const id = `${prefix}-${i}`;
-    const a = await d.timeout(5000).emitWithAck("event", { id, type: "order.created", payload: { i, note: "y".repeat(size) } });
-    assert.equal(a.ok, true, JSON.stringify(a));
-    out.push({ id, seq: a.seq });
-  }
-  return out;
 }
 
 test("retention without a cloud prunes old events; an expired cursor is refused with the oldest kept seq", async () => {
@@ -133,7 +87,7 @@ test("with a cloud, retention never prunes what is still in the outbox", async (
   assert.equal(st.outboxDepth, 201);
   assert.equal(await refusal(hub, 0), "connected");
   // The cloud comes up and takes everything; then the old events may go.
-  const cloud = await startCloud(cloudPort);
+  const cloud = await startCloud({ port: cloudPort });
   await until(async () => (await cloud.events()).length === 201, 20000, "cloud got every event");
   st = await until(async () => { const r = await realm(hub); return r.oldestSeq > 1 && r; }, 10000, "pushed events pruned");
   assert.equal(st.outboxDepth, 0);

@@ -6,6 +6,10 @@
 //!
 //! Layout (see `buildroot-config/image.conf`): 1 settings (FAT, label `POSHUB-CFG`),
 //! 2 boot slot A, 3 boot slot B (FAT), 4 data (ext4, label `posdata`).
+//!
+//! The MBR is read by hand (four 16-byte entries) rather than with a partition crate:
+//! init's growth of partition 4 must change one length field and rewrite one sector, in
+//! place, so that a power cut leaves the old table or the new one.
 
 use std::fs::File;
 use std::io::Read;

@@ -4,6 +4,9 @@
 //! the partition it booted is not the default (as Rugix decides). Commit rewrites
 //! autoboot.txt with the booted slot as default, in one write + fsync (FAT has no
 //! atomic rename), the settings partition remounted read-write for that moment.
+//! Our own write through the kernel's vfat, not a FAT crate: the new text has the old
+//! one's length, so the FAT and the file's size stay as they are and the data is one
+//! sector (no cluster allocation a power cut could leave half done).
 
 use std::path::{Path, PathBuf};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 mod nats;
 mod soak;
@@ -64,10 +64,7 @@ impl Hub {
     async fn start_with(bin: &Path, tag: &str, env: &[(&str, String)]) -> Hub {
         let dir = std::env::temp_dir().join(format!("poshub-bench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
+        let port = free_port();
         let child = tokio::process::Command::new(bin)
             .args(["serve", "--dev", "--data-dir"])
             .arg(&dir)
@@ -224,6 +221,53 @@ async fn connect(port: u16, token: &str, since: Option<u64>) -> (Ws, u64, Vec<u6
     }
 }
 
+/// What a device sending events reads next from the hub.
+enum Frame {
+    /// Nothing within the wait (or a frame that is not text): time to send again.
+    Idle,
+    /// The connection ended.
+    Closed,
+    /// `43<id>[...]`: the ack of the event sent with ack id `id`, and the whole frame.
+    Ack(u64, Utf8Bytes),
+    /// A fanned-out event (`42["event",...`), the whole frame.
+    Event(Utf8Bytes),
+    /// Engine.IO's ping, already answered.
+    Ping,
+    Other,
+}
+
+/// Waits up to `wait` for the hub's next frame and sorts it; answers pings.
+async fn next_frame(
+    tx: &mut futures_util::stream::SplitSink<Ws, Message>,
+    rx: &mut futures_util::stream::SplitStream<Ws>,
+    wait: Duration,
+) -> Frame {
+    let m = match tokio::time::timeout(wait, rx.next()).await {
+        Err(_) => return Frame::Idle,
+        Ok(None) | Ok(Some(Err(_))) => return Frame::Closed,
+        Ok(Some(Ok(m))) => m,
+    };
+    let Message::Text(t) = m else {
+        return Frame::Idle;
+    };
+    if let Some(rest) = t.strip_prefix("43") {
+        let id: u64 = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(u64::MAX);
+        Frame::Ack(id, t)
+    } else if t.starts_with("42[\"event\"") {
+        Frame::Event(t)
+    } else if t == "2" {
+        let _ = tx.send(Message::text("3")).await;
+        Frame::Ping
+    } else {
+        Frame::Other
+    }
+}
+
 fn num_after(s: &str, key: &str) -> Option<u64> {
     let i = s.find(key)? + key.len();
     let digits: String = s[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
@@ -310,34 +354,22 @@ async fn run_device(
         } else {
             Duration::from_millis(200)
         };
-        let m = match tokio::time::timeout(wait.max(Duration::from_micros(50)), rx.next()).await {
-            Err(_) => continue,
-            Ok(None) | Ok(Some(Err(_))) => break,
-            Ok(Some(Ok(m))) => m,
-        };
-        let Message::Text(t) = m else { continue };
-        let t = t.as_str();
-        if let Some(rest) = t.strip_prefix("43") {
-            let id: u64 = rest
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-                .parse()
-                .unwrap_or(u64::MAX);
-            if let Some(at) = sent_at.remove(&id) {
-                r.lat_ms.push(at.elapsed().as_secs_f64() * 1000.0);
-                r.acked += 1;
-                if let Some(seq) = num_after(rest, "\"seq\":") {
-                    if seq <= last_seq {
-                        r.inversions += 1;
+        match next_frame(&mut tx, &mut rx, wait.max(Duration::from_micros(50))).await {
+            Frame::Closed => break,
+            Frame::Ack(id, ack) => {
+                if let Some(at) = sent_at.remove(&id) {
+                    r.lat_ms.push(at.elapsed().as_secs_f64() * 1000.0);
+                    r.acked += 1;
+                    if let Some(seq) = num_after(&ack, "\"seq\":") {
+                        if seq <= last_seq {
+                            r.inversions += 1;
+                        }
+                        last_seq = seq;
                     }
-                    last_seq = seq;
                 }
             }
-        } else if t.starts_with("42[\"event\"") {
-            r.fanout_in += 1;
-        } else if t == "2" {
-            let _ = tx.send(Message::text("3")).await;
+            Frame::Event(_) => r.fanout_in += 1,
+            Frame::Idle | Frame::Ping | Frame::Other => {}
         }
     }
     let _ = tx.close().await;
@@ -645,16 +677,33 @@ fn tills(hub: &Hub, n: usize) -> Vec<String> {
     (0..n).map(|d| hub.token(&format!("till-{d}"))).collect()
 }
 
-/// An offline day: events written while the cloud is down, then the cloud comes back.
-async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let cloud_bin = bin
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    l.local_addr().expect("addr").port()
+}
+
+/// Starts the reference cloud (`pos-cloud-ref`, beside the hub binary `hub_bin`) on
+/// 127.0.0.1:`port`, its database at `db`, accepting the bridge token `token`.
+fn start_cloud(hub_bin: &Path, port: u16, db: &Path, token: &str) -> tokio::process::Child {
+    let cloud_bin = hub_bin
         .parent()
         .map(|p| p.join("pos-cloud-ref"))
         .unwrap_or_default();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
+    tokio::process::Command::new(&cloud_bin)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(db)
+        .args(["--token", token])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()))
+}
+
+/// An offline day: events written while the cloud is down, then the cloud comes back.
+async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
+    let port = free_port();
     let env = [
         (
             "CLOUD_BRIDGE_URL",
@@ -688,15 +737,7 @@ async fn offline_day(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
             }
         });
     let db = cloud_dir.join(format!("pos-hub-bench-cloud-{}.db", std::process::id()));
-    let mut cloud = tokio::process::Command::new(&cloud_bin)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(&db)
-        .args(["--token", "bench"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()));
+    let mut cloud = start_cloud(bin, port, &db, "bench");
     let start = Instant::now();
     let lat_task = tokio::spawn(paced_acks(
         hub.port,

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{connect, http_get, num_after, pct, rand_unit, Args, Hub};
+use crate::{
+    connect, free_port, http_get, next_frame, num_after, pct, rand_unit, start_cloud, Args, Frame,
+    Hub,
+};
 
 /// Faults switched on in turn (for 45 s each, then 75 s without).
 const FAULTS: &[&str] = &[
@@ -192,41 +195,30 @@ async fn device(port: u16, token: String, dev: usize, rate: f64, t0: Instant, sh
             } else {
                 Duration::from_millis(200)
             };
-            let m =
-                match tokio::time::timeout(wait.max(Duration::from_micros(100)), rx.next()).await {
-                    Err(_) => continue,
-                    Ok(None) | Ok(Some(Err(_))) => break,
-                    Ok(Some(Ok(m))) => m,
-                };
-            let Message::Text(t) = m else { continue };
-            let t = t.as_str();
-            if let Some(rest) = t.strip_prefix("43") {
-                let id: u64 = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit())
-                    .collect::<String>()
-                    .parse()
-                    .unwrap_or(u64::MAX);
-                if let Some(at) = pending.remove(&id) {
-                    sh.lat
-                        .lock()
-                        .unwrap()
-                        .push(at.elapsed().as_secs_f64() * 1000.0);
-                    if rest.contains("\"ok\":true") {
-                        sh.acked.fetch_add(1, Ordering::Relaxed);
-                        if let Some(seq) = num_after(rest, "\"seq\":") {
-                            last_seq = last_seq.max(seq);
+            match next_frame(&mut tx, &mut rx, wait.max(Duration::from_micros(100))).await {
+                Frame::Closed => break,
+                Frame::Ack(id, ack) => {
+                    if let Some(at) = pending.remove(&id) {
+                        sh.lat
+                            .lock()
+                            .unwrap()
+                            .push(at.elapsed().as_secs_f64() * 1000.0);
+                        if ack.contains("\"ok\":true") {
+                            sh.acked.fetch_add(1, Ordering::Relaxed);
+                            if let Some(seq) = num_after(&ack, "\"seq\":") {
+                                last_seq = last_seq.max(seq);
+                            }
+                        } else {
+                            sh.refused.fetch_add(1, Ordering::Relaxed);
                         }
-                    } else {
-                        sh.refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            } else if t.starts_with("42[\"event\"") {
-                if let Some(seq) = num_after(t, "\"seq\":") {
-                    last_seq = last_seq.max(seq);
+                Frame::Event(t) => {
+                    if let Some(seq) = num_after(&t, "\"seq\":") {
+                        last_seq = last_seq.max(seq);
+                    }
                 }
-            } else if t == "2" {
-                let _ = tx.send(Message::text("3")).await;
+                Frame::Idle | Frame::Ping | Frame::Other => {}
             }
         }
         sh.lost.fetch_add(pending.len() as u64, Ordering::Relaxed);
@@ -271,14 +263,7 @@ pub async fn run(a: &Args, bin: &Path) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300.0);
-    let cloud_bin = bin
-        .parent()
-        .map(|p| p.join("pos-cloud-ref"))
-        .unwrap_or_default();
-    let cport = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
+    let cport = free_port();
     let shm = Path::new("/dev/shm");
     let cloud_dir = if shm.is_dir() {
         shm.to_path_buf()
@@ -286,15 +271,7 @@ pub async fn run(a: &Args, bin: &Path) {
         std::env::temp_dir()
     };
     let db = cloud_dir.join(format!("pos-hub-soak-cloud-{}.db", std::process::id()));
-    let mut cloud = tokio::process::Command::new(&cloud_bin)
-        .args(["--listen", &format!("127.0.0.1:{cport}"), "--db"])
-        .arg(&db)
-        .args(["--token", "soak"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cloud_bin.display()));
+    let mut cloud = start_cloud(bin, cport, &db, "soak");
     let env = [
         (
             "CLOUD_BRIDGE_URL",

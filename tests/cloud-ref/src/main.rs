@@ -219,13 +219,7 @@ async fn ingest(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
             Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
         let mut results = Vec::new();
-        let mut next: i64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1",
-                [&realm],
-                |r| r.get(0),
-            )
-            .unwrap_or(1);
+        let mut next = next_cloud_seq(&tx, &realm);
         for raw in &body.events {
             let v: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
             let seq = v["seq"].as_u64();
@@ -384,19 +378,23 @@ struct CloudEvents {
     events: Vec<Value>,
 }
 
+/// The cloud seq the realm's next stored event gets.
+fn next_cloud_seq(tx: &rusqlite::Transaction, realm: &str) -> i64 {
+    tx.query_row(
+        "SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1",
+        [realm],
+        |r| r.get(0),
+    )
+    .unwrap_or(1)
+}
+
 async fn add_cloud_events(State(app): State<Arc<App>>, Json(b): Json<CloudEvents>) -> Response {
     let realm = realm_key(&b.tenant_id, &b.store_id);
     let mut added = 0;
     {
         let mut db = app.db.lock().unwrap();
         let tx = db.transaction().expect("tx");
-        let mut next: i64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(cloud_seq), 0) + 1 FROM events WHERE realm = ?1",
-                [&realm],
-                |r| r.get(0),
-            )
-            .unwrap_or(1);
+        let mut next = next_cloud_seq(&tx, &realm);
         for e in &b.events {
             let n = tx
                 .execute(
