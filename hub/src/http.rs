@@ -42,6 +42,15 @@ pub struct Web {
     pub log_dir: crate::ops::logs::LogDir,
     /// Open `GET /admin/logs?follow=1` streams (bounded by [`MAX_FOLLOWERS`]).
     pub followers: std::sync::atomic::AtomicUsize,
+    /// The cloud bridge's state of each realm that has one, by realm key.
+    pub bridges: std::collections::HashMap<String, Arc<crate::bridge::BridgeState>>,
+}
+
+impl Web {
+    /// The cloud bridge of realm `r`, when it has one.
+    fn bridge(&self, r: &crate::realm::Realm) -> Option<&Arc<crate::bridge::BridgeState>> {
+        self.bridges.get(&r.key())
+    }
 }
 
 /// At most this many log followers at once.
@@ -50,10 +59,9 @@ pub const MAX_FOLLOWERS: usize = 16;
 pub const DISK_LOW_FRACTION: f64 = 0.10;
 
 /// LAN events of realm `r` not yet accepted by the cloud.
-fn outbox_depth(r: &crate::realm::Realm) -> u64 {
+fn outbox_depth(web: &Web, r: &crate::realm::Realm) -> u64 {
     r.stats.lan_events.load(Ordering::Relaxed).saturating_sub(
-        r.bridge
-            .get()
+        web.bridge(r)
             .map(|b| b.pushed_lan.load(Ordering::Relaxed))
             .unwrap_or(0),
     )
@@ -67,7 +75,7 @@ pub async fn sample_loop(web: Arc<Web>) {
         every.tick().await;
         let now = crate::util::now_ms();
         for r in web.realms.iter() {
-            web.history.sample(&r.key(), now, outbox_depth(r));
+            web.history.sample(&r.key(), now, outbox_depth(&web, r));
             r.close_idle_readers();
         }
     }
@@ -183,13 +191,7 @@ fn metrics_text(web: &Web) -> String {
         realms
             .iter()
             .map(|r| {
-                let lan = r.stats.lan_events.load(Ordering::Relaxed);
-                let pushed = r
-                    .bridge
-                    .get()
-                    .map(|b| b.pushed_lan.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                (lbl(r), lan.saturating_sub(pushed) as f64)
+                (lbl(r), outbox_depth(web, r) as f64)
             })
             .collect(),
     );
@@ -341,9 +343,9 @@ fn metrics_text(web: &Web) -> String {
         realms
             .iter()
             .filter_map(|r| {
-                let b = r.bridge.get()?;
+                let b = web.bridge(r)?;
                 let cursor = b.pushed_cursor.load(Ordering::Relaxed);
-                let oldest = if outbox_depth(r) == 0 {
+                let oldest = if outbox_depth(web, r) == 0 {
                     None
                 } else {
                     r.with_reader(|s| s.oldest_lan_after(cursor)).ok().flatten()
@@ -534,11 +536,11 @@ fn build_status(web: &Web, all: bool, one: Option<&str>) -> Status {
                 store_id: r.cfg.store_id.clone(),
                 last_seq: r.stats.last_seq.load(Ordering::Relaxed),
                 outbox_depth: r.stats.lan_events.load(Ordering::Relaxed).saturating_sub(
-                    r.bridge.get().map(|b| b.pushed_lan.load(Ordering::Relaxed)).unwrap_or(0),
+                    web.bridge(r).map(|b| b.pushed_lan.load(Ordering::Relaxed)).unwrap_or(0),
                 ),
-                pushed_cursor: r.bridge.get().map(|b| b.pushed_cursor.load(Ordering::Relaxed)).unwrap_or(0),
-                cloud_cursor: r.bridge.get().and_then(|b| b.cloud_cursor.lock().clone()),
-                bridge: match r.bridge.get() {
+                pushed_cursor: web.bridge(r).map(|b| b.pushed_cursor.load(Ordering::Relaxed)).unwrap_or(0),
+                cloud_cursor: web.bridge(r).and_then(|b| b.cloud_cursor.lock().clone()),
+                bridge: match web.bridge(r) {
                     Some(b) => {
                         let mut v = serde_json::to_value(b.status()).unwrap_or_default();
                         if !full {
@@ -797,7 +799,7 @@ async fn charts(State(web): State<Arc<Web>>, Admin(addr): Admin, headers: Header
                     .map(|h| h.to_vec())
                     .unwrap_or_default();
                 let mut outbox = w.history.outbox(&r.key(), now);
-                outbox.push((now, outbox_depth(r)));
+                outbox.push((now, outbox_depth(&w, r)));
                 serde_json::json!({
                     "tenantId": r.cfg.tenant_id,
                     "storeId": r.cfg.store_id,
@@ -1065,9 +1067,9 @@ fn support_files(web: &Web, all: bool, one: Option<&str>) -> Vec<(String, Vec<u8
                 "lanEvents": lan,
                 "cloudEvents": last.saturating_sub(lan),
                 "eventsToday": events_today(web, r),
-                "outboxDepth": outbox_depth(r),
-                "setAside": r.bridge.get().map(|b| b.set_aside.load(Ordering::Relaxed)),
-                "bridgeConfigured": r.bridge.get().is_some(),
+                "outboxDepth": outbox_depth(web, r),
+                "setAside": web.bridge(r).map(|b| b.set_aside.load(Ordering::Relaxed)),
+                "bridgeConfigured": web.bridge(r).is_some(),
                 "devicesConnected": r.device_count(),
                 "healthy": r.stats.healthy.load(Ordering::Relaxed),
                 "schemaVersion": r.with_reader(|s| s.schema_version()).ok(),

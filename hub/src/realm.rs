@@ -196,8 +196,6 @@ pub struct Realm {
     admitted: RwLock<HashSet<String>>,
     shutting_down: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// The cloud bridge's state, when the realm has one.
-    pub bridge: std::sync::OnceLock<Arc<crate::bridge::BridgeState>>,
     /// Woken after every commit of new events (the cloud bridge's push waits on it).
     pub committed: Arc<tokio::sync::Notify>,
 }
@@ -282,7 +280,6 @@ impl Realm {
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(threads),
             committed,
-            bridge: std::sync::OnceLock::new(),
         }))
     }
 

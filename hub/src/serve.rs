@@ -196,6 +196,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         cfg.group_commit_max,
         retention,
     )?);
+    let mut bridges = std::collections::HashMap::new();
     for r in realms.iter() {
         if let (Some(url), Some(token)) = (&r.cfg.cloud_bridge_url, &r.cfg.cloud_bridge_token) {
             let ep = crate::bridge::Endpoints::new(
@@ -205,7 +206,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
                 cfg.bridge.clone(),
             );
             let state = Arc::new(crate::bridge::BridgeState::default());
-            let _ = r.bridge.set(state.clone());
+            bridges.insert(r.key(), state.clone());
             match crate::bridge::start(r.clone(), ep.clone(), state, clock.clone()).await {
                 Ok(()) => {
                     tracing::info!(realm = %r.key(), push = %crate::ops::logs::redact_url(&ep.push_url), feed = %crate::ops::logs::redact_url(&ep.feed_url), "cloud bridge started")
@@ -272,6 +273,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         history: Default::default(),
         log_dir,
         followers: Default::default(),
+        bridges,
     });
     tokio::spawn(http::sample_loop(web.clone()));
     let mut app =
