@@ -1,14 +1,18 @@
 //! `pos-hub-bench`: drives a real `pos-hub` over Socket.IO (a minimal Engine.IO v4 /
-//! Socket.IO v5 client over WebSocket) and prints the figures of issue 2: durable
-//! events/s with 50 devices, ack latency at 1,000 events/s, fan-out latency to 200
-//! devices, RSS per idle connection, and replay speed. Figures only: no assertions
-//! on speed (shared machines are noisy); correctness (no lost ack, no reordering,
-//! no gap in replay) is checked and reported.
+//! Socket.IO v5 client over WebSocket, or WSS with `--tls`) and prints the figures of
+//! issue 2: durable events/s with 50 devices, ack latency at 1,000 events/s, fan-out
+//! latency to 200 devices, RSS per idle connection, and replay speed. With
+//! `--reference node` it runs the same scenarios against the older design's hub
+//! (`node-ref/`: socket.io 4 + better-sqlite3 with group commit) in the same run,
+//! interleaved, and prints both side by side with the DEVELOPERS.md aims.
+//! Figures only: no assertions on speed (shared machines are noisy); correctness (no
+//! lost ack, no reordering, no gap in replay) is checked and reported.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -45,6 +49,99 @@ struct Args {
     /// Length of `--scenario soak` (not part of `all`), in minutes.
     #[arg(long, default_value_t = 30.0)]
     minutes: f64,
+    /// Serve TLS on the hub (its store CA) and speak WSS, trusting that CA (GET /ca.crt).
+    #[arg(long)]
+    tls: bool,
+    /// Also run every scenario against a reference hub in the same run, interleaved:
+    /// `node` (tests/bench/node-ref, `npm ci` there first; scripts/bench does it).
+    #[arg(long, value_parser = ["node"])]
+    reference: Option<String>,
+    /// With --reference: how many rounds of every scenario on both hubs (medians printed).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// The Node reference hub's folder (default: tests/bench/node-ref of this source tree).
+    #[arg(long)]
+    node_ref: Option<PathBuf>,
+}
+
+/// Which hub a scenario starts, and how devices reach it.
+#[derive(Clone)]
+struct HubSpec {
+    kind: Kind,
+    /// pos-hub's binary, or the Node reference's folder.
+    path: PathBuf,
+    tls: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Kind {
+    PosHub,
+    Node,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::PosHub => "pos-hub",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+impl HubSpec {
+    fn transport(&self) -> &'static str {
+        if self.tls {
+            "wss"
+        } else {
+            "ws"
+        }
+    }
+}
+
+/// The TLS client setup of every hub started with TLS, by port: `connect` and the HTTP
+/// helpers look it up, so callers keep passing just a port.
+static TLS_BY_PORT: Mutex<Option<HashMap<u16, Arc<rustls::ClientConfig>>>> = Mutex::new(None);
+
+fn tls_for(port: u16) -> Option<Arc<rustls::ClientConfig>> {
+    TLS_BY_PORT
+        .lock()
+        .ok()?
+        .as_ref()?
+        .get(&port)
+        .cloned()
+}
+
+/// A rustls client that trusts only `ca_pem` (a hub's store CA).
+fn client_config(ca_pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| format!("the hub's /ca.crt is not PEM: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("the hub's CA is not usable: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the hub's /ca.crt holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The 1-minute load average (the machine is shared: figures are recorded beside it).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 // ---------------------------------------------------------------- the hub
@@ -57,29 +154,55 @@ struct Hub {
 }
 
 impl Hub {
-    async fn start(bin: &Path, tag: &str) -> Hub {
-        Self::start_with(bin, tag, &[]).await
+    /// pos-hub over plain ws (TLS=off), with extra settings in `env`.
+    async fn start_with(bin: &Path, tag: &str, env: &[(&str, String)]) -> Hub {
+        let spec = HubSpec {
+            kind: Kind::PosHub,
+            path: bin.to_path_buf(),
+            tls: false,
+        };
+        Self::launch(&spec, tag, env).await
     }
 
-    async fn start_with(bin: &Path, tag: &str, env: &[(&str, String)]) -> Hub {
-        let dir = std::env::temp_dir().join(format!("poshub-bench-{tag}-{}", std::process::id()));
+    /// Starts the hub `spec` names on a free loopback port with a fresh data dir and
+    /// waits until it answers /healthz (and, with TLS, until its CA is fetched).
+    async fn launch(spec: &HubSpec, tag: &str, env: &[(&str, String)]) -> Hub {
+        let dir = std::env::temp_dir().join(format!(
+            "poshub-bench-{tag}-{}-{}",
+            spec.kind.name(),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let port = free_port();
-        let child = tokio::process::Command::new(bin)
-            .args(["serve", "--dev", "--data-dir"])
-            .arg(&dir)
-            .args(["--port", &port.to_string()])
-            .env("MDNS", "off")
-            .env("NTP_SERVERS", "off")
-            .env("TLS", "off")
+        let mut cmd = match spec.kind {
+            Kind::PosHub => {
+                let mut c = tokio::process::Command::new(&spec.path);
+                c.args(["serve", "--dev", "--data-dir"])
+                    .arg(&dir)
+                    .args(["--port", &port.to_string()])
+                    .env("MDNS", "off")
+                    .env("NTP_SERVERS", "off")
+                    .env("RUST_LOG", "warn");
+                c
+            }
+            Kind::Node => {
+                let mut c = tokio::process::Command::new("node");
+                c.arg(spec.path.join("server.mjs"))
+                    .arg("--data-dir")
+                    .arg(&dir)
+                    .args(["--port", &port.to_string()]);
+                c
+            }
+        };
+        let child = cmd
+            .env("TLS", if spec.tls { "on" } else { "off" })
             .env("BIND", "127.0.0.1")
-            .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", spec.path.display()));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -94,6 +217,16 @@ impl Hub {
             }
             assert!(Instant::now() < deadline, "hub did not become healthy");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if spec.tls {
+            // Plain HTTP answers /ca.crt beside TLS on the same port (both hubs).
+            let resp = http_get(port, "/ca.crt").await;
+            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let cfg = client_config(body)
+                .unwrap_or_else(|e| panic!("{} on port {port}: {e}", spec.kind.name()));
+            if let Ok(mut m) = TLS_BY_PORT.lock() {
+                m.get_or_insert_with(HashMap::new).insert(port, cfg);
+            }
         }
         let key = pos_hub::auth::SigningKey::from_file(&dir.join("dev/cluster-key.pem"))
             .expect("dev key");
@@ -138,15 +271,10 @@ impl Hub {
         ticks * 1_000_000 / hz
     }
 
-    /// A counter from the hub's `/metrics` (localhost may read it).
+    /// A counter from the hub's `/metrics` (localhost may read it; over HTTPS when
+    /// the hub serves TLS). None from a hub without it (the Node reference).
     async fn metric(&self, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
+        let body = http_get(self.port, "/metrics").await;
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     }
@@ -169,6 +297,11 @@ impl Hub {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Ok(mut m) = TLS_BY_PORT.lock() {
+            if let Some(m) = m.as_mut() {
+                m.remove(&self.port);
+            }
+        }
     }
 }
 
@@ -179,12 +312,26 @@ type Ws =
 
 /// Connects, authenticates; returns the socket once `synced` arrived (and how many
 /// events were replayed before it).
+/// Over WSS when the hub on `port` was started with TLS (trusting its CA only).
 async fn connect(port: u16, token: &str, since: Option<u64>) -> (Ws, u64, Vec<u64>) {
-    let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio_tungstenite::connect_async(&url),
-    )
+    let tls = tls_for(port);
+    let url = match tls {
+        // The leaf certificate names localhost; the TCP connection goes to 127.0.0.1.
+        Some(_) => format!("wss://localhost:{port}/socket.io/?EIO=4&transport=websocket"),
+        None => format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"),
+    };
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(20), async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        tokio_tungstenite::client_async_tls_with_config(
+            url.as_str(),
+            tcp,
+            None,
+            tls.map(tokio_tungstenite::Connector::Rustls),
+        )
+        .await
+    })
     .await
     .expect("connect timeout")
     .expect("connect");
@@ -380,8 +527,11 @@ fn rand_unit(seed: usize) -> f64 {
     ((seed as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let hub = Hub::start(bin, "tp").await;
+/// The headline figures of one scenario on one hub, by key (see `FIGURES`).
+type Figs = Vec<(&'static str, f64)>;
+
+async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, figs: &mut Figs) {
+    let hub = Hub::launch(spec, "tp", &[]).await;
     let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
     let n = if a.quick { 10 } else { a.devices };
     let t0 = Instant::now();
@@ -421,14 +571,14 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let cpu = hub.cpu_us() - cpu0;
     let allocs1 = hub.metric("poshub_heap_allocations_total").await;
     let eps = total.acked as f64 / secs;
+    let cpu_per = cpu as f64 / total.acked.max(1) as f64;
     report.push((
-        "durable events/s (".to_string() + &n.to_string() + " devices, ws)",
+        format!("durable events/s ({n} devices, {})", spec.transport()),
         format!("{eps:.0}"),
     ));
-    report.push((
-        "hub CPU per event".into(),
-        format!("{:.1} us", cpu as f64 / total.acked.max(1) as f64),
-    ));
+    report.push(("hub CPU per event".into(), format!("{cpu_per:.1} us")));
+    figs.push(("throughput", eps));
+    figs.push(("cpu", cpu_per));
     if let (Some(a0), Some(a1)) = (allocs0, allocs1) {
         report.push((
             format!(
@@ -449,8 +599,8 @@ async fn throughput(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     hub.stop().await;
 }
 
-async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let hub = Hub::start(bin, "lat").await;
+async fn latency(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, figs: &mut Figs) {
+    let hub = Hub::launch(spec, "lat", &[]).await;
     let n = if a.quick { 10 } else { a.devices };
     let dur = Duration::from_secs(if a.quick { 2 } else { a.seconds });
     let mut lat = paced_acks(hub.port, tills(&hub, n), dur, 2).await;
@@ -461,13 +611,14 @@ async fn latency(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     );
     report.push((
         "ack latency at 1,000 ev/s p50 / p99 / max".into(),
-        format!("{p50:.2} / {p99:.2} / {max:.2} ms"),
+        format!("{p50:.2} / {p99:.2} / {max:.2} ms ({} acks)", lat.len()),
     ));
+    figs.push(("ack_p99", p99));
     hub.stop().await;
 }
 
-async fn fanout(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let hub = Hub::start(bin, "fan").await;
+async fn fanout(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, figs: &mut Figs) {
+    let hub = Hub::launch(spec, "fan", &[]).await;
     let n = if a.quick { 20 } else { a.fanout };
     let t0 = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
@@ -515,21 +666,23 @@ async fn fanout(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     }
     let mut s = samples.lock().unwrap().clone();
     let expected = count * (n as u64 - 1);
+    let p99 = pct(&mut s, 99.0);
     report.push((
         format!("fan-out latency to {} devices p50 / p99", n - 1),
         format!(
             "{:.2} / {:.2} ms ({} of {} delivered)",
             pct(&mut s, 50.0),
-            pct(&mut s, 99.0),
+            p99,
             got.load(Ordering::Relaxed),
             expected
         ),
     ));
+    figs.push(("fanout_p99", p99));
     hub.stop().await;
 }
 
-async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let hub = Hub::start(bin, "idle").await;
+async fn idle(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, figs: &mut Figs) {
+    let hub = Hub::launch(spec, "idle", &[]).await;
     let n = if a.quick { 100 } else { a.idle };
     // A few connections first, so one-off allocations are not counted per connection.
     let mut keep = Vec::new();
@@ -560,21 +713,18 @@ async fn idle(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = hub.rss_kib();
+    let per = (after as f64 - before as f64) / n as f64;
     report.push((
-        format!("RSS per idle connection ({n} idle, ws)"),
-        format!(
-            "{:.1} KiB (hub RSS {} -> {} KiB)",
-            (after as f64 - before as f64) / n as f64,
-            before,
-            after
-        ),
+        format!("RSS per idle connection ({n} idle, {})", spec.transport()),
+        format!("{per:.1} KiB (hub RSS {before} -> {after} KiB)"),
     ));
+    figs.push(("idle_kib", per));
     drop(keep);
     hub.stop().await;
 }
 
-async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
-    let hub = Hub::start(bin, "replay").await;
+async fn replay(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, figs: &mut Figs) {
+    let hub = Hub::launch(spec, "replay", &[]).await;
     let n = if a.quick { 10_000 } else { a.replay };
     bulk_write(&hub, n, "r").await;
     let total = (n / 4 / 500 * 500 * 4) as u64;
@@ -582,11 +732,12 @@ async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     let (_ws, synced, seqs) = connect(hub.port, &hub.token("reconnecting"), Some(0)).await;
     let secs = start.elapsed().as_secs_f64();
     let contiguous = seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1);
+    let rate = seqs.len() as f64 / secs;
+    figs.push(("replay", rate));
     report.push((
         format!("replay to one reconnecting device ({total} events)"),
         format!(
-            "{:.0} events/s ({} received, synced at {synced}, in order without gap: {})",
-            seqs.len() as f64 / secs,
+            "{rate:.0} events/s ({} received, synced at {synced}, in order without gap: {})",
             seqs.len(),
             contiguous && seqs.len() as u64 == total
         ),
@@ -594,17 +745,31 @@ async fn replay(a: &Args, bin: &Path, report: &mut Vec<(String, String)>) {
     hub.stop().await;
 }
 
+/// GET `path` (HTTP/1.0), the whole response as text; over HTTPS when the hub on
+/// `port` serves TLS (except /healthz and /ca.crt, which both hubs serve plain beside it).
 async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, path: &str, host: &str) -> String {
+        let _ = s
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return String::new();
     };
-    let _ = s
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await;
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    out
+    match tls_for(port) {
+        Some(cfg) if path != "/healthz" && path != "/ca.crt" => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a DNS name");
+            match tokio_rustls::TlsConnector::from(cfg).connect(name, s).await {
+                Ok(t) => get(t, path, "localhost").await,
+                Err(_) => String::new(),
+            }
+        }
+        _ => get(s, path, "x").await,
+    }
 }
 
 /// Writes `n` events with `events` batches from 4 devices (pipelined).
@@ -880,6 +1045,208 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The scenarios `--reference` runs on both hubs, in this order.
+const SIDE_BY_SIDE: [&str; 5] = ["throughput", "latency", "fanout", "idle", "replay"];
+
+async fn run_scenario(
+    name: &str,
+    a: &Args,
+    spec: &HubSpec,
+    report: &mut Vec<(String, String)>,
+    figs: &mut Figs,
+) {
+    match name {
+        "throughput" => throughput(a, spec, report, figs).await,
+        "latency" => latency(a, spec, report, figs).await,
+        "fanout" => fanout(a, spec, report, figs).await,
+        "idle" => idle(a, spec, report, figs).await,
+        "replay" => replay(a, spec, report, figs).await,
+        _ => {}
+    }
+}
+
+/// A compared figure: key (as scenarios push it), label, unit, whether higher is
+/// better, and the DEVELOPERS.md aim as the ratio pos-hub / reference.
+struct Figure {
+    key: &'static str,
+    label: String,
+    unit: &'static str,
+    higher_better: bool,
+    aim: f64,
+}
+
+fn figures(a: &Args, transport: &str) -> Vec<Figure> {
+    let f = |key, label: String, unit, higher_better, aim| Figure {
+        key,
+        label,
+        unit,
+        higher_better,
+        aim,
+    };
+    let (dev, fan, idle, replay) = if a.quick {
+        (10, 20, 100, 10_000)
+    } else {
+        (a.devices, a.fanout, a.idle, a.replay / 2000 * 2000)
+    };
+    vec![
+        f(
+            "throughput",
+            format!(
+                "durable events/s, {dev} devices x {} in flight, each to {} others ({transport})",
+                a.in_flight,
+                dev - 1
+            ),
+            "",
+            true,
+            10.0,
+        ),
+        f(
+            "cpu",
+            format!(
+                "hub CPU per durable event, incl. {} fan-out sends",
+                dev - 1
+            ),
+            "us",
+            false,
+            0.1,
+        ),
+        f(
+            "ack_p99",
+            format!("ack p99 at 1,000 ev/s from {dev} devices"),
+            "ms",
+            false,
+            0.2,
+        ),
+        f(
+            "fanout_p99",
+            format!("fan-out p99 of one event to {} devices", fan - 1),
+            "ms",
+            false,
+            0.25,
+        ),
+        f(
+            "replay",
+            format!("replay to one reconnecting device, {replay} events"),
+            "events/s",
+            true,
+            3.0,
+        ),
+        f(
+            "idle_kib",
+            format!("RSS per idle connection, {idle} idle ({transport})"),
+            "KiB",
+            false,
+            0.5,
+        ),
+    ]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn fmt_fig(v: f64, unit: &str) -> String {
+    match unit {
+        "" | "events/s" => format!("{v:.0}"),
+        "ms" => format!("{v:.2}"),
+        _ => format!("{v:.1}"),
+    }
+}
+
+/// Every scenario on both hubs, `--runs` rounds, interleaved (the order of the two
+/// hubs alternates from round to round); then the medians side by side.
+async fn compare(a: &Args, ours: &HubSpec, reference: &HubSpec) {
+    let scen: Vec<&str> = SIDE_BY_SIDE
+        .into_iter()
+        .filter(|s| a.scenario == "all" || a.scenario == *s)
+        .collect();
+    let runs = a.runs.max(1);
+    let mut vals: HashMap<(Kind, &'static str), Vec<f64>> = HashMap::new();
+    let mut loads = Vec::new();
+    for run in 0..runs {
+        let load0 = loadavg();
+        println!("round {}/{runs}: load average {load0}", run + 1);
+        for sc in &scen {
+            let order = if run % 2 == 0 {
+                [ours, reference]
+            } else {
+                [reference, ours]
+            };
+            for spec in order {
+                let mut report = Vec::new();
+                let mut figs = Figs::new();
+                run_scenario(sc, a, spec, &mut report, &mut figs).await;
+                for (k, v) in &report {
+                    println!("  {:<7} {k}: {v}", spec.kind.name());
+                }
+                for (k, v) in figs {
+                    vals.entry((spec.kind, k)).or_default().push(v);
+                }
+            }
+        }
+        loads.push(format!("{load0} -> {}", loadavg()));
+    }
+    let cmd: Vec<String> = std::env::args().collect();
+    println!();
+    println!(
+        "{} over {}, median of {runs} round(s), interleaved; load average (1/5/15 min) at the start -> end of each round: {}",
+        cmd.join(" "),
+        ours.transport(),
+        loads.join("; ")
+    );
+    println!();
+    println!(
+        "| figure | pos-hub | {} | pos-hub / {} | aim | met |",
+        reference.kind.name(),
+        reference.kind.name()
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for f in figures(a, ours.transport()) {
+        let (Some(p), Some(r)) = (
+            vals.get(&(ours.kind, f.key)),
+            vals.get(&(reference.kind, f.key)),
+        ) else {
+            continue;
+        };
+        let cell = |v: &Vec<f64>| {
+            let m = fmt_fig(median(v), f.unit);
+            if v.len() > 1 {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{m} ({}-{})", fmt_fig(lo, f.unit), fmt_fig(hi, f.unit))
+            } else {
+                m
+            }
+        };
+        let ratio = median(p) / median(r);
+        let met = if f.higher_better {
+            ratio >= f.aim
+        } else {
+            ratio <= f.aim
+        };
+        let unit = if f.unit.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", f.unit)
+        };
+        println!(
+            "| {}{unit} | {} | {} | {ratio:.2}x | {} {}x | {} |",
+            f.label,
+            cell(p),
+            cell(r),
+            if f.higher_better { ">=" } else { "<=" },
+            f.aim,
+            if met { "yes" } else { "no" }
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
@@ -903,27 +1270,44 @@ async fn main() {
     let mut report = Vec::new();
     let want = |s: &str| a.scenario == "all" || a.scenario == s;
     println!(
-        "pos-hub-bench: hub {} on {} cores{}",
+        "pos-hub-bench: hub {} on {} cores{}{}",
         bin.display(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        if a.tls { ", TLS (wss)" } else { "" },
         if a.quick { " (quick)" } else { "" }
     );
-    if want("throughput") {
-        throughput(&a, &bin, &mut report).await;
+    let ours = HubSpec {
+        kind: Kind::PosHub,
+        path: bin.clone(),
+        tls: a.tls,
+    };
+    if a.reference.is_some() {
+        let dir = a
+            .node_ref
+            .clone()
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("node-ref"));
+        if !dir.join("node_modules/better-sqlite3").is_dir() {
+            eprintln!(
+                "pos-hub-bench: the Node reference in {} is not installed: run `npm ci` there (scripts/bench --reference node does)",
+                dir.display()
+            );
+            std::process::exit(2);
+        }
+        let reference = HubSpec {
+            kind: Kind::Node,
+            path: dir,
+            tls: a.tls,
+        };
+        compare(&a, &ours, &reference).await;
+        return;
     }
-    if want("latency") {
-        latency(&a, &bin, &mut report).await;
-    }
-    if want("fanout") {
-        fanout(&a, &bin, &mut report).await;
-    }
-    if want("idle") {
-        idle(&a, &bin, &mut report).await;
-    }
-    if want("replay") {
-        replay(&a, &bin, &mut report).await;
+    let mut figs = Figs::new();
+    for sc in SIDE_BY_SIDE {
+        if want(sc) {
+            run_scenario(sc, &a, &ours, &mut report, &mut figs).await;
+        }
     }
     if want("offline") {
         offline_day(&a, &bin, &mut report).await;
