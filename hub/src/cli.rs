@@ -135,11 +135,25 @@ struct MintArgs {
 fn init_logging() {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG")
+    // async-nats logs every failed connection attempt itself (a retry every few
+    // seconds); the bridge reports each incident once with what to do, so the
+    // client's own lines are off unless asked for by name (RUST_LOG=async_nats=debug).
+    let quiet = |d: String| {
+        if d.contains("async_nats") {
+            d
+        } else {
+            format!("{d},async_nats=off")
+        }
+    };
+    let filter = std::env::var("RUST_LOG")
+        .map_err(|_| ())
+        .and_then(|d| EnvFilter::try_new(quiet(d)).map_err(|_| ()))
         .or_else(|_| {
-            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            EnvFilter::try_new(quiet(
+                std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            ))
         })
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=off"));
     let _ = tracing_subscriber::registry()
         .with(crate::ops::logs::LineLayer::new(true).with_filter(filter))
         .try_init();

@@ -46,6 +46,26 @@ export async function startCluster({ token = TOKEN } = {}) {
   return c;
 }
 
+/**
+ * One JetStream server (not clustered) with `auth` as extra configuration text (an
+ * `authorization` block, operator mode, `tls`); `clientOpts` log the tests' own
+ * client in. Streams on it have one replica (the hub falls back from 3).
+ */
+export async function startServer({ auth = "", clientOpts = {}, name = "solo" } = {}) {
+  const dir = tmp(`nats-${name}`);
+  const n = { name, port: await freePort(), dir: path.join(dir, "js"), conf: path.join(dir, "server.conf") };
+  fs.writeFileSync(n.conf, [`server_name: ${name}`, `listen: "127.0.0.1:${n.port}"`, `jetstream { store_dir: "${n.dir}", max_memory_store: 64MB, max_file_store: 1GB }`, auth, ""].join("\n"));
+  const c = {
+    nodes: [n], dir,
+    url: () => `nats://127.0.0.1:${n.port}`,
+    stopAll: async (sig = "SIGTERM") => stopNode(n, sig),
+    client: (opts = {}) => connect({ servers: `127.0.0.1:${n.port}`, maxReconnectAttempts: -1, reconnectTimeWait: 200, ...clientOpts, ...opts }),
+  };
+  startNode(n);
+  await untilJs(c, 20000);
+  return c;
+}
+
 function startNode(n) {
   const child = spawn(NATS, ["-c", n.conf], { stdio: ["ignore", "ignore", "pipe"] });
   procs.add(child);

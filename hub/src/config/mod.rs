@@ -692,6 +692,20 @@ impl Config {
                 )?;
             }
         }
+        // A creds file or CA for NATS with no NATS target: the URL is probably wrong.
+        let any_nats = realms.iter().any(|r| {
+            r.cloud_bridge_url
+                .as_deref()
+                .is_some_and(crate::bridge::jetstream::is_nats_url)
+        });
+        for key in ["CLOUD_NATS_CREDS", "CLOUD_NATS_CA"] {
+            if !any_nats && s.get(key).is_some() {
+                return Err(err(
+                    key,
+                    "is set but no CLOUD_BRIDGE_URL (or realm cloudBridgeUrl) is a nats:// or tls:// URL; fix the URL or unset it",
+                ));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for r in &realms {
             if !seen.insert(r.key()) {
@@ -904,6 +918,24 @@ mod tests {
         assert!(e.message.contains("one way"), "{e}");
         let c = with(&[("CLOUD_NATS_STREAM", "CHAIN_1")]).unwrap();
         assert_eq!(c.bridge.nats.stream, "CHAIN_1");
+        // Different logins in one server list; NATS keys without a NATS target; a
+        // PEM "certificate" that is not one.
+        let e = with(&[("CLOUD_BRIDGE_URL", "nats://u:p@a:4222,nats://u:q@b:4222")]).unwrap_err();
+        assert_eq!(e.key, "CLOUD_BRIDGE_URL", "{e}");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let e = with(&[("CLOUD_NATS_CA", ca.to_str().unwrap())]).unwrap_err();
+        assert_eq!(e.key, "CLOUD_NATS_CA", "{e}");
+        let cert = rcgen::generate_simple_self_signed(vec!["nats.example".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        with(&[("CLOUD_NATS_CA", ca.to_str().unwrap())]).unwrap();
+        let e = with(&[
+            ("CLOUD_BRIDGE_URL", "https://cloud.example/v1/events/ingest"),
+            ("CLOUD_BRIDGE_TOKEN", "tok"),
+            ("CLOUD_NATS_CA", ca.to_str().unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, "CLOUD_NATS_CA", "{e}");
     }
 
     #[test]

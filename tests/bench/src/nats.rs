@@ -26,8 +26,21 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
-        let dir =
-            std::env::temp_dir().join(format!("poshub-bench-nats-{tag}-{}", std::process::id()));
+        // The cluster stands for other machines: like the HTTP scenario's reference
+        // cloud, its stores live in /dev/shm (BENCH_CLOUD_DIR moves them) so their
+        // writes do not queue on the hub's disk; it still shares the 2 cores.
+        let base = std::env::var_os("BENCH_CLOUD_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(|| {
+                let shm = Path::new("/dev/shm");
+                if shm.is_dir() {
+                    shm.to_path_buf()
+                } else {
+                    std::env::temp_dir()
+                }
+            });
+        let dir = base.join(format!("poshub-bench-nats-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let nodes = (0..3).map(|_| (free_port(), free_port())).collect();
         Cluster {

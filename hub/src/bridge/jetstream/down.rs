@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
-use super::Target;
+use super::{Incident, Target};
 use crate::bridge::Backoff;
 use crate::log::{EventError, NewEvent, Origin, Outcome};
 
@@ -24,13 +24,19 @@ const FETCH: usize = 200;
 
 pub(crate) async fn run(t: Arc<Target>) {
     let mut backoff = Backoff::new(Duration::from_millis(250), t.tuning.backoff_max);
+    let mut incident = Incident::default();
     loop {
         if t.realm.is_shutting_down() {
             return;
         }
         let started = std::time::Instant::now();
-        if let Err(e) = session(&t).await {
-            t.state.fail("nats down", e);
+        let mut connected = false;
+        let r = session(&t, &mut connected).await;
+        if connected {
+            incident.connected();
+        }
+        if let Err(e) = r {
+            incident.fail(&t.state, "nats down", e);
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
@@ -39,8 +45,9 @@ pub(crate) async fn run(t: Arc<Target>) {
     }
 }
 
-async fn session(t: &Arc<Target>) -> Result<(), String> {
+async fn session(t: &Arc<Target>, connected: &mut bool) -> Result<(), String> {
     let client = t.connect("down", None).await?;
+    *connected = true;
     let js = jetstream::ContextBuilder::new()
         .timeout(t.tuning.timeout.min(Duration::from_secs(10)))
         .build(client);

@@ -77,6 +77,46 @@ pub fn parse_servers(list: &str) -> Result<Vec<async_nats::ServerAddr>, String> 
     Ok(out)
 }
 
+/// The user and password of a server list (`nats://user:pass@host`), percent-decoded.
+/// async-nats does not read them from the URLs, so the hub passes them itself; every
+/// URL that carries them must carry the same (one login for the cluster).
+pub fn user_pass(servers: &[async_nats::ServerAddr]) -> Result<Option<(String, String)>, String> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| "the user:password in a NATS URL is not UTF-8 once percent-decoded".to_string())
+    };
+    let mut found: Option<(String, String)> = None;
+    for a in servers.iter().filter(|a| a.has_user_pass()) {
+        let u = a.clone().into_inner();
+        let this = (decode(u.username())?, decode(u.password().unwrap_or(""))?);
+        match &found {
+            Some(f) if *f != this => {
+                return Err(
+                    "the NATS URLs carry different user:password pairs; give the same login in each (or in one)"
+                        .into(),
+                )
+            }
+            _ => found = Some(this),
+        }
+    }
+    Ok(found)
+}
+
+/// The URLs to dial, without user:password (passed separately, never shown).
+fn dial_urls(servers: &[async_nats::ServerAddr]) -> Vec<String> {
+    servers
+        .iter()
+        .map(|a| {
+            let mut u = a.clone().into_inner();
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string().trim_end_matches('/').to_string()
+        })
+        .collect()
+}
+
 /// A server list without passwords, for logs and `/status`.
 pub fn redact(list: &str) -> String {
     list.split(',')
@@ -124,11 +164,20 @@ pub fn settings_from(s: &Settings) -> Result<NatsSettings, ConfigError> {
             std::fs::read(v).map_err(|e| err("CLOUD_NATS_CA", format!("cannot read {v}: {e}")))?;
         let certs = pem::parse_many(&text)
             .map_err(|e| err("CLOUD_NATS_CA", format!("{v} is not PEM: {e}")))?;
-        if !certs.iter().any(|c| c.tag() == "CERTIFICATE") {
+        let certs: Vec<_> = certs.iter().filter(|c| c.tag() == "CERTIFICATE").collect();
+        if certs.is_empty() {
             return Err(err(
                 "CLOUD_NATS_CA",
                 format!("{v} holds no PEM CERTIFICATE"),
             ));
+        }
+        for c in certs {
+            x509_parser::parse_x509_certificate(c.contents()).map_err(|e| {
+                err(
+                    "CLOUD_NATS_CA",
+                    format!("{v} holds a CERTIFICATE that is not a valid X.509 certificate: {e}"),
+                )
+            })?;
         }
         n.ca = Some(PathBuf::from(v));
     }
@@ -144,7 +193,7 @@ pub fn check_target(
     n: &NatsSettings,
 ) -> Result<(), ConfigError> {
     let servers = parse_servers(urls).map_err(|e| err(key, e))?;
-    let user_pass = servers.iter().any(|a| a.has_user_pass());
+    let user_pass = user_pass(&servers).map_err(|e| err(key, e))?.is_some();
     let ways = [n.creds.is_some(), token.is_some(), user_pass]
         .iter()
         .filter(|b| **b)
@@ -265,10 +314,36 @@ pub(crate) struct Target {
     pub realm: Arc<Realm>,
     pub servers: Vec<async_nats::ServerAddr>,
     pub token: Option<String>,
+    /// From the URLs (see [`user_pass`]).
+    pub user_pass: Option<(String, String)>,
     pub settings: NatsSettings,
     pub tuning: super::Tuning,
     pub state: Arc<BridgeState>,
     pub nats: Arc<NatsState>,
+}
+
+/// A task's last failure. The same failure again (a retry every few seconds against
+/// a server that refuses the login or the certificate) updates `/status` but is not
+/// logged again: one log line per incident, not one per retry.
+#[derive(Default)]
+pub(crate) struct Incident(Option<String>);
+
+impl Incident {
+    pub fn fail(&mut self, state: &BridgeState, what: &str, e: String) {
+        let msg = format!("{what}: {e}");
+        if self.0.as_deref() == Some(msg.as_str()) {
+            state.online.store(false, Ordering::Relaxed);
+            *state.last_error.lock() = Some(msg);
+        } else {
+            state.fail(what, e);
+            self.0 = Some(msg);
+        }
+    }
+
+    /// A connection was made since: the next failure is a new incident.
+    pub fn connected(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// How a connection ended or failed, for the task that owns it.
@@ -290,6 +365,9 @@ impl Target {
         };
         if let Some(t) = &self.token {
             o = o.token(t.clone());
+        }
+        if let Some((user, pass)) = &self.user_pass {
+            o = o.user_and_password(user.clone(), pass.clone());
         }
         if let Some(ca) = &self.settings.ca {
             o = o.add_root_certificates(ca.clone()).require_tls(true);
@@ -325,21 +403,59 @@ impl Target {
                     }
                 }
             });
-        let urls: Vec<String> = self
-            .servers
-            .iter()
-            .map(|a| a.as_url_str().to_string())
-            .collect();
+        let urls = dial_urls(&self.servers);
         let client = o
             .connect(urls.as_slice())
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.nats.servers))?;
+            .map_err(|e| format!("cannot connect to {}: {}", self.nats.servers, self.explain(&e)))?;
         let info = client.server_info();
         *self.nats.connected_server.lock() = Some(format!(
             "{} ({}:{}, nats-server {})",
             info.server_name, info.host, info.port, info.version
         ));
         Ok(client)
+    }
+
+    /// What a failed connection means and what to do about it: a refused login
+    /// names the way the hub logged in, a certificate that does not verify names
+    /// CLOUD_NATS_CA.
+    fn explain(&self, e: &async_nats::ConnectError) -> String {
+        use async_nats::ConnectErrorKind as K;
+        let text = e.to_string();
+        match e.kind() {
+            K::AuthorizationViolation => {
+                format!("the server refused the login (authorization violation): check {}", self.login())
+            }
+            K::Authentication => format!(
+                "{text}: the NKey seed in CLOUD_NATS_CREDS could not sign the server's challenge; check the creds file"
+            ),
+            _ if e.kind() == K::Tls || text.contains("certificate") => match &self.settings.ca {
+                Some(ca) => format!(
+                    "TLS: {text}: the server's certificate does not verify against CLOUD_NATS_CA {} (is it the CA that signed the server's certificate, and does the certificate name the host of the URL?)",
+                    ca.display()
+                ),
+                None => format!(
+                    "TLS: {text}: the server's certificate does not verify against the system's CAs; give the servers' CA as CLOUD_NATS_CA"
+                ),
+            },
+            _ => text,
+        }
+    }
+
+    /// The way this realm logs in, for error messages.
+    fn login(&self) -> String {
+        if let Some(p) = &self.settings.creds {
+            format!(
+                "CLOUD_NATS_CREDS {} (the user JWT must be signed by an account the server knows, the seed must be that user's)",
+                p.display()
+            )
+        } else if self.token.is_some() {
+            "CLOUD_BRIDGE_TOKEN".into()
+        } else if self.user_pass.is_some() {
+            "the user:password in CLOUD_BRIDGE_URL".into()
+        } else {
+            "the login: the server wants one; set CLOUD_NATS_CREDS, CLOUD_BRIDGE_TOKEN or user:password in CLOUD_BRIDGE_URL".into()
+        }
     }
 
     /// The stream, created if missing with subjects `poshub.>` and as many replicas
@@ -404,6 +520,7 @@ pub async fn start(
     state: Arc<BridgeState>,
 ) -> Result<(), String> {
     let servers = parse_servers(&ep.push_url)?;
+    let user_pass = user_pass(&servers)?;
     let nats = Arc::new(NatsState {
         servers: redact(&ep.push_url),
         stream: ep.tuning.nats.stream.clone(),
@@ -422,6 +539,7 @@ pub async fn start(
         realm,
         servers,
         token: (!ep.token.is_empty()).then(|| ep.token.clone()),
+        user_pass,
         settings: ep.tuning.nats.clone(),
         tuning: ep.tuning.clone(),
         state,
@@ -467,5 +585,15 @@ mod tests {
             redact("nats://u:secret@a:4222,nats://b:4222"),
             "nats://u:***@a:4222,nats://b:4222"
         );
+        // async-nats ignores URL logins: the hub decodes and passes them, and dials
+        // the URLs without them.
+        let s = parse_servers("tls://store%201:p%40ss%20w@a:4222,nats://b:4222").unwrap();
+        assert_eq!(
+            user_pass(&s).unwrap(),
+            Some(("store 1".to_string(), "p@ss w".to_string()))
+        );
+        assert_eq!(dial_urls(&s), ["tls://a:4222", "nats://b:4222"]);
+        assert_eq!(user_pass(&parse_servers("nats://a,nats://b").unwrap()).unwrap(), None);
+        assert!(user_pass(&parse_servers("nats://u:p@a,nats://u:q@b").unwrap()).is_err());
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
 
-use super::{msg_id, Lost, Target, INFLIGHT};
+use super::{msg_id, Incident, Lost, Target, INFLIGHT};
 use crate::bridge::push::Pacer;
 use crate::bridge::Backoff;
 use crate::util::now_ms;
@@ -93,24 +93,29 @@ enum End {
 pub(crate) async fn run(t: Arc<Target>) {
     let mut backoff = Backoff::new(Duration::from_millis(250), t.tuning.backoff_max);
     let mut pacer = Pacer::new(t.tuning.max_rate, t.tuning.busy_rate);
+    let mut incident = Incident::default();
     loop {
         if t.realm.is_shutting_down() {
             return;
         }
         pacer.assume_busy(Instant::now());
         let started = Instant::now();
-        let end = session(&t, &mut pacer).await;
+        let mut connected = false;
+        let end = session(&t, &mut pacer, &mut connected).await;
         t.nats.pending_acks.store(0, Ordering::Relaxed);
+        if connected {
+            incident.connected();
+        }
         let wait = match end {
             End::Failed(e) => {
-                t.state.fail("nats up", e);
+                incident.fail(&t.state, "nats up", e);
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff.reset();
                 }
                 backoff.next()
             }
             End::Window(e) => {
-                t.state.fail("nats up", e);
+                incident.fail(&t.state, "nats up", e);
                 Duration::from_secs(1)
             }
             End::Shutdown => return,
@@ -127,12 +132,13 @@ struct Pos {
     q: u64,
 }
 
-async fn session(t: &Arc<Target>, pacer: &mut Pacer) -> End {
+async fn session(t: &Arc<Target>, pacer: &mut Pacer, connected: &mut bool) -> End {
     let lost: Lost = Arc::new(tokio::sync::Notify::new());
     let client = match t.connect("up", Some(lost.clone())).await {
         Ok(c) => c,
         Err(e) => return End::Failed(e),
     };
+    *connected = true;
     let js = jetstream::ContextBuilder::new()
         .timeout(t.tuning.timeout.min(Duration::from_secs(10)))
         .max_ack_inflight(INFLIGHT + 16)
