@@ -201,9 +201,12 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         // An HTTP cloud needs its token; a NATS cluster may log in with a creds file
         // or user:password instead (config checked that one way is given).
         let token = r.cfg.cloud_bridge_token.as_deref();
-        if let Some(url) = r.cfg.cloud_bridge_url.as_deref().filter(|u| {
-            token.is_some() || crate::bridge::jetstream::is_nats_url(u)
-        }) {
+        if let Some(url) = r
+            .cfg
+            .cloud_bridge_url
+            .as_deref()
+            .filter(|u| token.is_some() || crate::bridge::jetstream::is_nats_url(u))
+        {
             let ep = crate::bridge::Endpoints::new(
                 url,
                 r.cfg.cloud_feed_url.as_deref(),

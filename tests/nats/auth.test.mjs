@@ -57,6 +57,7 @@ async function pushes(server, hub, ids) {
   assert.equal(st.bridge.state, "online");
   assert.equal(st.bridge.lastError, null);
   assert.match(st.bridge.nats.connectedServer, /^solo \(127\.0\.0\.1:\d+, nats-server 2\./);
+  assert.equal(st.bridge.nats.replicas, 1, "one server: the stream falls back from 3 replicas to 1");
   return st;
 }
 

@@ -923,7 +923,11 @@ mod tests {
         let e = with(&[("CLOUD_BRIDGE_URL", "nats://u:p@a:4222,nats://u:q@b:4222")]).unwrap_err();
         assert_eq!(e.key, "CLOUD_BRIDGE_URL", "{e}");
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let e = with(&[("CLOUD_NATS_CA", ca.to_str().unwrap())]).unwrap_err();
         assert_eq!(e.key, "CLOUD_NATS_CA", "{e}");
         let cert = rcgen::generate_simple_self_signed(vec!["nats.example".into()]).unwrap();

@@ -85,7 +85,9 @@ pub fn user_pass(servers: &[async_nats::ServerAddr]) -> Result<Option<(String, S
         percent_encoding::percent_decode_str(s)
             .decode_utf8()
             .map(|c| c.into_owned())
-            .map_err(|_| "the user:password in a NATS URL is not UTF-8 once percent-decoded".to_string())
+            .map_err(|_| {
+                "the user:password in a NATS URL is not UTF-8 once percent-decoded".to_string()
+            })
     };
     let mut found: Option<(String, String)> = None;
     for a in servers.iter().filter(|a| a.has_user_pass()) {
@@ -404,10 +406,13 @@ impl Target {
                 }
             });
         let urls = dial_urls(&self.servers);
-        let client = o
-            .connect(urls.as_slice())
-            .await
-            .map_err(|e| format!("cannot connect to {}: {}", self.nats.servers, self.explain(&e)))?;
+        let client = o.connect(urls.as_slice()).await.map_err(|e| {
+            format!(
+                "cannot connect to {}: {}",
+                self.nats.servers,
+                self.explain(&e)
+            )
+        })?;
         let info = client.server_info();
         *self.nats.connected_server.lock() = Some(format!(
             "{} ({}:{}, nats-server {})",
@@ -593,7 +598,10 @@ mod tests {
             Some(("store 1".to_string(), "p@ss w".to_string()))
         );
         assert_eq!(dial_urls(&s), ["tls://a:4222", "nats://b:4222"]);
-        assert_eq!(user_pass(&parse_servers("nats://a,nats://b").unwrap()).unwrap(), None);
+        assert_eq!(
+            user_pass(&parse_servers("nats://a,nats://b").unwrap()).unwrap(),
+            None
+        );
         assert!(user_pass(&parse_servers("nats://u:p@a,nats://u:q@b").unwrap()).is_err());
     }
 }
