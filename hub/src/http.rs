@@ -190,9 +190,7 @@ fn metrics_text(web: &Web) -> String {
         "LAN events not yet accepted by the cloud",
         realms
             .iter()
-            .map(|r| {
-                (lbl(r), outbox_depth(web, r) as f64)
-            })
+            .map(|r| (lbl(r), outbox_depth(web, r) as f64))
             .collect(),
     );
     family(
