@@ -391,7 +391,7 @@ pub async fn run(a: &Args, bin: &Path) {
     };
     // Idle again: tokio's blocking threads leave after 10 s without work; the realm's
     // pooled readers are closed 30 s after their last use (checked every 15 s).
-    tokio::time::sleep(Duration::from_secs(50)).await;
+    tokio::time::sleep(Duration::from_secs(70)).await;
     let (end_fds, end_threads) = (fds(hub.pid()), proc_status(hub.pid(), "Threads:"));
     if end_fds > base_fds {
         for (kind, n) in fd_kinds(hub.pid()) {
