@@ -26,7 +26,7 @@ pub struct Tuning {
     /// The NATS target's settings (CLOUD_NATS_*), used when the URL is `nats://`.
     /// (Parsed by the bridge's JetStream module, which owns the NATS URL and creds
     /// formats: the one edge from config up to bridge left.)
-    pub nats: crate::bridge::jetstream::NatsSettings,
+    pub nats: super::nats::NatsSettings,
 }
 
 impl Default for Tuning {
@@ -38,7 +38,7 @@ impl Default for Tuning {
             push_batch: 100,
             max_rate: 20_000.0,
             busy_rate: 1_000.0,
-            nats: crate::bridge::jetstream::NatsSettings::default(),
+            nats: super::nats::NatsSettings::default(),
         }
     }
 }
@@ -64,7 +64,7 @@ impl Tuning {
             push_batch: num("CLOUD_PUSH_BATCH", d.push_batch, 1, 500)?,
             max_rate: num("CLOUD_PUSH_MAX_RATE", d.max_rate as usize, 1, 10_000_000)? as f64,
             busy_rate: num("CLOUD_PUSH_BUSY_RATE", d.busy_rate as usize, 1, 10_000_000)? as f64,
-            nats: crate::bridge::jetstream::settings_from(s)?,
+            nats: super::nats::settings_from(s)?,
         })
     }
 }

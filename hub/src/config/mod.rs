@@ -22,6 +22,7 @@ use crate::auth::{KeySet, Policy};
 
 pub mod bridge;
 pub mod claim;
+pub mod nats;
 pub mod update;
 
 pub use bridge::Tuning;
@@ -206,8 +207,8 @@ pub fn valid_realm_part(s: &str) -> bool {
 
 /// A bridge URL: http(s), or a comma-separated nats:// / tls:// server list.
 fn check_bridge_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    if crate::bridge::jetstream::is_nats_url(url) {
-        return crate::bridge::jetstream::parse_servers(url)
+    if nats::is_nats_url(url) {
+        return nats::parse_servers(url)
             .map(|_| ())
             .map_err(|e| err(key, e));
     }
@@ -355,7 +356,7 @@ impl RealmEntry {
         };
         if let Some(u) = &self.cloud_bridge_url {
             check_bridge_url(&key("cloudBridgeUrl"), u)?;
-            if self.cloud_bridge_token.is_none() && !crate::bridge::jetstream::is_nats_url(u) {
+            if self.cloud_bridge_token.is_none() && !nats::is_nats_url(u) {
                 return Err(err(
                     &key("cloudBridgeToken"),
                     "is not set but cloudBridgeUrl is",
@@ -655,7 +656,7 @@ impl Config {
             }
             if let Some(u) = &url {
                 check_bridge_url("CLOUD_BRIDGE_URL", u)?;
-                let nats = crate::bridge::jetstream::is_nats_url(u);
+                let nats = nats::is_nats_url(u);
                 if nats && s.get("CLOUD_FEED_URL").is_some() {
                     return Err(err(
                         "CLOUD_FEED_URL",
@@ -682,9 +683,9 @@ impl Config {
             if let Some(u) = r
                 .cloud_bridge_url
                 .as_deref()
-                .filter(|u| crate::bridge::jetstream::is_nats_url(u))
+                .filter(|u| nats::is_nats_url(u))
             {
-                crate::bridge::jetstream::check_target(
+                nats::check_target(
                     "CLOUD_BRIDGE_URL",
                     u,
                     r.cloud_bridge_token.as_deref(),
@@ -693,11 +694,9 @@ impl Config {
             }
         }
         // A creds file or CA for NATS with no NATS target: the URL is probably wrong.
-        let any_nats = realms.iter().any(|r| {
-            r.cloud_bridge_url
-                .as_deref()
-                .is_some_and(crate::bridge::jetstream::is_nats_url)
-        });
+        let any_nats = realms
+            .iter()
+            .any(|r| r.cloud_bridge_url.as_deref().is_some_and(nats::is_nats_url));
         for key in ["CLOUD_NATS_CREDS", "CLOUD_NATS_CA"] {
             if !any_nats && s.get(key).is_some() {
                 return Err(err(
