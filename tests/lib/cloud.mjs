@@ -12,16 +12,17 @@ export const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "
 export const CLOUD_TOKEN = "bridge-secret";
 
 /** Starts pos-cloud-ref on 127.0.0.1:`port` (0: any) with its database `db` (a fresh one by
- *  default, off any partition under test); `reject` lists event types it refuses. */
-export async function startCloud({ db = path.join(tmp("cloud"), "cloud.db"), port = 0, reject = [] } = {}) {
-  const args = ["--listen", `127.0.0.1:${port}`, "--db", db, "--token", CLOUD_TOKEN, ...reject.flatMap((t) => ["--reject-type", t])];
+ *  default, off any partition under test); `tokens` are the bearer tokens it accepts,
+ *  `reject` lists event types it refuses. */
+export async function startCloud({ db = path.join(tmp("cloud"), "cloud.db"), port = 0, tokens = [CLOUD_TOKEN], reject = [] } = {}) {
+  const args = ["--listen", `127.0.0.1:${port}`, "--db", db, ...tokens.flatMap((t) => ["--token", t]), ...reject.flatMap((t) => ["--reject-type", t])];
   const child = spawn(CLOUD, args, { stdio: ["ignore", "pipe", "pipe"] });
   procs.add(child);
   const url = await new Promise((res, rej) => {
     let out = "";
     child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
     child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
-    setTimeout(() => rej(new Error("cloud did not start")), 10000);
+    setTimeout(() => rej(new Error("cloud did not start")), 10000).unref();
   });
   const api = (method, p, body) => new Promise((res, rej) => {
     const u = new URL(url + p);

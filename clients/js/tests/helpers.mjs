@@ -20,7 +20,6 @@ export async function startHub(opts) {
   return hub;
 }
 export const here = path.dirname(fileURLToPath(import.meta.url));
-export const CLOUD = process.env.POS_CLOUD_BIN || path.join(path.dirname(HUB), "pos-cloud-ref");
 
 const b64u = (b) => Buffer.from(b).toString("base64url");
 
@@ -77,25 +76,8 @@ export function eventsOf(url, token, deviceId, count, { ca, since = 0 } = {}) {
   }, 10000, `${count} events of ${deviceId} in the hub's log`);
 }
 
-/** Starts pos-cloud-ref on loopback. */
-export async function startCloud({ tokens = ["bridge-secret"], reject = [] } = {}) {
-  const db = path.join(tmp("cloud"), "cloud.db");
-  const args = ["--listen", "127.0.0.1:0", "--db", db, ...tokens.flatMap((t) => ["--token", t]), ...reject.flatMap((t) => ["--reject-type", t])];
-  const child = spawn(CLOUD, args, { stdio: ["ignore", "pipe", "pipe"] });
-  procs.add(child);
-  const url = await new Promise((res, rej) => {
-    let out = "";
-    child.stdout.on("data", (d) => { out += d; const m = out.match(/listening on (http:\/\/\S+)/); if (m) res(m[1]); });
-    child.on("exit", (c) => rej(new Error(`cloud exited ${c}`)));
-    setTimeout(() => rej(new Error("cloud did not start")), 10000).unref();
-  });
-  const api = async (p) => (await fetch(url + p)).json();
-  return {
-    url,
-    events: async () => (await api("/v1/admin/events?tenantId=t-dev&storeId=s-dev")).events,
-    stop: () => { child.kill("SIGTERM"); return new Promise((r) => child.on("exit", r)); },
-  };
-}
+/** Starts pos-cloud-ref on loopback (the shared helper of the repository's tests). */
+export { startCloud } from "../../../tests/lib/cloud.mjs";
 
 /** Spawns a Node script of this folder as a device process; lines of stdout as JSON messages. */
 export function spawnNode(script, args, { netns } = {}) {
