@@ -22,6 +22,7 @@ pub mod nut;
 pub mod pem;
 pub mod power_supply;
 pub mod realms;
+pub mod sio;
 pub mod sntp;
 pub mod sync;
 pub mod token;
@@ -29,6 +30,7 @@ pub mod util;
 
 /// Every target by name.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("sio", sio::run),
     ("event", event::run),
     ("events", events::run),
     ("sync", sync::run),
