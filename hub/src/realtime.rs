@@ -477,8 +477,17 @@ impl SyncReq {
 /// A `sync` request's argument as JSON text -> (since, page limit) (fuzz/ entry point).
 #[doc(hidden)]
 pub fn parse_sync(json: &str) -> Result<(u64, usize), EventError> {
-    let r: SyncReq = serde_json::from_str(json).map_err(|_| EventError::Invalid)?;
+    let r = sync_req(json)?;
     Ok((r.since, r.page_limit()))
+}
+
+/// A `sync` argument: an object only (serde's derive also takes the array
+/// `[since, limit]`, which the protocol does not have; found by the fuzz target `sync`).
+fn sync_req(json: &str) -> Result<SyncReq, EventError> {
+    if !json.trim_start().starts_with('{') {
+        return Err(EventError::Invalid);
+    }
+    serde_json::from_str(json).map_err(|_| EventError::Invalid)
 }
 
 /// `sync {since, limit}` -> `{ok, events:[..], lastSeq}`: one page on request.
@@ -487,7 +496,7 @@ fn sync(
     reply: AckReply,
     arg: Option<&serde_json::value::RawValue>,
 ) {
-    let req: SyncReq = match arg.map(|a| serde_json::from_str(a.get())) {
+    let req: SyncReq = match arg.map(|a| sync_req(a.get())) {
         Some(Ok(r)) => r,
         _ => return reply.send_json(&AckErr::json(&EventError::Invalid)),
     };
@@ -538,6 +547,16 @@ mod tests {
     use super::*;
     use axum::body::Bytes;
     use axum::http::{HeaderValue, Uri};
+
+    /// Found by the fuzz target `sync`: `[5]` was read as `{"since":5}`.
+    #[test]
+    fn sync_takes_an_object_only() {
+        for bad in ["[5]", "[5,10]", " [5]", "5", "\"x\"", "null"] {
+            assert_eq!(parse_sync(bad), Err(EventError::Invalid), "{bad}");
+        }
+        assert_eq!(parse_sync(r#"{"since":5}"#), Ok((5, 500)));
+        assert_eq!(parse_sync(r#" {"since":5,"limit":0}"#), Ok((5, 1)));
+    }
 
     fn inside(buf: &[u8], part: &[u8]) -> bool {
         let (b, p) = (buf.as_ptr() as usize, part.as_ptr() as usize);

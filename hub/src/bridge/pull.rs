@@ -85,6 +85,10 @@ pub(crate) fn check(
     store: &str,
     raw: &RawValue,
 ) -> Result<(String, NewEvent), String> {
+    // An object only (serde's derive also reads an array of the fields in order).
+    if !raw.get().starts_with('{') {
+        return Err("not an event object".into());
+    }
     let e: CloudEvent =
         serde_json::from_str(raw.get()).map_err(|e| format!("not an event object: {e}"))?;
     if e.tenant_id.as_deref().is_some_and(|t| t != tenant)
@@ -239,5 +243,25 @@ pub async fn run(
         } else {
             tokio::time::sleep(backoff.next()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found while fixing what the fuzz target `sync` found (serde's derive reads a
+    /// struct from an array): a feed event given as `["c-1","t",...]` was taken.
+    #[test]
+    fn a_feed_event_is_an_object() {
+        let page = br#"{"events":[["c-1","t",1],{"id":"c-2","type":"t","payload":1,"deviceId":"cloud"}],"cursor":"c9"}"#;
+        let (cursor, events) = parse_feed_page(page, "t-1", "s-1").unwrap();
+        assert_eq!(cursor.as_deref(), Some("c9"));
+        assert_eq!(events.len(), 2);
+        assert!(events[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("not an event object"));
+        assert_eq!(events[1].as_ref().unwrap().1.id(), "c-2");
     }
 }

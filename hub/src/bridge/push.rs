@@ -322,7 +322,11 @@ pub fn judge_answer(seqs: &[u64], body: &[u8]) -> Result<Vec<(u64, String, Strin
             "rejected" => rejected.push((
                 r.seq,
                 r.id.clone().unwrap_or_default(),
-                r.reason.clone().unwrap_or_else(|| "rejected".into()),
+                // An empty reason says nothing in the set-aside record or the log.
+                r.reason
+                    .clone()
+                    .filter(|why| !why.trim().is_empty())
+                    .unwrap_or_else(|| "rejected".into()),
             )),
             other => {
                 return Err(format!("unknown result status {other:?} for seq {}", r.seq));
@@ -448,5 +452,20 @@ mod tests {
             vec![(1, "a".to_string(), "no".to_string())]
         );
         assert!(judge_answer(&[1], br#"{"results":[{"seq":1,"status":"maybe"}]}"#).is_err());
+    }
+
+    /// Found by the fuzz target `ingest`: a rejection with `"reason": ""` was set
+    /// aside with an empty reason (nothing to tell the operator).
+    #[test]
+    fn a_rejection_always_has_a_reason() {
+        for reason in [r#","reason":"""#, r#","reason":"  ""#, ""] {
+            let body =
+                format!(r#"{{"results":[{{"seq":1,"status":"rejected","id":"x"{reason}}}]}}"#);
+            assert_eq!(
+                judge_answer(&[1], body.as_bytes()).unwrap(),
+                vec![(1, "x".to_string(), "rejected".to_string())],
+                "{body}"
+            );
+        }
     }
 }

@@ -245,11 +245,46 @@ pub struct Reply {
     pub lease: Lease,
 }
 
+/// The options [`parse_reply`] reads: message type, server id, mask, router, DNS, lease.
+const USED_OPTIONS: [u8; 6] = [53, 54, 1, 3, 6, 51];
+
+/// The packet with only [`USED_OPTIONS`] left in its options field (and an End), or
+/// `None` when it is too short to be a DHCP message. dhcproto's decoders of some other
+/// options assert their length (`debug_assert!`: a panic in debug builds, a misread in
+/// release) instead of refusing it; what the hub does not read never reaches them.
+fn used_options_only(p: &[u8]) -> Option<Vec<u8>> {
+    const HEADER: usize = 240; // the fixed fields and the magic cookie
+    let mut out = p.get(..HEADER)?.to_vec();
+    let mut rest = &p[HEADER..];
+    while let Some((&code, tail)) = rest.split_first() {
+        match code {
+            0 => rest = tail,
+            255 => break,
+            _ => {
+                let Some((&len, tail)) = tail.split_first() else {
+                    break;
+                };
+                let Some(value) = tail.get(..usize::from(len)) else {
+                    break; // cut short: the option and what follows are dropped
+                };
+                if USED_OPTIONS.contains(&code) {
+                    out.extend_from_slice(&[code, len]);
+                    out.extend_from_slice(value);
+                }
+                rest = &tail[usize::from(len)..];
+            }
+        }
+    }
+    out.push(255);
+    Some(out)
+}
+
 #[doc(hidden)]
 /// A reply to our transaction `xid` for our `mac`; `None` for anything else (another
 /// client's answer, a request, garbage).
 pub fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
-    let m = Message::decode(&mut Decoder::new(p)).ok()?;
+    let p = used_options_only(p)?;
+    let m = Message::decode(&mut Decoder::new(&p)).ok()?;
     if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6)? != mac {
         return None;
     }
@@ -455,6 +490,47 @@ mod tests {
             parse_reply(&d, 42, &mac).is_none(),
             "a request, not a reply"
         );
+    }
+
+    /// Found by the fuzz target `dhcp` (a debug-assertion build): options the hub
+    /// does not read but dhcproto asserts the length of (Rapid Commit 80 with a
+    /// value, Client Network Interface 94 not 3 bytes, Client FQDN 81 under 3) panicked
+    /// the decoder; they are dropped before it now, and the answer still counts.
+    #[test]
+    fn options_the_hub_does_not_read_cannot_panic_the_decoder() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let answer = |opts: &[u8]| {
+            let mut p = dhcp_packet(MessageType::Discover, 42, &mac, None, "pos-hub");
+            p[0] = 2;
+            p[16..20].copy_from_slice(&[10, 0, 2, 15]);
+            p.truncate(240);
+            p.extend_from_slice(opts);
+            p
+        };
+        for odd in [
+            &[80u8, 1, 7][..],
+            &[94, 1, 0],
+            &[81, 1, 0],
+            &[91, 1, 0],
+            &[151, 0],
+            &[152, 2, 0, 0],
+        ] {
+            let mut opts = vec![53, 1, 5, 1, 4, 255, 255, 255, 0];
+            opts.extend_from_slice(odd);
+            opts.extend_from_slice(&[3, 4, 10, 0, 2, 2, 255]);
+            let r = parse_reply(&answer(&opts), 42, &mac).expect("an ack");
+            assert_eq!(r.kind, MessageType::Ack);
+            assert_eq!(r.lease.prefix, 24);
+            assert_eq!(r.lease.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        }
+        // An option cut short ends the options; what came before it still counts.
+        let r = parse_reply(&answer(&[53, 1, 5, 3, 4, 10, 0]), 42, &mac).unwrap();
+        assert_eq!((r.kind, r.lease.gateway), (MessageType::Ack, None));
+        assert!(
+            parse_reply(&answer(&[]), 42, &mac).is_none(),
+            "no message type"
+        );
+        assert!(used_options_only(&[2; 239]).is_none());
     }
 
     /// Found while writing fuzz/ (dhcp): an offer or ack of 0.0.0.0 (or broadcast,

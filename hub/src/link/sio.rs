@@ -63,6 +63,11 @@ pub fn parse(s: &str) -> Result<Packet<'_>, ParseError> {
     let Some(&t) = b.first() else {
         return Err(ParseError::Empty);
     };
+    // The type first: everything after it is sliced at byte 1, which must be a char
+    // boundary (a frame starting with a non-ASCII character panicked here).
+    if !matches!(t, b'0' | b'1' | b'2' | b'3' | b'5' | b'6') {
+        return Err(ParseError::BadType);
+    }
     let mut i = 1;
     let binary = matches!(t, b'5' | b'6');
     let mut attachments = 0u32;
@@ -396,6 +401,12 @@ mod tests {
             ("61-[]", ParseError::BadAckId),
             ("21234567890123456[]", ParseError::BadAckId),
             ("4{\"message\":\"x\"}", ParseError::BadType),
+            // Found by the fuzz target `sio`: slicing after a multi-byte first
+            // character panicked (`ÿ33[ ]`, `ÿ1`).
+            ("\u{ff}33[ ]", ParseError::BadType),
+            ("\u{ff}1", ParseError::BadType),
+            ("\u{1F600}2[\"event\",{}]", ParseError::BadType),
+            ("é", ParseError::BadType),
         ] {
             assert_eq!(parse(junk), Err(why), "{junk:?}");
         }

@@ -47,6 +47,8 @@ pub enum EventError {
     MissingPayload,
     #[error("payload is larger than 64 KiB")]
     PayloadTooLarge,
+    #[error("payload must be JSON every reader can take: numbers within the range of a double, no unpaired \\u surrogate escapes")]
+    BadPayload,
     #[error("ts must be a number or a string of at most 64 characters")]
     BadTs,
     #[error("events takes an array of 1 to 500 events")]
@@ -71,7 +73,7 @@ impl EventError {
             EventError::Invalid => "invalid_event",
             EventError::BadId => "invalid_id",
             EventError::BadType => "invalid_type",
-            EventError::MissingPayload => "invalid_payload",
+            EventError::MissingPayload | EventError::BadPayload => "invalid_payload",
             EventError::PayloadTooLarge => "payload_too_large",
             EventError::BadTs => "invalid_ts",
             EventError::TooMany => "too_many_events",
@@ -112,6 +114,64 @@ pub struct NewEvent {
     payload_end: u32,
 }
 
+/// Whether `raw` is one JSON value that every reader of the log takes (the cloud's,
+/// the bridge's, serde_json's `Value`): the grammar, numbers within the range of a
+/// double and no unpaired UTF-16 surrogate in a `\u` escape. `RawValue`, which the
+/// event parse borrows its fields with, only skips over numbers and escapes, so a
+/// device could store `1e400` or `"\ud800"`, which readers of the log then refuse
+/// (found by the fuzz targets `event` and `events`). No allocation beyond
+/// serde_json's scratch buffer for strings with escapes.
+pub fn strict_json(raw: &str) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Strict;
+    impl<'de> Visitor<'de> for Strict {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(E::custom("number out of range"))
+            }
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Strict)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while map.next_key_seed(Strict)?.is_some() {
+                map.next_value_seed(Strict)?;
+            }
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Strict {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw);
+    Strict.deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -132,11 +192,15 @@ impl NewEvent {
         if payload.len() > MAX_PAYLOAD {
             return Err(EventError::PayloadTooLarge);
         }
+        if !strict_json(payload) {
+            return Err(EventError::BadPayload);
+        }
         let ts = match ts {
             None | Some("null") => "",
             Some(t) => {
-                let ok = (t.starts_with('"') && t.len() <= 66)
-                    || (t.len() <= 32 && t.parse::<f64>().is_ok());
+                let ok = ((t.starts_with('"') && t.len() <= 66)
+                    || (t.len() <= 32 && t.parse::<f64>().is_ok_and(f64::is_finite)))
+                    && strict_json(t);
                 if !ok {
                     return Err(EventError::BadTs);
                 }
@@ -158,6 +222,10 @@ impl NewEvent {
 
     /// Parses one event object as a device sends it.
     pub fn from_json(raw: &str) -> Result<Self, EventError> {
+        // An object only: serde's derive also reads `[id, type, payload, ts]`.
+        if !raw.trim_start().starts_with('{') {
+            return Err(EventError::Invalid);
+        }
         let e: EventIn = serde_json::from_str(raw).map_err(|_| EventError::Invalid)?;
         let id = e.id.filter(|i| valid_id(i)).ok_or(EventError::BadId)?;
         let typ = e.typ.ok_or(EventError::BadType)?;
@@ -343,6 +411,71 @@ mod tests {
         );
         assert_eq!(bad(&big), EventError::PayloadTooLarge);
         assert_eq!(bad("garbage"), EventError::Invalid);
+    }
+
+    /// Found by the fuzz targets `event` and `events`: a payload or ts that
+    /// serde_json's `Value` (the cloud's and the bridge's reader) refuses was stored:
+    /// numbers beyond a double (`2.1e4005`, ts `1e400`) and unpaired surrogate
+    /// escapes (`"\ud800"`).
+    #[test]
+    fn only_json_every_reader_takes_is_stored() {
+        let ev = |payload: &str, ts: &str| {
+            parse_event_packet(&format!(
+                r#"["event",{{"id":"a","type":"t","payload":{payload}{ts}}}]"#
+            ))
+        };
+        for p in [
+            r#"{"t/tal":2.1e4005}"#,
+            "-1e400",
+            r#""\ud800""#,
+            r#"{"\udc00x":1}"#,
+            r#"["a\ud800\u0041"]"#,
+        ] {
+            assert_eq!(ev(p, ""), Err(EventError::BadPayload), "{p}");
+            assert!(serde_json::from_str::<serde_json::Value>(p).is_err());
+        }
+        for t in ["1e400", r#""2026-11-24T10\ud800:00:00Z""#] {
+            assert_eq!(
+                ev("1", &format!(r#","ts":{t}"#)),
+                Err(EventError::BadTs),
+                "{t}"
+            );
+        }
+        // A paired surrogate, big but finite numbers and ordinary escapes still pass.
+        for p in [
+            r#""\ud83d\ude00""#,
+            "1.7976931348623157e308",
+            "18446744073709551616",
+            r#"{"a":[true,null,"\n\u0041"]}"#,
+        ] {
+            assert!(ev(p, "").is_ok(), "{p}");
+        }
+        assert!(ev("1", r#","ts":"\ud83d\ude00""#).is_ok());
+        assert_eq!(EventError::BadPayload.code(), "invalid_payload");
+        assert!(!strict_json("1 2") && !strict_json("") && strict_json(" 1 "));
+        // Callers other than the device parse are checked too.
+        assert_eq!(
+            NewEvent::new("a", "t", "1", Some("NaN")),
+            Err(EventError::BadTs)
+        );
+        assert_eq!(
+            NewEvent::new("a", "t", "{", None),
+            Err(EventError::BadPayload)
+        );
+    }
+
+    /// Found while fixing what the fuzz target `sync` found: serde's derive reads a
+    /// struct from an array too, so `["event",["a","t",1]]` was stored as an event.
+    #[test]
+    fn an_event_is_an_object() {
+        assert_eq!(
+            parse_event_packet(r#"["event",["a","t",1]]"#),
+            Err(EventError::Invalid)
+        );
+        let b = parse_batch_packet(r#"["events",[["a","t",1],{"id":"b","type":"t","payload":1}]]"#)
+            .unwrap();
+        assert_eq!(b[0], Err(EventError::Invalid));
+        assert!(b[1].is_ok());
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub fn run(data: &[u8]) {
                 list.len()
             );
             // The batch is exactly the array it came from, in order.
-            let v: serde_json::Value = serde_json::from_str(s).expect("accepted batch is JSON");
+            let Some(v) = crate::util::accepted_json(s.as_bytes(), "batch") else {
+                return;
+            };
             assert_eq!(v[1].as_array().map(Vec::len), Some(list.len()));
             for r in &list {
                 match r {

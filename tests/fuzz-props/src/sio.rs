@@ -154,9 +154,9 @@ fn check_event_data(data: &str) {
                     .as_ref()
                     .unwrap_or_else(|| panic!("EventArgs refused {data:?}"));
                 assert_eq!(&*a.name, n.as_str());
-                let arg = a.arg.map(|r| {
-                    serde_json::from_str::<Value>(r.get()).expect("argument was JSON")
-                });
+                let arg = a
+                    .arg
+                    .map(|r| serde_json::from_str::<Value>(r.get()).expect("argument was JSON"));
                 assert_eq!(arg.as_ref(), v.get(1), "first argument of {data:?}");
             }
             _ => assert!(args.is_none(), "EventArgs took {data:?}"),
@@ -189,8 +189,7 @@ fn check_event_data(data: &str) {
     }
     if let (Some(a), Ok(Some(raw))) = (
         args.arg,
-        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(data)
-            .map(|v| v.get(1).copied()),
+        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(data).map(|v| v.get(1).copied()),
     ) {
         assert_eq!(a.get(), raw.get(), "argument text of {data:?}");
     }
@@ -199,11 +198,7 @@ fn check_event_data(data: &str) {
 /// The hub answers an event with id `id` with `3<id>[..]`: it parses back to that id.
 fn check_ack(id: u64) {
     let a = sio::ack(id, "{\"ok\":true}");
-    assert_eq!(
-        sio::parse(&a),
-        Ok(Packet::Ack { ns: "/", id }),
-        "ack {a:?}"
-    );
+    assert_eq!(sio::parse(&a), Ok(Packet::Ack { ns: "/", id }), "ack {a:?}");
 }
 
 /// A refused CONNECT (`4[ns,]{"message":..}`) names the namespace and carries the message.

@@ -9,7 +9,9 @@ use crate::event::check_accepted;
 pub fn run(data: &[u8]) {
     match parse_feed_page(data, "t-1", "s-1") {
         Ok((cursor, events)) => {
-            let v: serde_json::Value = serde_json::from_slice(data).expect("accepted page is JSON");
+            let Some(v) = crate::util::accepted_json(data, "page") else {
+                return;
+            };
             assert_eq!(v["events"].as_array().map(Vec::len), Some(events.len()));
             assert_eq!(cursor.as_deref(), v["cursor"].as_str());
             for (e, raw) in events

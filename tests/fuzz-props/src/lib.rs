@@ -28,8 +28,11 @@ pub mod sync;
 pub mod token;
 pub mod util;
 
+/// One target: feeds the bytes to its parser and panics when a property fails.
+pub type Target = fn(&[u8]);
+
 /// Every target by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("sio", sio::run),
     ("event", event::run),
     ("events", events::run),
@@ -56,6 +59,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The target called `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
