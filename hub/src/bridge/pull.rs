@@ -69,6 +69,11 @@ pub fn parse_feed_page(
     tenant: &str,
     store: &str,
 ) -> Result<(Option<String>, Vec<Result<(String, NewEvent), String>>), String> {
+    // An object only: serde's derive also reads `[[events..], cursor]` (found by the
+    // fuzz target `feed`: `[[]]` was an empty page).
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err("malformed page refused: not a JSON object".into());
+    }
     let page: Page =
         serde_json::from_slice(body).map_err(|e| format!("malformed page refused: {e}"))?;
     let events = page
@@ -263,5 +268,16 @@ mod tests {
             .unwrap_err()
             .contains("not an event object"));
         assert_eq!(events[1].as_ref().unwrap().1.id(), "c-2");
+    }
+
+    /// Found by the fuzz target `feed`: a page given as an array (`[[]]`, or
+    /// `[[..events], "c9"]`) was read as `{events, cursor}`.
+    #[test]
+    fn a_feed_page_is_an_object() {
+        for bad in [&b"[[]]"[..], br#"[[], "c9"]"#, b" [[]]", b"null"] {
+            let e = parse_feed_page(bad, "t-1", "s-1").unwrap_err();
+            assert!(e.starts_with("malformed page refused"), "{e}");
+        }
+        assert!(parse_feed_page(br#" {"events":[]}"#, "t-1", "s-1").is_ok());
     }
 }
