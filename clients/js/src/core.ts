@@ -54,6 +54,7 @@ export class HubClientCore extends Emitter {
   private lastError: Status["lastError"] = null;
   private started = false;
   private stopped = false;
+  private metaWrites = new Set<Promise<void>>();
   private offlineSince = Date.now();
   private wakers: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
@@ -168,6 +169,7 @@ export class HubClientCore extends Emitter {
     await Promise.allSettled(this.loops);
     while (this.delivering) await new Promise((r) => setTimeout(r, 5));
     if (this.statusTimer) clearTimeout(this.statusTimer);
+    await Promise.allSettled([...this.metaWrites]);
     await this.store?.saveCursor(this.cursor).catch(() => {});
     await this.store?.close();
   }
@@ -368,7 +370,11 @@ export class HubClientCore extends Emitter {
 
   private setMeta(key: string, value: unknown) {
     this.meta[key] = value;
-    return this.store ? this.store.setMeta(key, value) : Promise.resolve();
+    if (!this.store) return Promise.resolve();
+    // Kept until written, so stop() never closes the store under a pending write.
+    const w = this.store.setMeta(key, value).finally(() => this.metaWrites.delete(w));
+    this.metaWrites.add(w);
+    return w;
   }
 
   /** Sends what is not acknowledged, oldest first, up to `window` messages in flight. */

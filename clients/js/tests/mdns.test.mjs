@@ -33,10 +33,11 @@ test("mDNS: a till finds the hub, checks /ca.crt against caFp, pins it; a mismat
     assert.equal(st.state, "hub");
     assert.equal(st.hub, `https://10.89.0.1:${hub.port}`);
     assert.equal(st.outbox, 0);
+    assert.equal(await ok.exited, 0);
+    // Read once the till has stopped: the last working hub is written without holding up sends.
     const meta = JSON.parse(fs.readFileSync(path.join(ok.dir, "meta.json"), "utf8"));
     assert.equal(meta.ca.trim(), caPem(hub.dataDir).trim(), "the store CA is pinned");
     assert.deepEqual(meta.hubs, [st.hub], "remembered as the last working hub");
-    assert.equal(await ok.exited, 0);
     await hub.stop();
 
     // The same hub, silent; a rogue advertiser with a fingerprint that is not the hub's CA.
