@@ -122,16 +122,24 @@ test("cluster R3, both directions, /status, restart without duplicates", async (
   } finally { await hub.stop(); await c.stopAll(); }
 });
 
-test("the stream leader killed during a push, then restarted", async () => {
+/** A cluster with the stream, and a hub pushing `n` events to it, paced (1,500/s) so the
+ *  push is still going when the test breaks something; resolves once 500 are pushed. */
+async function pacedPush(n) {
   const c = await startCluster();
   await createStream(c);
-  // Paced so the push is still going when the leader dies.
   const hub = await startHub({ env: natsEnv(c.urls(), { CLOUD_PUSH_MAX_RATE: "1500", CLOUD_PUSH_BUSY_RATE: "1500" }) });
   try {
     const d = device(hub, undefined);
     await d.ready;
-    const acked = await write(d, "a", 4000);
+    const acked = await write(d, "a", n);
     await until(async () => (await status(hub)).pushedCursor > 500, 20000, "push under way");
+    return { c, hub, d, acked };
+  } catch (e) { await hub.stop(); await c.stopAll(); throw e; }
+}
+
+test("the stream leader killed during a push, then restarted", async () => {
+  const { c, hub, d, acked } = await pacedPush(4000);
+  try {
     const leader = await leaderOf(c);
     assert.ok(leader >= 0, "a stream leader");
     await c.stop(leader, "SIGKILL");
@@ -153,14 +161,8 @@ test("the stream leader killed during a push, then restarted", async () => {
 });
 
 test("all three servers restarted during a push", async () => {
-  const c = await startCluster();
-  await createStream(c);
-  const hub = await startHub({ env: natsEnv(c.urls(), { CLOUD_PUSH_MAX_RATE: "1500", CLOUD_PUSH_BUSY_RATE: "1500" }) });
+  const { c, hub, d, acked } = await pacedPush(3000);
   try {
-    const d = device(hub, undefined);
-    await d.ready;
-    const acked = await write(d, "a", 3000);
-    await until(async () => (await status(hub)).pushedCursor > 500, 20000, "push under way");
     await c.stopAll("SIGTERM");
     await until(async () => (await status(hub)).bridge.state === "offline", 10000, "bridge offline");
     assert.equal((await httpGet(hub.port, "/healthz")).status, 200, "healthy while the cluster is away");
