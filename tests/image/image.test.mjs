@@ -4,7 +4,7 @@
 // the store CA, through the forwarded port. Each test boots its own copy of the image.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { IMAGE, cardFrom, boot, devTokens, connect, allIds, httpGet, httpsReq, sleep } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, allIds, httpGet, httpsReq, sleep, scratchDir } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const cleanup = [];
@@ -131,7 +131,7 @@ test("an unclaimed box is claimed over /setup, then reset by the admin API and b
   const fs = await import("node:fs");
   const path = await import("node:path");
   const HUB = process.env.POS_HUB_BIN;
-  const dir = fs.mkdtempSync("/tmp/poshub-claim-");
+  const dir = scratchDir("claim");
   const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
   execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
   execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);

@@ -20,7 +20,19 @@ export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * against a machine so loaded that QEMU's TCG guest runs several times slower). */
 export const SCALE = Math.max(1, Number(process.env.IMAGE_TEST_TIME_SCALE || 1));
 const boxes = new Set();
-process.on("exit", () => { for (const b of boxes) b.killNow(); });
+const scratch = [];
+process.on("exit", () => {
+  for (const b of boxes) b.killNow();
+  // Cards are 100s of MiB each: they go with the test file (POSHUB_KEEP_TMP=1 keeps them).
+  if (process.env.POSHUB_KEEP_TMP !== "1") for (const d of scratch) try { fs.rmSync(d, { recursive: true, force: true, maxRetries: 3 }); } catch {}
+});
+
+/** A scratch dir under $TMPDIR, removed when the test file's process exits. */
+export function scratchDir(name) {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), `poshub-${name}-`));
+  scratch.push(d);
+  return d;
+}
 
 export async function freePort() {
   return new Promise((resolve) => {
@@ -38,7 +50,7 @@ export function partOffset(img, n) {
 /** A private copy of the image, grown to `sizeMiB` (a bigger card), with `hubEnv` written
  * into the settings partition when given. */
 export function cardFrom(image, { sizeMiB = 384, hubEnv } = {}) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "poshub-card-"));
+  const dir = scratchDir("card");
   const card = path.join(dir, "card.img");
   execFileSync("cp", ["--sparse=always", image, card]);
   fs.truncateSync(card, sizeMiB * 1024 * 1024);

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { execFileSync } from "node:child_process";
-import { cardFrom, boot, devTokens, httpsReq, staticServer, sleep, sendAcked, allIds, ROOT, SCALE } from "./qemu.mjs";
+import { cardFrom, boot, devTokens, httpsReq, staticServer, sleep, sendAcked, allIds, ROOT, SCALE, scratchDir } from "./qemu.mjs";
 
 const V1 = process.env.POS_HUB_IMAGE;
 const V2 = process.env.POS_HUB_IMAGE_V2;
@@ -51,7 +51,7 @@ async function nextBoot(box, n, part) {
 }
 
 test("v1 installs v2 (with a schema change) from the channel file, trial-boots, commits; v2 keeps v1's events; rollback by command still opens on v1", async () => {
-  const www = fs.mkdtempSync("/tmp/poshub-www-");
+  const www = scratchDir("www");
   execFileSync(path.join(ROOT, "scripts/publish-update"), ["--dir", www, "--channel", "stable", "--bundle", B2, "--rollout", "100"]);
   const srv = await staticServer(www);
   const env = "DEV=on\nPORT=4001\nUPDATE_CHANNEL=stable\nUPDATE_URL=http://10.0.2.100:8080\nUPDATE_INTERVAL=10s\n";
@@ -101,7 +101,7 @@ test("v1 installs v2 (with a schema change) from the channel file, trial-boots, 
 });
 
 test("a v2 built to fail its self-check rolls back to v1 by itself, and v1 reports why", async () => {
-  const www = fs.mkdtempSync("/tmp/poshub-www-");
+  const www = scratchDir("www");
   const srv = await staticServer(www);
   const env = "DEV=on\nPORT=4001\nUPDATE_URL=http://10.0.2.100:8080\nUPDATE_INTERVAL=15s\n";
   const { card } = cardFrom(V1, { hubEnv: env });
@@ -135,7 +135,7 @@ test("a v2 built to fail its self-check rolls back to v1 by itself, and v1 repor
 });
 
 test("bad signature, wrong board, truncated or corrupt bundles are refused; v1 untouched", async () => {
-  const dir = fs.mkdtempSync("/tmp/poshub-bad-");
+  const dir = scratchDir("bad");
   const good = fs.readFileSync(B2);
   // Signature over another manifest: flip one character inside the base64 manifest.
   const nl = good.indexOf(10, 16);
@@ -183,7 +183,7 @@ test("bad signature, wrong board, truncated or corrupt bundles are refused; v1 u
 test(`power cuts during download or upload, write, reboot, trial boot and commit (${CUTS} points): the hub always comes back with every acked event`, { timeout: Math.max(20, CUTS / 2) * 60000 * SCALE }, async () => {
   const { card } = cardFrom(V1, { sizeMiB: 256 });
   // Every other install is a download from a local HTTP server instead of an upload.
-  const www = fs.mkdtempSync("/tmp/poshub-www-");
+  const www = scratchDir("www");
   fs.copyFileSync(B1, path.join(www, "v1.bundle"));
   fs.copyFileSync(B2, path.join(www, "v2.bundle"));
   const srv = await staticServer(www);

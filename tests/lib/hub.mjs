@@ -11,9 +11,20 @@ import { fileURLToPath } from "node:url";
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const HUB = process.env.POS_HUB_BIN || path.resolve(here, "../../target/debug/pos-hub");
 export const procs = new Set();
-process.on("exit", () => { for (const p of procs) try { p.kill("SIGKILL"); } catch {} });
+const scratch = [];
+process.on("exit", () => {
+  for (const p of procs) try { p.kill("SIGKILL"); } catch {}
+  // Every scratch dir goes with the test file (a CI disk filled up with them);
+  // POSHUB_KEEP_TMP=1 keeps them for a post-mortem.
+  if (process.env.POSHUB_KEEP_TMP !== "1") for (const d of scratch) try { fs.rmSync(d, { recursive: true, force: true, maxRetries: 3 }); } catch {}
+});
 
-export function tmp(name) { return fs.mkdtempSync(path.join(os.tmpdir(), `poshub-${name}-`)); }
+/** A scratch dir under $TMPDIR, removed when the test file's process exits. */
+export function tmp(name) {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), `poshub-${name}-`));
+  scratch.push(d);
+  return d;
+}
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export async function freePort() {
