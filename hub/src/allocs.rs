@@ -1,5 +1,6 @@
 //! Counts heap allocations, for `/metrics` and the benchmark's allocations per
-//! event. The binary installs [`Counting`] as its global allocator; it forwards to
+//! event, and keeps glibc's malloc from holding freed memory for ever (the soak's
+//! RSS grew 37% with a flat event rate). The binary installs [`Counting`] as its global allocator; it forwards to
 //! the system allocator and adds one to a per-thread counter, folded into a
 //! shared total every [`FOLD`] allocations, so no two threads contend on a cache
 //! line per allocation. The total lags by at most `FOLD` per thread.
@@ -65,4 +66,43 @@ pub fn total() -> Option<u64> {
     INSTALLED
         .load(Ordering::Relaxed)
         .then(|| TOTAL.load(Ordering::Relaxed))
+}
+
+/// glibc's malloc arenas the hub may use unless `MALLOC_ARENA_MAX` says otherwise. glibc's
+/// default is 8 per core, each keeping its own freed memory; two bound the high-water
+/// mark, and glibc's per-thread caches keep the hot path off the arena locks.
+pub const ARENA_MAX: i32 = 2;
+
+/// Sets the arena limit; the binary calls it first thing, before any thread starts.
+pub fn tune() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; called before other threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
+        }
+    }
+}
+
+/// Bytes the allocator has handed out and not got back, and bytes it holds free, if
+/// it can tell (glibc).
+pub fn heap() -> Option<(u64, u64)> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 reads the allocator's statistics; no arguments.
+        let m = unsafe { libc::mallinfo2() };
+        Some(((m.uordblks + m.hblkhd) as u64, m.fordblks as u64))
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
+}
+
+/// Gives freed heap memory back to the kernel (glibc); a few ms with a large heap, so
+/// callers run it off the runtime's worker threads.
+pub fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; it locks each arena itself.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -78,6 +78,8 @@ pub async fn sample_loop(web: Arc<Web>) {
             web.history.sample(&r.key(), now, outbox_depth(&web, r));
             r.close_idle_readers();
         }
+        // Freed memory goes back to the kernel instead of staying as a high-water mark.
+        let _ = tokio::task::spawn_blocking(crate::allocs::trim).await;
     }
 }
 
@@ -149,6 +151,20 @@ fn metrics_text(web: &Web) -> String {
             "counter",
             "Heap allocations by the hub process so far",
             vec![(String::new(), n as f64)],
+        );
+    }
+    if let Some((in_use, free)) = crate::allocs::heap() {
+        family(
+            "poshub_heap_in_use_bytes",
+            "gauge",
+            "Heap bytes allocated and not yet freed",
+            vec![(String::new(), in_use as f64)],
+        );
+        family(
+            "poshub_heap_free_bytes",
+            "gauge",
+            "Heap bytes freed but still held by the allocator",
+            vec![(String::new(), free as f64)],
         );
     }
     family(

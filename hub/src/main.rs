@@ -6,6 +6,7 @@ static ALLOC: pos_hub::allocs::Counting = pos_hub::allocs::Counting;
 
 fn main() {
     pos_hub::allocs::installed();
+    pos_hub::allocs::tune();
     if std::process::id() == 1 {
         // Never returns: init reboots the box on any failure.
         pos_hub::init::run_as_pid1();

@@ -20,7 +20,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep, partOffset } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -54,11 +54,34 @@ async function writeUnderLoad(sock, prefix, n, inFlight, log) {
   return acked;
 }
 
+/** The usual check of a rebuilt card: a working hub with every event acked before the
+ * cut (log offset `cut`), same seqs, no gap; `versions`, when given, lists the versions
+ * it may run. Returns the card's line for the report. */
+function ackedCheck(acked, versions) {
+  return async (b, cut, label) => {
+    const durable = acked.filter((a) => a.logSize <= cut);
+    const tok = await devTokens(b);
+    const c = await connect(b, tok.device, { auth: { since: 0 } });
+    const got = c.got.map((e) => e.id);
+    c.close();
+    const missing = durable.filter((a) => !got.includes(a.id));
+    assert.deepEqual(missing, [], `${label}: acked events lost`);
+    for (const a of durable) assert.equal(c.got.find((e) => e.id === a.id).seq, a.seq, `${label}: ${a.id} kept its seq`);
+    assert.deepEqual(c.got.map((e) => e.seq), c.got.map((_, j) => j + 1), `${label}: seqs contiguous from 1`);
+    let version = "";
+    if (versions) {
+      version = JSON.parse((await httpsReq(b, "/status", { headers: { authorization: `Bearer ${tok.admin}` } })).body).version;
+      assert.ok(versions.includes(version), `${label}: runs ${version}, not one of ${versions}`);
+      version = `, version ${version}`;
+    }
+    return `hub up${version}, ${durable.length} acked events required, ${got.length} present`;
+  };
+}
+
 /** Rebuilds `cards` cards from the write log at seeded random flush points (every other
- * one at a flush past log offset `focus`), boots each and checks it: a working hub with
- * every event acked before its flush point, same seqs, no gap; `versions`, when given,
- * lists the versions a rebuilt box may run. Prints where each cut fell. */
-async function checkRebuilt({ dir, base, log, acked, phases, cards, seed, focus = 0, versions }) {
+ * one at a flush past log offset `focus`), boots each and runs `check(box, cutOffset,
+ * label)` on it once /healthz answers. Prints where each cut fell. */
+async function checkRebuilt({ dir, base, log, phases, cards, seed, focus = 0, check }) {
   const info = JSON.parse(execFileSync("python3", [REPLAY, "info", log], { encoding: "utf8" }));
   console.log(`# write log: ${info.entries} requests, ${info.writes} writes (${(info.bytesWritten / 1048576).toFixed(1)} MiB), ${info.flushes.length} flushes`);
   assert.ok(info.flushes.length > 20, "the guest flushes its disk");
@@ -70,28 +93,15 @@ async function checkRebuilt({ dir, base, log, acked, phases, cards, seed, focus 
     const k = info.flushes.indexOf(pool[Math.floor(pick() * pool.length)]);
     const f = info.flushes[k];
     const phase = [...phases].reverse().find((p) => f.logOffset >= p.at).name;
+    const label = `card ${i} (flush ${k} of ${info.flushes.length}, ${phase})`;
     const rebuilt = path.join(dir, `cut-${i}.img`);
     const res = JSON.parse(execFileSync("python3", [REPLAY, "build", base, log, rebuilt, "--flush", String(k), "--seed", String(seed + i)], { encoding: "utf8" }));
-    const durable = acked.filter((a) => a.logSize <= f.logOffset);
     const b = await boot(rebuilt);
     cleanup.push(b);
     try {
       await b.healthz(150000);
-      const tok = await devTokens(b);
-      const c = await connect(b, tok.device, { auth: { since: 0 } });
-      const got = c.got.map((e) => e.id);
-      c.close();
-      const missing = durable.filter((a) => !got.includes(a.id));
-      assert.deepEqual(missing, [], `card ${i} (flush ${k} of ${info.flushes.length}, ${phase}): acked events lost`);
-      for (const a of durable) assert.equal(c.got.find((e) => e.id === a.id).seq, a.seq, `card ${i}: ${a.id} kept its seq`);
-      assert.deepEqual(c.got.map((e) => e.seq), c.got.map((_, j) => j + 1), `card ${i}: seqs contiguous from 1`);
-      let version = "";
-      if (versions) {
-        version = JSON.parse((await httpsReq(b, "/status", { headers: { authorization: `Bearer ${tok.admin}` } })).body).version;
-        assert.ok(versions.includes(version), `card ${i}: runs ${version}, not one of ${versions}`);
-        version = `, version ${version}`;
-      }
-      console.log(`# card ${i}: flush ${k}/${info.flushes.length} (${phase}), ${res.keptAfterFlush} later writes kept, ${res.droppedAfterFlush} dropped, ${res.neverIssued} never issued: hub up${version}, ${durable.length} acked events required, ${got.length} present`);
+      const line = await check(b, f.logOffset, label);
+      console.log(`# card ${i}: flush ${k}/${info.flushes.length} (${phase}), ${res.keptAfterFlush} later writes kept, ${res.droppedAfterFlush} dropped, ${res.neverIssued} never issued: ${line}`);
       byPhase[phase] = (byPhase[phase] || 0) + 1;
     } catch (e) {
       throw new Error(`${e.message}\nrebuilt card kept at ${rebuilt} (replay: ${JSON.stringify(res)}); console tail:\n${b.console.slice(-3000)}`);
@@ -135,7 +145,7 @@ test(`faithful power cuts: ${CARDS} cards rebuilt from the write log at random f
   await box.powerCut();
   cleanup.splice(cleanup.indexOf(box), 1);
 
-  await checkRebuilt({ dir, base, log, acked, phases, cards: CARDS, seed: SEED, focus: phases[2].at });
+  await checkRebuilt({ dir, base, log, phases, cards: CARDS, seed: SEED, focus: phases[2].at, check: ackedCheck(acked) });
 });
 
 
@@ -175,5 +185,91 @@ test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run 
   s.close();
   await box.powerCut();
   cleanup.splice(cleanup.indexOf(box), 1);
-  await checkRebuilt({ dir, base, log, acked, phases, cards: OTA_CARDS, seed: SEED + 1000, focus: phases[1].at, versions: ["0.1.0", "0.2.0"] });
+  await checkRebuilt({ dir, base, log, phases, cards: OTA_CARDS, seed: SEED + 1000, focus: phases[1].at, check: ackedCheck(acked, ["0.1.0", "0.2.0"]) });
+});
+
+const CLAIM_CARDS = Number(process.env.POWER_CUT_CLAIM_CARDS || 2);
+
+test(`faithful power cuts through a claim and a factory reset: ${CLAIM_CARDS} rebuilt cards are unclaimed or hold one whole store, never half a reset`, { timeout: 240000 + CLAIM_CARDS * 120000 }, async () => {
+  const HUB = process.env.POS_HUB_BIN;
+  assert.ok(HUB, "POS_HUB_BIN is not set (scripts/test-image sets it): it mints the claim and device tokens");
+  const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320 });
+  const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
+  execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
+  execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
+  const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", "t-abc", "--store", "s-001", "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
+  const f = path.join(dir, "hub.env");
+  fs.writeFileSync(f, `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`);
+  execFileSync("mcopy", ["-o", "-i", `${card}@@${partOffset(card, 1)}`, f, "::hub.env"], { env: { ...process.env, MTOOLS_SKIP_CHECK: "1" } });
+  const status = async (b) => JSON.parse((await httpsReq(b, "/status")).body);
+  // A card that has booted once, unclaimed (the first boot has its own test above).
+  let box = await boot(card);
+  await box.waitFor(/not claimed yet/, 120000);
+  await box.healthz(60000);
+  const fp = (await status(box)).caFingerprint;
+  await box.stop();
+  const base = path.join(dir, "base.img");
+  execFileSync("cp", ["--sparse=always", card, base]);
+  const log = path.join(dir, "writes.log");
+  const phases = [{ at: 0, name: "boot, unclaimed" }];
+  box = await boot(card, { blklog: log });
+  cleanup.push(box);
+  await box.waitFor(/not claimed yet/, 120000);
+  await box.healthz(60000);
+  const claim = async () => {
+    const r = await httpsReq(box, "/setup/claim", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ token: mint("claim") }) });
+    assert.equal(r.status, 200, r.body);
+    for (let i = 0; i < 150; i++) {
+      try { if ((await status(box)).realms[0]?.storeId === "s-001") return logSize(log); } catch {}
+      await sleep(200);
+    }
+    throw new Error("the claimed realm never appeared");
+  };
+  phases.push({ at: logSize(log), name: "claim (claimed.env written, hub restarts)" });
+  const claimedAt = await claim();
+  phases.push({ at: claimedAt, name: "claimed, devices writing" });
+  let s = await connect(box, mint("till", "till-1"));
+  const acked1 = await writeUnderLoad(s, "c1", 60, 4, log);
+  s.close();
+  const resetAt = logSize(log);
+  phases.push({ at: resetAt, name: "factory reset (marker, reboot, wipe)" });
+  const from = box.console.length;
+  const r = await httpsReq(box, "/admin/reset", { method: "POST", headers: { authorization: `Bearer ${mint("admin", "owner")}`, "content-type": "application/json" }, body: JSON.stringify({ confirm: "RESET" }) });
+  assert.equal(r.status, 202, r.body);
+  await box.waitFor(/factory reset done/, 120000, from);
+  await box.waitFor(/not claimed yet/, 90000, from);
+  await box.healthz(60000);
+  const wipedAt = logSize(log);
+  phases.push({ at: wipedAt, name: "unclaimed again, second claim" });
+  const claimed2At = await claim();
+  phases.push({ at: claimed2At, name: "claimed again, devices writing" });
+  s = await connect(box, mint("till", "till-1"));
+  const acked2 = await writeUnderLoad(s, "c2", 40, 4, log);
+  s.close();
+  await box.powerCut();
+  cleanup.splice(cleanup.indexOf(box), 1);
+
+  const check = async (b, cut, label) => {
+    const st = await status(b);
+    assert.equal(st.caFingerprint, fp, `${label}: the store CA survives (devices keep trusting the box)`);
+    if (st.realms.length === 0) {
+      assert.ok(cut < claimedAt || (cut >= resetAt && cut < claimed2At), `${label}: unclaimed, but a claim was acknowledged before the cut and no reset after it`);
+      return "hub up, unclaimed";
+    }
+    assert.equal(st.realms[0].storeId, "s-001", `${label}: the claimed store`);
+    const c = await connect(b, mint("till", "till-check"), { auth: { since: 0 } });
+    const ids = c.got.map((e) => e.id);
+    c.close();
+    assert.deepEqual(c.got.map((e) => e.seq), c.got.map((_, j) => j + 1), `${label}: seqs contiguous from 1`);
+    const before = ids.filter((id) => id.startsWith("c1-")).length, after = ids.filter((id) => id.startsWith("c2-")).length;
+    assert.ok(!(before && after), `${label}: events from before and after the reset in one log`);
+    assert.ok(!(cut >= wipedAt && before), `${label}: events wiped by a finished reset came back`);
+    const lost = (acked) => acked.filter((a) => a.logSize <= cut && !ids.includes(a.id)).map((a) => a.id);
+    // Before the reset was asked, or with the old store still there (the reset not begun,
+    // or begun and redone at the next boot): every event acked before the cut.
+    if (cut < resetAt || before) assert.deepEqual(lost(acked1), [], `${label}: acked events lost`);
+    if (cut >= claimed2At) assert.deepEqual(lost(acked2), [], `${label}: acked events lost after the second claim`);
+    return `hub up, claimed, ${ids.length} events (${before} from before the reset, ${after} after)`;
+  };
+  await checkRebuilt({ dir, base, log, phases, cards: CLAIM_CARDS, seed: SEED + 2000, focus: resetAt, check });
 });

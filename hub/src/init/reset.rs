@@ -52,7 +52,9 @@ pub fn if_asked(log: &BootLog) {
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name();
-            if name == "lost+found" {
+            // The marker goes last (below): a power cut mid-wipe must leave it, so the
+            // next boot wipes again instead of starting on half a data partition.
+            if name == "lost+found" || name == "RESET" {
                 continue;
             }
             if name == "hub" && !wipe_ca {
@@ -68,6 +70,11 @@ pub fn if_asked(log: &BootLog) {
             wipe(&p);
         }
     }
+    for sub in ["log", "hub"] {
+        let _ = std::fs::create_dir_all(Path::new(DATA_DIR).join(sub));
+    }
+    // The wipe is on disk before either marker goes.
+    nix::unistd::sync();
     if cfg_marker.exists() {
         let remount = |flags: MsFlags| {
             mount(
@@ -89,8 +96,11 @@ pub fn if_asked(log: &BootLog) {
             log.line("reset: could not remove RESET from the settings partition: remove it by hand or the box resets at every boot");
         }
     }
-    for sub in ["log", "hub"] {
-        let _ = std::fs::create_dir_all(Path::new(DATA_DIR).join(sub));
+    if let Err(e) = std::fs::remove_file(&data_marker) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            failed += 1;
+            log.line(format!("reset: {}: {e}", data_marker.display()));
+        }
     }
     nix::unistd::sync();
     log.line(format!(

@@ -54,6 +54,9 @@ struct Shared {
 struct Row {
     t: f64,
     rss_kib: u64,
+    /// Heap in use and held free by the allocator (`/metrics`, glibc only; 0 otherwise).
+    heap_kib: u64,
+    free_kib: u64,
     fds: u64,
     threads: u64,
     wal_kib: u64,
@@ -229,12 +232,14 @@ async fn device(port: u16, token: String, dev: usize, rate: f64, t0: Instant, sh
     }
 }
 
-fn sample(hub: &Hub, wal: &Path, t0: Instant, sh: &Shared, outbox: u64) -> Row {
+fn sample(hub: &Hub, wal: &Path, t0: Instant, sh: &Shared, outbox: u64, metrics: &str) -> Row {
     let pid = hub.pid();
     let mut lat = std::mem::take(&mut *sh.lat.lock().unwrap());
     Row {
         t: t0.elapsed().as_secs_f64(),
         rss_kib: proc_status(pid, "VmRSS:"),
+        heap_kib: num_after(metrics, "poshub_heap_in_use_bytes ").unwrap_or(0) / 1024,
+        free_kib: num_after(metrics, "poshub_heap_free_bytes ").unwrap_or(0) / 1024,
         fds: fds(pid),
         threads: proc_status(pid, "Threads:"),
         wal_kib: file_kib(wal),
@@ -345,18 +350,32 @@ pub async fn run(a: &Args, bin: &Path) {
     let mut rows: Vec<Row> = Vec::new();
     let total = Duration::from_secs_f64(minutes * 60.0);
     println!(
-        "\n{:>6} {:>9} {:>5} {:>7} {:>8} {:>7} {:>7} {:>6} {:>7} {:>4}  fault",
-        "t s", "RSS KiB", "fds", "threads", "WAL KiB", "p50 ms", "p99 ms", "acks", "outbox", "dev"
+        "\n{:>6} {:>9} {:>9} {:>9} {:>5} {:>7} {:>8} {:>7} {:>7} {:>6} {:>7} {:>4}  fault",
+        "t s",
+        "RSS KiB",
+        "heap KiB",
+        "free KiB",
+        "fds",
+        "threads",
+        "WAL KiB",
+        "p50 ms",
+        "p99 ms",
+        "acks",
+        "outbox",
+        "dev"
     );
     while t0.elapsed() < total {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let st = http_get(hub.port, "/status").await;
         let outbox = num_after(&st, "\"outboxDepth\":").unwrap_or(0);
-        let r = sample(&hub, &wal, t0, &sh, outbox);
+        let m = http_get(hub.port, "/metrics").await;
+        let r = sample(&hub, &wal, t0, &sh, outbox, &m);
         println!(
-            "{:>6.0} {:>9} {:>5} {:>7} {:>8} {:>7.2} {:>7.2} {:>6} {:>7} {:>4}  {}",
+            "{:>6.0} {:>9} {:>9} {:>9} {:>5} {:>7} {:>8} {:>7.2} {:>7.2} {:>6} {:>7} {:>4}  {}",
             r.t,
             r.rss_kib,
+            r.heap_kib,
+            r.free_kib,
             r.fds,
             r.threads,
             r.wal_kib,
@@ -407,10 +426,10 @@ pub async fn run(a: &Args, bin: &Path) {
     // The table as data, and the plot.
     let dat = out_dir.join("soak.dat");
     let mut text =
-        String::from("# t_s rss_kib fds threads wal_kib p50_ms p99_ms acks outbox devices fault\n");
+        String::from("# t_s rss_kib fds threads wal_kib p50_ms p99_ms acks outbox devices fault heap_kib free_kib\n");
     for r in &rows {
         text.push_str(&format!(
-            "{:.0} {} {} {} {} {:.3} {:.3} {} {} {} {}\n",
+            "{:.0} {} {} {} {} {:.3} {:.3} {} {} {} {} {} {}\n",
             r.t,
             r.rss_kib,
             r.fds,
@@ -421,7 +440,9 @@ pub async fn run(a: &Args, bin: &Path) {
             r.acks,
             r.outbox,
             r.connected,
-            r.fault
+            r.fault,
+            r.heap_kib,
+            r.free_kib
         ));
     }
     let _ = std::fs::write(&dat, text);
@@ -451,6 +472,18 @@ pub async fn run(a: &Args, bin: &Path) {
             ),
             growth < 10.0,
         ));
+        // Not a check: tells a leak (heap in use grows) from allocator retention (free grows).
+        let heap =
+            |f: fn(&Row) -> u64, rows: &[&Row]| median(rows.iter().map(|r| f(r) as f64).collect());
+        let (h0, h1) = (
+            heap(|r| r.heap_kib, &after[..3]),
+            heap(|r| r.heap_kib, &after[after.len() - 3..]),
+        );
+        let (f0, f1) = (
+            heap(|r| r.free_kib, &after[..3]),
+            heap(|r| r.free_kib, &after[after.len() - 3..]),
+        );
+        println!("soak: heap in use after warm-up {h0:.0} -> {h1:.0} KiB, held free {f0:.0} -> {f1:.0} KiB (glibc mallinfo2; 0 = not reported)");
         let wal_first = after[..after.len() / 2]
             .iter()
             .map(|r| r.wal_kib)
