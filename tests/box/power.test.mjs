@@ -22,7 +22,15 @@ async function startNut(initial = "OL") {
   fs.writeFileSync(path.join(dir, "upsd.users"), "", { mode: 0o600 });
   fs.writeFileSync(path.join(dir, "nut.conf"), "MODE=standalone\n");
   fs.mkdirSync(path.join(dir, "state"), { mode: 0o755 });
-  const set = (status) => fs.writeFileSync(dev + ".tmp", `ups.status: ${status}\nbattery.charge: 50\n`) || fs.renameSync(dev + ".tmp", dev);
+  // dummy-ups re-reads its file when the mtime (whole seconds) changes: two states set
+  // within one second would look like one, so every state gets a later second.
+  let mtime = Math.floor(Date.now() / 1000);
+  const set = (status) => {
+    fs.writeFileSync(dev + ".tmp", `ups.status: ${status}\nbattery.charge: 50\n`);
+    mtime = Math.max(mtime + 1, Math.floor(Date.now() / 1000));
+    fs.utimesSync(dev + ".tmp", mtime, mtime);
+    fs.renameSync(dev + ".tmp", dev);
+  };
   set(initial);
   const env = { ...process.env, NUT_CONFPATH: dir, NUT_STATEPATH: path.join(dir, "state") };
   const drv = spawn("/lib/nut/dummy-ups", ["-a", "dummy", "-u", "root", "-F"], { env, stdio: "ignore" });
