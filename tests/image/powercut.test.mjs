@@ -13,7 +13,13 @@
 // before the guest saw it complete, so an ack sampled at log size S is durable in every
 // card rebuilt at a flush whose log offset is >= S.
 //
-// POWER_CUT_CARDS (default 4) rebuilt cards are booted; POWER_CUT_SEED picks them.
+// Two more runs: through an OTA update (install, reboot into the trial, trial boot and
+// self-check, the commit that rewrites autoboot.txt; a rebuilt box runs v1 or v2, never
+// neither) and through a claim and a factory reset (a rebuilt box is unclaimed or holds
+// one whole store: never half a wipe, never events from before a finished reset).
+//
+// POWER_CUT_CARDS (default 4), POWER_CUT_OTA_CARDS (default 3) and POWER_CUT_CLAIM_CARDS
+// (default 3) rebuilt cards are booted; POWER_CUT_SEED picks them.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -78,18 +84,20 @@ function ackedCheck(acked, versions) {
   };
 }
 
-/** Rebuilds `cards` cards from the write log at seeded random flush points (every other
- * one at a flush past log offset `focus`), boots each and runs `check(box, cutOffset,
- * label)` on it once /healthz answers. Prints where each cut fell. */
-async function checkRebuilt({ dir, base, log, phases, cards, seed, focus = 0, check }) {
+/** Rebuilds `cards` cards from the write log at seeded random flush points, boots each
+ * and runs `check(box, cutOffset, label)` on it once /healthz answers. Card i cuts in
+ * `windows[i % windows.length]`: null for anywhere, or [from, to) log offsets (the
+ * phases a scenario is about, which hold few of the flushes). Prints where each fell. */
+async function checkRebuilt({ dir, base, log, phases, cards, seed, windows = [null], check }) {
   const info = JSON.parse(execFileSync("python3", [REPLAY, "info", log], { encoding: "utf8" }));
   console.log(`# write log: ${info.entries} requests, ${info.writes} writes (${(info.bytesWritten / 1048576).toFixed(1)} MiB), ${info.flushes.length} flushes`);
   assert.ok(info.flushes.length > 20, "the guest flushes its disk");
   const pick = rng(seed);
   const byPhase = {};
   for (let i = 0; i < cards; i++) {
-    const focused = info.flushes.filter((f) => f.logOffset >= focus);
-    const pool = i % 2 === 0 || !focused.length ? info.flushes : focused;
+    const w = windows[i % windows.length];
+    const inWindow = w ? info.flushes.filter((f) => f.logOffset >= w[0] && f.logOffset < w[1]) : [];
+    const pool = inWindow.length ? inWindow : info.flushes;
     const k = info.flushes.indexOf(pool[Math.floor(pick() * pool.length)]);
     const f = info.flushes[k];
     const phase = [...phases].reverse().find((p) => f.logOffset >= p.at).name;
@@ -145,14 +153,14 @@ test(`faithful power cuts: ${CARDS} cards rebuilt from the write log at random f
   await box.powerCut();
   cleanup.splice(cleanup.indexOf(box), 1);
 
-  await checkRebuilt({ dir, base, log, phases, cards: CARDS, seed: SEED, focus: phases[2].at, check: ackedCheck(acked) });
+  await checkRebuilt({ dir, base, log, phases, cards: CARDS, seed: SEED, windows: [null, [phases[2].at, Infinity]], check: ackedCheck(acked) });
 });
 
 
 const B2 = process.env.POS_HUB_BUNDLE_V2;
 const OTA_CARDS = Number(process.env.POWER_CUT_OTA_CARDS || 3);
 
-test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run v1 or v2, never neither`, { skip: (!B2 && "POS_HUB_BUNDLE_V2 not set (scripts/test-image builds it)") || (process.env.POWER_CUT_OTA !== "1" && "the OTA power cuts have not completed a run yet: POWER_CUT_OTA=1 runs them"), timeout: 120000 + OTA_CARDS * 120000 }, async () => {
+test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run v1 or v2, never neither`, { skip: !B2 && "POS_HUB_BUNDLE_V2 not set (scripts/test-image builds it)", timeout: 120000 + OTA_CARDS * 120000 }, async () => {
   const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320 });
   // Start from a card that has booted once (the first boot has its own test above).
   let box = await boot(card);
@@ -185,10 +193,10 @@ test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run 
   s.close();
   await box.powerCut();
   cleanup.splice(cleanup.indexOf(box), 1);
-  await checkRebuilt({ dir, base, log, phases, cards: OTA_CARDS, seed: SEED + 1000, focus: phases[1].at, check: ackedCheck(acked, ["0.1.0", "0.2.0"]) });
+  await checkRebuilt({ dir, base, log, phases, cards: OTA_CARDS, seed: SEED + 1000, windows: [[phases[1].at, phases[2].at], [phases[2].at, phases[3].at], [phases[3].at, phases[4].at], [phases[4].at, Infinity], null], check: ackedCheck(acked, ["0.1.0", "0.2.0"]) });
 });
 
-const CLAIM_CARDS = Number(process.env.POWER_CUT_CLAIM_CARDS || 2);
+const CLAIM_CARDS = Number(process.env.POWER_CUT_CLAIM_CARDS || 3);
 
 test(`faithful power cuts through a claim and a factory reset: ${CLAIM_CARDS} rebuilt cards are unclaimed or hold one whole store, never half a reset`, { timeout: 240000 + CLAIM_CARDS * 120000 }, async () => {
   const HUB = process.env.POS_HUB_BIN;
@@ -271,5 +279,5 @@ test(`faithful power cuts through a claim and a factory reset: ${CLAIM_CARDS} re
     if (cut >= claimed2At) assert.deepEqual(lost(acked2), [], `${label}: acked events lost after the second claim`);
     return `hub up, claimed, ${ids.length} events (${before} from before the reset, ${after} after)`;
   };
-  await checkRebuilt({ dir, base, log, phases, cards: CLAIM_CARDS, seed: SEED + 2000, focus: resetAt, check });
+  await checkRebuilt({ dir, base, log, phases, cards: CLAIM_CARDS, seed: SEED + 2000, windows: [[resetAt, wipedAt], [phases[1].at, claimedAt], null], check });
 });
