@@ -26,7 +26,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep, partOffset } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep, scratchDir } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -123,6 +123,22 @@ async function checkRebuilt({ dir, base, log, phases, cards, seed, windows = [nu
   return byPhase;
 }
 
+/** Boots `card` once (the recording starts past the first boot, which has its own test),
+ * keeps a copy as the base the cards are rebuilt from, then boots it again behind the
+ * write log. `ready(box)` waits until a boot is up; `first` is what it gave the first time. */
+async function recordFrom(card, dir, ready) {
+  const once = await boot(card);
+  const first = await ready(once);
+  await once.stop();
+  const base = path.join(dir, "base.img");
+  execFileSync("cp", ["--sparse=always", card, base]);
+  const log = path.join(dir, "writes.log");
+  const box = await boot(card, { blklog: log });
+  cleanup.push(box);
+  await ready(box);
+  return { box, base, log, first };
+}
+
 test(`faithful power cuts: ${CARDS} cards rebuilt from the write log at random flush points boot with every acked event`, { timeout: 60000 + CARDS * 120000 }, async () => {
   const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320 });
   const base = path.join(dir, "base.img");
@@ -162,17 +178,8 @@ const OTA_CARDS = Number(process.env.POWER_CUT_OTA_CARDS || 3);
 
 test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run v1 or v2, never neither`, { skip: !B2 && "POS_HUB_BUNDLE_V2 not set (scripts/test-image builds it)", timeout: 120000 + OTA_CARDS * 120000 }, async () => {
   const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320 });
-  // Start from a card that has booted once (the first boot has its own test above).
-  let box = await boot(card);
-  await box.healthz(120000);
-  await box.stop();
-  const base = path.join(dir, "base.img");
-  execFileSync("cp", ["--sparse=always", card, base]);
-  const log = path.join(dir, "writes.log");
+  const { box, base, log } = await recordFrom(card, dir, (b) => b.healthz(120000));
   const phases = [{ at: 0, name: "boot of v1" }];
-  box = await boot(card, { blklog: log });
-  cleanup.push(box);
-  await box.healthz(120000);
   const { device, admin } = await devTokens(box);
   let s = await connect(box, device, { auth: { since: 0 } });
   const acked = await writeUnderLoad(s, "v1", 40, 4, log);
@@ -201,29 +208,21 @@ const CLAIM_CARDS = Number(process.env.POWER_CUT_CLAIM_CARDS || 3);
 test(`faithful power cuts through a claim and a factory reset: ${CLAIM_CARDS} rebuilt cards are unclaimed or hold one whole store, never half a reset`, { timeout: 240000 + CLAIM_CARDS * 120000 }, async () => {
   const HUB = process.env.POS_HUB_BIN;
   assert.ok(HUB, "POS_HUB_BIN is not set (scripts/test-image sets it): it mints the claim and device tokens");
-  const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320 });
-  const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
+  const keys = scratchDir("claim-keys");
+  const priv = path.join(keys, "k.pem"), pub = path.join(keys, "k.pub.pem");
   execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
   execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
   const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", "t-abc", "--store", "s-001", "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
-  const f = path.join(dir, "hub.env");
-  fs.writeFileSync(f, `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`);
-  execFileSync("mcopy", ["-o", "-i", `${card}@@${partOffset(card, 1)}`, f, "::hub.env"], { env: { ...process.env, MTOOLS_SKIP_CHECK: "1" } });
+  const hubEnv = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`;
+  const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320, hubEnv });
   const status = async (b) => JSON.parse((await httpsReq(b, "/status")).body);
-  // A card that has booted once, unclaimed (the first boot has its own test above).
-  let box = await boot(card);
-  await box.waitFor(/not claimed yet/, 120000);
-  await box.healthz(60000);
-  const fp = (await status(box)).caFingerprint;
-  await box.stop();
-  const base = path.join(dir, "base.img");
-  execFileSync("cp", ["--sparse=always", card, base]);
-  const log = path.join(dir, "writes.log");
+  const up = async (b) => {
+    await b.waitFor(/not claimed yet/, 120000);
+    await b.healthz(60000);
+    return (await status(b)).caFingerprint;
+  };
+  const { box, base, log, first: fp } = await recordFrom(card, dir, up);
   const phases = [{ at: 0, name: "boot, unclaimed" }];
-  box = await boot(card, { blklog: log });
-  cleanup.push(box);
-  await box.waitFor(/not claimed yet/, 120000);
-  await box.healthz(60000);
   const claim = async () => {
     const r = await httpsReq(box, "/setup/claim", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ token: mint("claim") }) });
     assert.equal(r.status, 200, r.body);
