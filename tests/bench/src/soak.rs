@@ -238,8 +238,8 @@ fn sample(hub: &Hub, wal: &Path, t0: Instant, sh: &Shared, outbox: u64, metrics:
     Row {
         t: t0.elapsed().as_secs_f64(),
         rss_kib: proc_status(pid, "VmRSS:"),
-        heap_kib: num_after(metrics, "poshub_heap_in_use_bytes ").unwrap_or(0) / 1024,
-        free_kib: num_after(metrics, "poshub_heap_free_bytes ").unwrap_or(0) / 1024,
+        heap_kib: num_after(metrics, "\nposhub_heap_in_use_bytes ").unwrap_or(0) / 1024,
+        free_kib: num_after(metrics, "\nposhub_heap_free_bytes ").unwrap_or(0) / 1024,
         fds: fds(pid),
         threads: proc_status(pid, "Threads:"),
         wal_kib: file_kib(wal),
