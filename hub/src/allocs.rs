@@ -106,3 +106,20 @@ pub fn trim() {
         libc::malloc_trim(0);
     }
 }
+
+#[cfg(all(test, target_env = "gnu"))]
+mod tests {
+    #[test]
+    fn heap_counts_a_live_allocation_and_its_release() {
+        // 64 MiB dwarfs what the other tests allocate meanwhile.
+        const N: u64 = 64 << 20;
+        let (before, _) = super::heap().expect("glibc reports its heap");
+        let v = std::hint::black_box(vec![1u8; N as usize]);
+        let (during, _) = super::heap().expect("glibc reports its heap");
+        assert!(during + 4096 >= before + N, "{before} -> {during}");
+        drop(v);
+        super::trim();
+        let (after, _) = super::heap().expect("glibc reports its heap");
+        assert!(after + N / 2 < during, "{during} -> {after}");
+    }
+}
