@@ -4,7 +4,7 @@
 // the store CA, through the forwarded port. Each test boots its own copy of the image.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { IMAGE, cardFrom, boot, devTokens, connect, allIds, httpGet, httpsReq, sleep, scratchDir } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, allIds, httpGet, httpsReq, sleep, claimKit } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const cleanup = [];
@@ -130,13 +130,8 @@ test("an unclaimed box is claimed over /setup, then reset by the admin API and b
   const { execFileSync } = await import("node:child_process");
   const fs = await import("node:fs");
   const path = await import("node:path");
-  const HUB = process.env.POS_HUB_BIN;
-  const dir = scratchDir("claim");
-  const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
-  execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
-  execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
-  const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", "t-abc", "--store", "s-001", "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
-  const env = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`;
+  const { dir, mint, pubB64 } = claimKit();
+  const env = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${pubB64}\n`;
   const { card } = cardFrom(IMAGE, { hubEnv: env });
   let box = await boot(card);
   cleanup.push(box);

@@ -26,7 +26,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep, scratchDir } from "./qemu.mjs";
+import { IMAGE, cardFrom, boot, devTokens, connect, httpsReq, sleep, claimKit } from "./qemu.mjs";
 
 if (!IMAGE) throw new Error("POS_HUB_IMAGE is not set (scripts/test-image builds the image and sets it)");
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -206,14 +206,8 @@ test(`faithful power cuts through an OTA update: ${OTA_CARDS} rebuilt cards run 
 const CLAIM_CARDS = Number(process.env.POWER_CUT_CLAIM_CARDS || 3);
 
 test(`faithful power cuts through a claim and a factory reset: ${CLAIM_CARDS} rebuilt cards are unclaimed or hold one whole store, never half a reset`, { timeout: 240000 + CLAIM_CARDS * 120000 }, async () => {
-  const HUB = process.env.POS_HUB_BIN;
-  assert.ok(HUB, "POS_HUB_BIN is not set (scripts/test-image sets it): it mints the claim and device tokens");
-  const keys = scratchDir("claim-keys");
-  const priv = path.join(keys, "k.pem"), pub = path.join(keys, "k.pub.pem");
-  execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
-  execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
-  const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", "t-abc", "--store", "s-001", "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
-  const hubEnv = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${fs.readFileSync(pub).toString("base64")}\n`;
+  const { mint, pubB64 } = claimKit();
+  const hubEnv = `DEV=off\nPORT=4001\nCLAIM_PUBLIC_KEY_BASE64=${pubB64}\n`;
   const { dir, card } = cardFrom(IMAGE, { sizeMiB: 320, hubEnv });
   const status = async (b) => JSON.parse((await httpsReq(b, "/status")).body);
   const up = async (b) => {

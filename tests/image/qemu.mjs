@@ -47,6 +47,19 @@ export function partOffset(img, n) {
   return JSON.parse(out).partitiontable.partitions[n - 1].start * 512;
 }
 
+/** An ed25519 claim key of the test's own and a minter of tokens it signs (the cloud's
+ * part), for a box with `CLAIM_PUBLIC_KEY_BASE64` in its hub.env. `dir` is scratch. */
+export function claimKit(tenant = "t-abc", store = "s-001") {
+  const HUB = process.env.POS_HUB_BIN;
+  assert.ok(HUB, "POS_HUB_BIN is not set (scripts/test-image sets it): it mints the tokens");
+  const dir = scratchDir("claim");
+  const priv = path.join(dir, "k.pem"), pub = path.join(dir, "k.pub.pem");
+  execFileSync("openssl", ["genpkey", "-algorithm", "ed25519", "-out", priv]);
+  execFileSync("openssl", ["pkey", "-in", priv, "-pubout", "-out", pub]);
+  const mint = (role, device = "setup") => execFileSync(HUB, ["token", "mint", "--key", priv, "--tenant", tenant, "--store", store, "--device", device, "--role", role, "--ttl=1h"], { encoding: "utf8" }).trim();
+  return { dir, mint, pubB64: fs.readFileSync(pub).toString("base64") };
+}
+
 /** A private copy of the image, grown to `sizeMiB` (a bigger card), with `hubEnv` written
  * into the settings partition when given. */
 export function cardFrom(image, { sizeMiB = 384, hubEnv } = {}) {
