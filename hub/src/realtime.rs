@@ -235,8 +235,16 @@ fn auth_fields(auth: &AuthIn) -> Result<(&str, Option<u64>), Refused> {
 /// a handshake whose auth does not deserialize counts as one without a token).
 #[doc(hidden)]
 pub fn parse_auth(json: &str) -> Result<(String, Option<u64>), Refused> {
-    let auth: AuthIn = serde_json::from_str(json).unwrap_or_default();
-    auth_fields(&auth).map(|(t, s)| (t.to_string(), s))
+    auth_fields(&auth_in(json)).map(|(t, s)| (t.to_string(), s))
+}
+
+/// The handshake `auth` as sent: an object only (serde's derive also takes an array,
+/// `["tok"]` as `{token: "tok"}`; found by the fuzz target `auth`), anything else none.
+fn auth_in(json: &str) -> AuthIn {
+    if !json.trim_start().starts_with('{') {
+        return AuthIn::default();
+    }
+    serde_json::from_str(json).unwrap_or_default()
 }
 
 /// An admitted device: who it is, where, and from which seq it catches up.
@@ -298,9 +306,7 @@ impl Inner {
         if s.data.device.get().is_some() {
             return; // a second CONNECT on a connected socket is ignored
         }
-        let auth: AuthIn = auth
-            .and_then(|a| serde_json::from_str(a).ok())
-            .unwrap_or_default();
+        let auth = auth.map(auth_in).unwrap_or_default();
         let admitted = match self.authenticate(s.id, &auth) {
             Ok(a) => a,
             Err(Refused(code)) => {
@@ -544,6 +550,15 @@ pub fn json_str(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn auth_is_an_object_only() {
+        assert_eq!(
+            parse_auth(r#"{"token":"t","since":3}"#).unwrap(),
+            ("t".into(), Some(3))
+        );
+        assert_eq!(parse_auth(r#"["role"]"#).unwrap_err().0, "missing_token");
+    }
+
     use super::*;
     use axum::body::Bytes;
     use axum::http::{HeaderValue, Uri};

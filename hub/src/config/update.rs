@@ -112,7 +112,9 @@ impl UpdateConfig {
 fn parse_hhmm(s: &str) -> Option<u32> {
     let (h, m) = s.trim().split_once(':')?;
     let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60).then_some(h * 60 + m)
+    // `then`, not `then_some`: the product must not be computed for an hour out of range
+    // (it overflowed for a huge one; found by the fuzz target `env`).
+    (h < 24 && m < 60).then(|| h * 60 + m)
 }
 
 pub fn parse_window(w: &str) -> Option<(u32, u32)> {
@@ -133,6 +135,13 @@ fn parse_offset(o: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_with_an_hour_out_of_range_is_refused_not_overflowed() {
+        assert_eq!(parse_window("02:00-05:30"), Some((120, 330)));
+        assert_eq!(parse_window("02:00-0533333333:300"), None);
+        assert_eq!(parse_window("4294967295:00-01:00"), None);
+    }
 
     #[test]
     fn config_validation() {

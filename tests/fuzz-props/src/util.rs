@@ -85,6 +85,9 @@ pub fn accepted_json(s: &[u8], what: &str) -> Option<serde_json::Value> {
                 "hex escape",
                 "unicode code point",
                 "surrogate",
+                // serde_json's private RawValue marker as an object key: `Value` cannot
+                // hold it; the hub refuses an event carrying it (`strict_json`).
+                "expected raw value",
             ];
             assert!(
                 lenient.iter().any(|l| m.contains(l)),
