@@ -86,14 +86,16 @@ pub fn tune() {
 
 /// Bytes the allocator has handed out and not got back, and bytes it holds free, if
 /// it can tell (glibc).
+#[cfg(target_env = "gnu")]
 pub fn heap() -> Option<(u64, u64)> {
-    #[cfg(target_env = "gnu")]
-    {
-        // SAFETY: mallinfo2 reads the allocator's statistics; no arguments.
-        let m = unsafe { libc::mallinfo2() };
-        Some(((m.uordblks + m.hblkhd) as u64, m.fordblks as u64))
-    }
-    #[cfg(not(target_env = "gnu"))]
+    // SAFETY: mallinfo2 reads the allocator's statistics; no arguments.
+    let m = unsafe { libc::mallinfo2() };
+    Some(((m.uordblks + m.hblkhd) as u64, m.fordblks as u64))
+}
+
+/// Other allocators do not say.
+#[cfg(not(target_env = "gnu"))]
+pub fn heap() -> Option<(u64, u64)> {
     None
 }
 
