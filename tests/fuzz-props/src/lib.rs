@@ -28,6 +28,13 @@ pub mod sync;
 pub mod token;
 pub mod util;
 
+/// Removes the scratch directories the `power_supply` and `realms` targets made in
+/// this process (under /dev/shm, which is memory: the seed replay calls this at its end).
+pub fn remove_scratch() {
+    power_supply::remove_scratch();
+    realms::remove_scratch();
+}
+
 /// One target: feeds the bytes to its parser and panics when a property fails.
 pub type Target = fn(&[u8]);
 

@@ -23,6 +23,11 @@ fn base() -> &'static PathBuf {
     })
 }
 
+/// Removes this process's supply directory, if it made one.
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(base());
+}
+
 fn name_ok(s: &str) -> bool {
     (1..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }

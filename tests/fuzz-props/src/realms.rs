@@ -25,6 +25,11 @@ fn dir() -> &'static PathBuf {
     })
 }
 
+/// Removes this process's realms directory, if it made one.
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(dir());
+}
+
 pub fn run(data: &[u8]) {
     let Some(s) = text(data) else { return };
     // Only files beside the realms file: no absolute paths or `..` (a fuzzer that

@@ -47,6 +47,7 @@ fn every_seed_holds_its_targets_properties() {
             }
         }
     }
+    pos_hub_fuzz::remove_scratch();
     assert!(failed.is_empty(), "seeds failing their target: {failed:#?}");
     assert!(ran > 0);
 }
