@@ -13,14 +13,7 @@ use crate::util::text;
 
 fn base() -> &'static PathBuf {
     static D: OnceLock<PathBuf> = OnceLock::new();
-    D.get_or_init(|| {
-        let b = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        b.join(format!("pos-hub-fuzz-ps-{}", std::process::id()))
-    })
+    D.get_or_init(|| crate::util::scratch_path("ps"))
 }
 
 /// Removes this process's supply directory, if it made one.

@@ -13,12 +13,7 @@ use crate::util::{keys, text};
 fn dir() -> &'static PathBuf {
     static D: OnceLock<PathBuf> = OnceLock::new();
     D.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("pos-hub-fuzz-realms-{}", std::process::id()));
+        let d = crate::util::scratch_path("realms");
         std::fs::create_dir_all(&d).expect("temp dir");
         std::fs::write(d.join("key.pem"), &keys().public_pem).expect("key file");
         d

@@ -98,3 +98,15 @@ pub fn accepted_json(s: &[u8], what: &str) -> Option<serde_json::Value> {
         }
     }
 }
+
+/// A scratch path of this process for `name` (the `power_supply` and `realms` targets):
+/// under /dev/shm when there is one (memory: libFuzzer writes it thousands of times a
+/// second), else the temp dir. Not created here.
+pub fn scratch_path(name: &str) -> std::path::PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("pos-hub-fuzz-{name}-{}", std::process::id()))
+}
