@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::RealmConfig;
 use crate::link::sio;
-use crate::link::{self, Sid, Sock, Str, Why};
+use crate::link::{self, Packet, Sid, Sock, Why};
 use crate::log::event::encode_stored_into;
 use crate::log::writer::{refuse, LogStats, Retention};
 use crate::log::{Committed, EventError, LogError, Outcome, Reply, Store, WriteReq, Writer};
@@ -166,7 +166,7 @@ enum Fan {
     },
     Leave(Sid),
     /// A hub notice to every device (e.g. `hub.power`), encoded once.
-    Notice(Str),
+    Notice(Packet),
     Close,
 }
 
@@ -513,7 +513,7 @@ impl Realm {
     }
 
     /// Reads one page as ready-to-send `event` packets.
-    fn read_page_packets(&self, after: u64, limit: usize) -> Result<Vec<(u64, Str)>, LogError> {
+    fn read_page_packets(&self, after: u64, limit: usize) -> Result<Vec<(u64, Packet)>, LogError> {
         let upto = self.fanned_seq.load(Ordering::Acquire);
         self.with_reader(|r| {
             let mut out = Vec::with_capacity(limit.min(PAGE));
@@ -564,7 +564,7 @@ const STALL: Duration = Duration::from_secs(10);
 
 /// Queues `packets` in order, waiting while the device's queue is full. Returns
 /// false if the device is gone or was cut for taking nothing for [`STALL`].
-async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Str> + Clone) -> bool {
+async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Packet> + Clone) -> bool {
     let mut rest = packets;
     let mut stalled_since: Option<Instant> = None;
     loop {
@@ -625,7 +625,7 @@ impl FanOut {
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
         // Encode each event once, as the whole Socket.IO packet; every socket gets
         // the same bytes.
-        let packets: Vec<(Tag, Str)> = batch
+        let packets: Vec<(Tag, Packet)> = batch
             .iter()
             .map(|c| {
                 let e = &c.event;

@@ -22,7 +22,6 @@ use bytes::Bytes;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::layer::EngineIoLayer;
-use engineioxide::socket::DisconnectReason;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
@@ -30,7 +29,7 @@ use crate::auth::token::{self, TokenError};
 use crate::auth::Policy;
 use crate::conn::Cut;
 use crate::link::sio::{self, EventArgs, Packet};
-use crate::link::{self, Device, Sid, Sock, Socket, Why};
+use crate::link::{self, ws, Device, DisconnectReason, EioSocket, Sid, Sock, Socket, Why};
 use crate::log::event::{batch_from_arg, event_from_arg, push_json_str, EventError};
 use crate::log::{Appended, Origin, WriteReq};
 use crate::realm::{AckErr, AckReply, DeviceEntry, Realms, PAGE};
@@ -71,6 +70,8 @@ struct Inner {
     /// Every open connection (for shutdown and for upgrades to find theirs).
     sockets: Mutex<HashMap<Sid, Weak<Socket>>>,
     stopping: AtomicBool,
+    /// The limits of a direct WebSocket connection (the same as engineioxide's).
+    limits: ws::Limits,
 }
 
 impl std::fmt::Debug for Hub {
@@ -99,6 +100,13 @@ pub fn build(gate: Arc<Gate>, socket_buffer: usize) -> (EngineIoLayer<Hub>, Hub)
             gate,
             sockets: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            limits: ws::Limits {
+                queue: socket_buffer,
+                max_message: MAX_MESSAGE,
+                read_buffer: WS_READ_BUFFER,
+                ping_interval: PING_INTERVAL,
+                ping_timeout: PING_TIMEOUT,
+            },
         }),
     };
     (
@@ -325,7 +333,7 @@ impl Inner {
             // Retention deleted events after this cursor: refuse rather than replay with
             // a gap; the oldest seq still kept goes in the CONNECT_ERROR's `data`.
             tracing::debug!(sid = %s.id, since = ?admitted.since, oldest, "cursor expired");
-            let mut p = String::from("4{\"message\":\"cursor_expired\",\"data\":{\"oldestSeq\":");
+            let mut p = String::from("44{\"message\":\"cursor_expired\",\"data\":{\"oldestSeq\":");
             sio::push_u64(&mut p, oldest);
             p.push_str("}}");
             return send(s, p);
@@ -389,18 +397,14 @@ fn send(s: &Socket, packet: String) {
     link::send_or_cut(s, link::str_of(packet));
 }
 
-impl EngineIoHandler for Hub {
-    type Data = link::Session;
-
-    fn on_connect(self: Arc<Self>, s: Sock) {
-        if let Some(cut) = s.req_parts.extensions.get::<Arc<Cut>>() {
-            s.data.set_cut(cut.clone());
+impl Inner {
+    /// A connection opened, on either transport.
+    fn opened(&self, s: &Sock) {
+        self.sockets.lock().insert(s.id, Arc::downgrade(s));
+        if self.stopping.load(Ordering::Relaxed) {
+            return link::cut(s, Why::Shutdown);
         }
-        self.inner.sockets.lock().insert(s.id, Arc::downgrade(&s));
-        if self.inner.stopping.load(Ordering::Relaxed) {
-            return link::cut(&s, Why::Shutdown);
-        }
-        let weak = Arc::downgrade(&s);
+        let weak = Arc::downgrade(s);
         tokio::spawn(async move {
             tokio::time::sleep(CONNECT_TIMEOUT).await;
             if let Some(s) = weak.upgrade() {
@@ -411,10 +415,10 @@ impl EngineIoHandler for Hub {
         });
     }
 
-    fn on_disconnect(&self, s: Sock, reason: DisconnectReason) {
-        self.inner.sockets.lock().remove(&s.id);
+    fn closed(&self, s: &Sock, reason: DisconnectReason) {
+        self.sockets.lock().remove(&s.id);
         if let Some(dev) = s.data.device.get() {
-            if let Some(realm) = self.inner.gate.realms.at(dev.realm) {
+            if let Some(realm) = self.gate.realms.at(dev.realm) {
                 realm.device_left(s.id);
             }
             tracing::debug!(sid = %s.id, device = %dev.device_id, ?reason, by_hub = ?s.data.closed_by_hub(), "device disconnected");
@@ -425,23 +429,24 @@ impl EngineIoHandler for Hub {
         }
     }
 
-    fn on_message(self: &Arc<Self>, msg: engineioxide::Str, s: Sock) {
-        let packet = match sio::parse(&msg) {
+    /// One Socket.IO packet from a device.
+    fn message(&self, s: &Sock, msg: &str) {
+        let packet = match sio::parse(msg) {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(sid = %s.id, error = %e, "not a Socket.IO packet; closing the connection");
-                return link::cut(&s, Why::BadPacket);
+                return link::cut(s, Why::BadPacket);
             }
         };
         if s.data.skip_binaries.load(Ordering::Relaxed) > 0 {
             // Attachments must follow their packet at once.
-            return link::cut(&s, Why::BadPacket);
+            return link::cut(s, Why::BadPacket);
         }
         match packet {
-            Packet::Connect { ns, auth } => self.inner.connect(&s, ns, auth),
+            Packet::Connect { ns, auth } => self.connect(s, ns, auth),
             Packet::Disconnect { ns: "/" } => s.close(DisconnectReason::TransportClose),
             Packet::Disconnect { .. } | Packet::Ack { .. } => {}
-            Packet::Event { ns: "/", id, data } => self.inner.event(&s, id, data),
+            Packet::Event { ns: "/", id, data } => self.event(s, id, data),
             Packet::Event { .. } => {}
             Packet::Binary {
                 id,
@@ -451,19 +456,81 @@ impl EngineIoHandler for Hub {
             } => {
                 s.data.skip_binaries.store(attachments, Ordering::Relaxed);
                 if let (Some(id), false, Some(_)) = (id, ack, s.data.device.get()) {
-                    send(&s, sio::ack(id, &AckErr::json(&EventError::Binary)));
+                    send(s, sio::ack(id, &AckErr::json(&EventError::Binary)));
                 }
             }
         }
     }
 
-    fn on_binary(self: &Arc<Self>, _data: Bytes, s: Sock) {
+    fn binary(&self, s: &Sock) {
         let left = s.data.skip_binaries.load(Ordering::Relaxed);
         if left == 0 {
-            return link::cut(&s, Why::BadPacket);
+            return link::cut(s, Why::BadPacket);
         }
         s.data.skip_binaries.store(left - 1, Ordering::Relaxed);
     }
+}
+
+impl EngineIoHandler for Hub {
+    type Data = link::Slot;
+
+    fn on_connect(self: Arc<Self>, eio: Arc<EioSocket>) {
+        let s = Socket::of_eio(&eio);
+        if let Some(cut) = eio.req_parts.extensions.get::<Arc<Cut>>() {
+            s.data.set_cut(cut.clone());
+        }
+        self.inner.opened(&s);
+    }
+
+    fn on_disconnect(&self, eio: Arc<EioSocket>, reason: DisconnectReason) {
+        if let Some(s) = eio.data.get() {
+            self.inner.closed(s, reason);
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, msg: engineioxide::Str, eio: Arc<EioSocket>) {
+        if let Some(s) = eio.data.get() {
+            self.inner.message(s, &msg);
+        }
+    }
+
+    fn on_binary(self: &Arc<Self>, _data: Bytes, eio: Arc<EioSocket>) {
+        if let Some(s) = eio.data.get() {
+            self.inner.binary(s);
+        }
+    }
+}
+
+impl ws::Handler for Inner {
+    fn open(&self, s: &Sock) {
+        self.opened(s);
+    }
+    fn text(&self, s: &Sock, msg: &str) {
+        self.message(s, msg);
+    }
+    fn binary(&self, s: &Sock) {
+        Inner::binary(self, s);
+    }
+    fn close(&self, s: &Sock, reason: DisconnectReason) {
+        self.closed(s, reason);
+    }
+}
+
+/// Request middleware for `/socket.io/`: a device opening a WebSocket straight away
+/// is served by our own transport ([`link::ws`]); everything else (long-polling, its
+/// upgrade, bad requests) goes on to engineioxide.
+pub async fn direct(
+    axum::extract::State(hub): axum::extract::State<Hub>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if req.uri().path().starts_with("/socket.io") && ws::is_direct(req.uri().query()) {
+        if let Some(accept) = ws::accept_key(req.method(), req.headers()) {
+            let cut = req.extensions().get::<Arc<Cut>>().cloned();
+            return ws::serve(hub.inner.clone(), req, accept, cut, hub.inner.limits);
+        }
+    }
+    next.run(req).await
 }
 
 #[derive(Debug, Deserialize)]

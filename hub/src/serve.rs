@@ -284,13 +284,16 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         bridges,
     });
     tokio::spawn(http::sample_loop(web.clone()));
-    let mut app =
-        http::router(web.clone())
-            .layer(layer)
-            .layer(axum::middleware::map_request_with_state(
-                io.clone(),
-                realtime::prepare,
-            ));
+    let mut app = http::router(web.clone())
+        .layer(layer)
+        .layer(axum::middleware::map_request_with_state(
+            io.clone(),
+            realtime::prepare,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            io.clone(),
+            realtime::direct,
+        ));
     if let Some(key) = cfg.claim.clone() {
         tracing::warn!(port = cfg.port, "UNCLAIMED: this box accepts no events until it is claimed at https://<address>:{}/setup", cfg.port);
         eprintln!("pos-hub: this box is not claimed yet: open https://<its address>:{}/setup and paste the store's claim token", cfg.port);

@@ -1,5 +1,7 @@
-//! The hub's side of one device connection: its Engine.IO socket, the little
-//! state the hub keeps per device, and the one way anything is sent to it.
+//! The hub's side of one device connection: its transport (Engine.IO through
+//! engineioxide for long-polling and its upgrade, or our own [`ws`] for a device that
+//! opens a WebSocket straight away), the little state the hub keeps per device, and
+//! the one way anything is sent to it.
 //!
 //! Promises kept here:
 //! * **Nothing is dropped silently.** A send either lands in the device's queue or
@@ -8,25 +10,123 @@
 //! * **A burst never costs a well-behaved device its connection.** Engine.IO's own
 //!   heartbeat shares the queue and closes the socket if it finds it full, so every
 //!   send keeps [`HEADROOM`] slots free; only the hub's own sends can overflow.
-//! * **Encode once.** A packet is a [`Str`] (shared bytes): the same buffer goes to
-//!   every socket, a reference count each.
+//! * **Encode once.** A packet is a [`Packet`] (shared bytes, framed as an Engine.IO
+//!   message): the same buffer goes to every socket, a reference count each.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
-use engineioxide::socket::DisconnectReason;
+pub use engineioxide::socket::DisconnectReason;
 pub use engineioxide::socket::Sid;
-pub use engineioxide::Str;
+use engineioxide::Str;
 use parking_lot::Mutex;
 
 use crate::conn::Cut;
 
 pub mod sio;
+pub mod ws;
 
-/// One device's Engine.IO socket.
-pub type Socket = engineioxide::Socket<Session>;
+/// A device connection, whichever transport carries it.
+pub struct Socket {
+    pub id: Sid,
+    pub data: Session,
+    out: Out,
+}
 /// A shared handle to it.
 pub type Sock = Arc<Socket>;
+
+/// The transport under a [`Socket`].
+enum Out {
+    /// Engine.IO long-polling, and the WebSocket it may upgrade to (engineioxide).
+    Eio(Weak<EioSocket>),
+    /// A device that opened a WebSocket straight away ([`ws`]).
+    Ws(Arc<ws::Queue>),
+}
+
+/// engineioxide's socket; its data is the [`Socket`] it carries.
+pub type EioSocket = engineioxide::Socket<Slot>;
+
+/// The [`Socket`] of an engineioxide connection, set when it opens.
+#[derive(Debug, Default)]
+pub struct Slot(OnceLock<Sock>);
+
+impl Slot {
+    pub fn get(&self) -> Option<&Sock> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("id", &self.id)
+            .field("ws", &matches!(self.out, Out::Ws(_)))
+            .finish()
+    }
+}
+
+impl Socket {
+    /// The [`Socket`] of a new engineioxide connection (kept in its [`Slot`]).
+    pub fn of_eio(eio: &Arc<EioSocket>) -> Sock {
+        let s = Arc::new(Socket {
+            id: eio.id,
+            data: Session::default(),
+            out: Out::Eio(Arc::downgrade(eio)),
+        });
+        let _ = eio.data.0.set(s.clone());
+        s
+    }
+
+    /// The [`Socket`] of a direct WebSocket whose writer drains `queue`.
+    pub fn of_ws(queue: Arc<ws::Queue>) -> Sock {
+        Arc::new(Socket {
+            id: Sid::new(),
+            data: Session::default(),
+            out: Out::Ws(queue),
+        })
+    }
+
+    /// Closes the transport (queued packets are still written if it can).
+    pub fn close(&self, reason: DisconnectReason) {
+        match &self.out {
+            Out::Eio(w) => {
+                if let Some(s) = w.upgrade() {
+                    s.close(reason);
+                }
+            }
+            Out::Ws(q) => q.close(reason),
+        }
+    }
+
+    /// Resolves once the connection is closed.
+    pub async fn closed(&self) {
+        match &self.out {
+            Out::Eio(w) => {
+                let s = w.upgrade();
+                if let Some(s) = s {
+                    s.closed().await;
+                }
+            }
+            Out::Ws(q) => q.closed().await,
+        }
+    }
+}
+
+/// One packet for devices: `4` (an Engine.IO message) and the Socket.IO packet,
+/// encoded once; every socket it goes to shares the bytes.
+#[derive(Debug, Clone)]
+pub struct Packet(Str);
+
+impl Packet {
+    /// The Socket.IO packet (what engineioxide frames as a message).
+    fn sio(&self) -> Str {
+        self.0.slice(1..)
+    }
+    /// The whole Engine.IO packet (the text of one WebSocket message).
+    pub fn into_bytes(self) -> bytes::Bytes {
+        self.0.into()
+    }
+}
 
 /// Queue slots every send leaves free for Engine.IO's ping.
 pub const HEADROOM: usize = 2;
@@ -132,34 +232,49 @@ fn map(e: tokio::sync::mpsc::error::TrySendError<()>) -> SendError {
 }
 
 /// Queues one packet, keeping [`HEADROOM`] free.
-pub fn try_send(s: &Socket, msg: Str) -> Result<(), SendError> {
-    let _h1 = s.reserve().map_err(map)?;
-    let _h2 = s.reserve().map_err(map)?;
-    s.reserve().map_err(map)?.emit(msg);
-    Ok(())
+pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
+    match &s.out {
+        Out::Eio(w) => {
+            let s = w.upgrade().ok_or(SendError::Closed)?;
+            let _h1 = s.reserve().map_err(map)?;
+            let _h2 = s.reserve().map_err(map)?;
+            s.reserve().map_err(map)?.emit(msg.sio());
+            Ok(())
+        }
+        Out::Ws(q) => q
+            .push_all(std::iter::once(&msg))
+            .map(|_| ())
+            .map_err(|(_, e)| e),
+    }
 }
 
 /// Queues several packets, all or as many as fit: returns how many were queued
 /// before the queue was full (each keeps [`HEADROOM`] free).
 pub fn try_send_all<'a>(
     s: &Socket,
-    msgs: impl Iterator<Item = &'a Str>,
+    msgs: impl Iterator<Item = &'a Packet>,
 ) -> Result<usize, (usize, SendError)> {
-    let _h1 = s.reserve().map_err(|e| (0, map(e)))?;
-    let _h2 = s.reserve().map_err(|e| (0, map(e)))?;
-    let mut n = 0;
-    for m in msgs {
-        match s.reserve() {
-            Ok(p) => p.emit(m.clone()),
-            Err(e) => return Err((n, map(e))),
+    match &s.out {
+        Out::Eio(w) => {
+            let s = w.upgrade().ok_or((0, SendError::Closed))?;
+            let _h1 = s.reserve().map_err(|e| (0, map(e)))?;
+            let _h2 = s.reserve().map_err(|e| (0, map(e)))?;
+            let mut n = 0;
+            for m in msgs {
+                match s.reserve() {
+                    Ok(p) => p.emit(m.sio()),
+                    Err(e) => return Err((n, map(e))),
+                }
+                n += 1;
+            }
+            Ok(n)
         }
-        n += 1;
+        Out::Ws(q) => q.push_all(msgs),
     }
-    Ok(n)
 }
 
 /// Sends or cuts: a packet that cannot be queued ends the connection.
-pub fn send_or_cut(s: &Socket, msg: Str) {
+pub fn send_or_cut(s: &Socket, msg: Packet) {
     if let Err(SendError::Full) = try_send(s, msg) {
         cut(s, Why::QueueFull);
     }
@@ -205,7 +320,12 @@ pub fn cut(s: &Socket, why: Why) {
     s.close(reason);
 }
 
-/// Builds a [`Str`] from an encoded packet (no copy).
-pub fn str_of(s: String) -> Str {
-    Str::from(s)
+/// Builds a [`Packet`] from an encoded one (no copy): `4` and a Socket.IO packet,
+/// as every encoder of [`sio`] writes it.
+pub fn str_of(s: String) -> Packet {
+    debug_assert!(
+        s.starts_with('4') && s.len() > 1,
+        "not an Engine.IO message: {s:?}"
+    );
+    Packet(Str::from(s))
 }

@@ -237,9 +237,13 @@ pub fn push_u64(out: &mut String, mut n: u64) {
 }
 
 /// `0{"sid":"<sid>"}`: the device is connected to `/`.
+///
+/// Every encoder here writes the Engine.IO message type `4` first, so one buffer is
+/// the whole WebSocket message of a direct connection ([`super::ws`]) and, from its
+/// second byte, what engineioxide frames itself.
 pub fn connect_ok(sid: &str) -> String {
-    let mut out = String::with_capacity(12 + sid.len());
-    out.push_str("0{\"sid\":\"");
+    let mut out = String::with_capacity(13 + sid.len());
+    out.push_str("40{\"sid\":\"");
     out.push_str(sid);
     out.push_str("\"}");
     out
@@ -248,7 +252,7 @@ pub fn connect_ok(sid: &str) -> String {
 /// `4[/ns,]{"message":"<code>"}`: the connection is refused with a stable code.
 pub fn connect_error(ns: &str, message: &str) -> String {
     let mut out = String::with_capacity(24 + ns.len() + message.len());
-    out.push('4');
+    out.push_str("44");
     if ns != "/" {
         out.push_str(ns);
         out.push(',');
@@ -262,7 +266,7 @@ pub fn connect_error(ns: &str, message: &str) -> String {
 /// Starts an event packet `2["<name>",` into `out`; the caller writes the
 /// argument and then calls [`event_end`].
 pub fn event_start(out: &mut String, name: &str) {
-    out.push_str("2[");
+    out.push_str("42[");
     crate::log::event::push_json_str(out, name);
     out.push(',');
 }
@@ -283,7 +287,7 @@ pub fn event(name: &str, json: &str) -> String {
 /// Starts an ack packet `3<id>[` into `out`; the caller writes the answer and
 /// then calls [`ack_end`].
 pub fn ack_start(out: &mut String, id: u64) {
-    out.push('3');
+    out.push_str("43");
     push_u64(out, id);
     out.push('[');
 }
@@ -432,17 +436,18 @@ mod tests {
 
     #[test]
     fn encodes_what_socket_io_client_reads() {
-        assert_eq!(connect_ok("abc"), r#"0{"sid":"abc"}"#);
+        // Each with the Engine.IO message type `4` in front.
+        assert_eq!(connect_ok("abc"), r#"40{"sid":"abc"}"#);
         assert_eq!(
             connect_error("/", "bad_signature"),
-            r#"4{"message":"bad_signature"}"#
+            r#"44{"message":"bad_signature"}"#
         );
         assert_eq!(
             connect_error("/x", "Invalid namespace"),
-            r#"4/x,{"message":"Invalid namespace"}"#
+            r#"44/x,{"message":"Invalid namespace"}"#
         );
-        assert_eq!(event("synced", r#"{"seq":3}"#), r#"2["synced",{"seq":3}]"#);
-        assert_eq!(ack(42, r#"{"ok":true}"#), r#"342[{"ok":true}]"#);
+        assert_eq!(event("synced", r#"{"seq":3}"#), r#"42["synced",{"seq":3}]"#);
+        assert_eq!(ack(42, r#"{"ok":true}"#), r#"4342[{"ok":true}]"#);
         for n in [0u64, 7, 10, 12345, u64::MAX] {
             let mut s = String::new();
             push_u64(&mut s, n);
