@@ -176,7 +176,9 @@ pub async fn start(
     }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(50))
+        // An idle push connection goes within two of these (hyper's pool checks once
+        // per timeout); the pull's long poll keeps its own busy.
+        .pool_idle_timeout(Duration::from_secs(20))
         .user_agent(concat!("pos-hub/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| e.to_string())?;

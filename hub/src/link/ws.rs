@@ -10,8 +10,8 @@
 //! per delivery) and flushes once. The frames themselves are tungstenite's.
 //!
 //! One connection is two tasks: the reader (device -> handler, in arrival order,
-//! never waiting on a write) and the writer (queue -> socket, and the heartbeat: a
-//! ping every [`Heartbeat::interval`], a pong due before the next one).
+//! never waiting on a write) and the writer (queue -> socket, and Engine.IO's
+//! heartbeat: a ping every `ping_interval`, its pong due within `ping_timeout`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -279,21 +279,30 @@ async fn write_loop<S>(
     if sink.send(Message::Text(open.into())).await.is_err() {
         return queue.close(DisconnectReason::TransportError);
     }
-    let start = tokio::time::Instant::now() + l.ping_interval;
-    let mut ping = tokio::time::interval_at(start, l.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Engine.IO's heartbeat on one timer: the next ping, or the pong's deadline.
+    let hb = tokio::time::sleep(l.ping_interval);
+    tokio::pin!(hb);
+    let mut pinged_at: Option<tokio::time::Instant> = None;
     let mut batch = VecDeque::new();
     loop {
         let mut send_ping = false;
         tokio::select! {
             biased;
             _ = queue.wake.notified() => {}
-            _ = ping.tick() => {
-                // A pong is due before the next ping.
-                if awaiting_pong.swap(true, Ordering::AcqRel) {
-                    queue.close(DisconnectReason::HeartbeatTimeout);
-                } else {
-                    send_ping = true;
+            _ = &mut hb => {
+                let now = tokio::time::Instant::now();
+                match pinged_at.take() {
+                    None => {
+                        send_ping = true;
+                        awaiting_pong.store(true, Ordering::Release);
+                        pinged_at = Some(now);
+                        hb.as_mut().reset(now + l.ping_timeout);
+                    }
+                    Some(_) if awaiting_pong.load(Ordering::Acquire) => {
+                        queue.close(DisconnectReason::HeartbeatTimeout);
+                        hb.as_mut().reset(now + l.ping_interval);
+                    }
+                    Some(at) => hb.as_mut().reset(at + l.ping_interval),
                 }
             }
         }
