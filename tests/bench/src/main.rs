@@ -268,6 +268,22 @@ impl Hub {
 
     /// A counter from the hub's `/metrics` (localhost may read it; over HTTPS when
     /// the hub serves TLS). None from a hub without it (the Node reference).
+    /// The hub's `poshub_device_disconnects_total` by reason (pos-hub only).
+    async fn disconnects(&self) -> String {
+        let body = http_get(self.port, "/metrics").await;
+        let v: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("poshub_device_disconnects_total{reason=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        if v.is_empty() {
+            "none reported".into()
+        } else {
+            v.join(", ")
+        }
+    }
+
     async fn metric(&self, name: &str) -> Option<f64> {
         let body = http_get(self.port, "/metrics").await;
         body.lines()
@@ -591,6 +607,13 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
         "lost acks / per-device seq inversions".into(),
         format!("{} / {}", total.sent - total.acked, total.inversions),
     ));
+    if total.sent > total.acked {
+        // An ack in flight is lost only with its connection: say who ended it.
+        report.push((
+            "devices disconnected during the run, by reason".into(),
+            hub.disconnects().await,
+        ));
+    }
     hub.stop().await;
 }
 
