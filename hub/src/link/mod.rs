@@ -7,9 +7,10 @@
 //! * **Nothing is dropped silently.** A send either lands in the device's queue or
 //!   the device is cut: its TCP connection reset at once (see [`crate::conn`]), its
 //!   session closed, one log line. It reconnects and resumes from its cursor.
-//! * **A burst never costs a well-behaved device its connection.** Engine.IO's own
+//! * **A burst never costs a well-behaved device its connection.** engineioxide's
 //!   heartbeat shares the queue and closes the socket if it finds it full, so every
-//!   send keeps [`HEADROOM`] slots free; only the hub's own sends can overflow.
+//!   send there keeps [`HEADROOM`] slots free; only the hub's own sends can overflow.
+//!   The [`ws`] transport sends its pings beside the queue.
 //! * **Encode once.** A packet is a [`Packet`] (shared bytes, framed as an Engine.IO
 //!   message): the same buffer goes to every socket, a reference count each.
 
@@ -231,7 +232,7 @@ fn map(e: tokio::sync::mpsc::error::TrySendError<()>) -> SendError {
     }
 }
 
-/// Queues one packet, keeping [`HEADROOM`] free.
+/// Queues one packet (on engineioxide keeping [`HEADROOM`] free).
 pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
     match &s.out {
         Out::Eio(w) => {
@@ -249,7 +250,8 @@ pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
 }
 
 /// Queues several packets, all or as many as fit: returns how many were queued
-/// before the queue was full (each keeps [`HEADROOM`] free).
+/// before the queue was full (on engineioxide each keeps [`HEADROOM`] free; on [`ws`]
+/// the whole batch goes in under one lock and wakes the writer once).
 pub fn try_send_all<'a>(
     s: &Socket,
     msgs: impl Iterator<Item = &'a Packet>,
