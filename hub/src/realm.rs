@@ -559,6 +559,10 @@ const READERS: usize = 4;
 /// How long a pooled reader may stay unused before it is closed.
 pub const READER_IDLE: Duration = Duration::from_secs(30);
 
+/// How many packets of a catch-up may wait in a device's queue (each a copy of its
+/// own, unlike the fan-out's shared ones).
+const CATCH_UP_AHEAD: usize = 8192;
+
 /// How long a catching-up device may take nothing before it is cut.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -568,7 +572,7 @@ async fn send_waiting<'a>(sock: &Sock, packets: impl Iterator<Item = &'a Packet>
     let mut rest = packets;
     let mut stalled_since: Option<Instant> = None;
     loop {
-        match link::try_send_all(sock, rest.clone()) {
+        match link::try_send_paced(sock, rest.clone(), CATCH_UP_AHEAD) {
             Ok(_) => return true,
             Err((n, link::SendError::Full)) => {
                 if n > 0 {
@@ -625,7 +629,7 @@ impl FanOut {
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
         // Encode each event once, as the whole Socket.IO packet; every socket gets
         // the same bytes.
-        let packets: Vec<(Tag, Packet)> = batch
+        let packets: link::Batch = batch
             .iter()
             .map(|c| {
                 let e = &c.event;
@@ -648,17 +652,12 @@ impl FanOut {
                 (c.tag, link::str_of(out))
             })
             .collect();
-        // Socket by socket, all of the batch at once: its writer wakes once and
-        // writes the batch in one go. A socket whose queue is full is cut; the
-        // others never wait for it.
+        // Socket by socket, the whole batch at once, shared: its writer wakes once
+        // and writes the batch (but the socket's own events) in one go. A socket
+        // whose queue is full is cut; the others never wait for it.
         let mut gone = Vec::new();
         for l in &self.live {
-            let own = Some(l.sid);
-            let mine = packets
-                .iter()
-                .filter(|(tag, _)| *tag != own)
-                .map(|(_, p)| p);
-            if let Err((_, e)) = link::try_send_all(&l.sock, mine) {
+            if let Err(e) = link::try_send_batch(&l.sock, &packets) {
                 gone.push((l.sid, e));
             }
         }

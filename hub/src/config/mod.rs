@@ -587,7 +587,7 @@ impl Config {
         let ntp_interval = dur("NTP_INTERVAL", 900)?.max(Duration::from_secs(1));
         let clock_set = switch(s, "CLOCK_SET", false)?;
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
-        let socket_buffer = num("SOCKET_BUFFER", 8192, 64, 1_000_000)?;
+        let socket_buffer = num("SOCKET_BUFFER", 32768, 64, 1_000_000)?;
         let bridge = Tuning::from_settings(s)?;
         let token_policy = Policy {
             issuer: s.get("TOKEN_ISSUER").map(String::from),

@@ -124,10 +124,14 @@ impl Packet {
         self.0.slice(1..)
     }
     /// The whole Engine.IO packet (the text of one WebSocket message).
-    pub fn into_bytes(self) -> bytes::Bytes {
-        self.0.into()
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
+
+/// A commit's events for the fan-out, each tagged with the socket that sent it (so
+/// that socket is skipped), shared by every socket it goes to.
+pub type Batch = Arc<[(Option<Sid>, Packet)]>;
 
 /// Queue slots every send leaves free for Engine.IO's ping.
 pub const HEADROOM: usize = 2;
@@ -159,6 +163,8 @@ pub enum Why {
     Shutdown = 5,
     /// Reading its catch-up from the log failed.
     ReadFailed = 6,
+    /// It took no byte of what the hub had for it for [`crate::conn::WRITE_STALL`].
+    WriteStalled = 7,
 }
 
 impl Why {
@@ -171,6 +177,7 @@ impl Why {
             Why::NoHandshake => "no_handshake",
             Why::Shutdown => "shutdown",
             Why::ReadFailed => "read_failed",
+            Why::WriteStalled => "write_stalled",
         }
     }
     fn from_u8(v: u8) -> Self {
@@ -181,6 +188,7 @@ impl Why {
             4 => Why::NoHandshake,
             5 => Why::Shutdown,
             6 => Why::ReadFailed,
+            7 => Why::WriteStalled,
             _ => Why::None,
         }
     }
@@ -243,7 +251,7 @@ pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
             Ok(())
         }
         Out::Ws(q) => q
-            .push_all(std::iter::once(&msg))
+            .push_all(std::iter::once(&msg), usize::MAX)
             .map(|_| ())
             .map_err(|(_, e)| e),
     }
@@ -271,7 +279,33 @@ pub fn try_send_all<'a>(
             }
             Ok(n)
         }
-        Out::Ws(q) => q.push_all(msgs),
+        Out::Ws(q) => q.push_all(msgs, usize::MAX),
+    }
+}
+
+/// [`try_send_all`], but on [`ws`] stops once `ahead` packets are queued: a
+/// catch-up read from the log (unshared packets, a copy each) waits for the
+/// device instead of filling its whole queue.
+pub fn try_send_paced<'a>(
+    s: &Socket,
+    msgs: impl Iterator<Item = &'a Packet>,
+    ahead: usize,
+) -> Result<usize, (usize, SendError)> {
+    match &s.out {
+        Out::Eio(_) => try_send_all(s, msgs),
+        Out::Ws(q) => q.push_all(msgs, ahead),
+    }
+}
+
+/// Queues a shared [`Batch`] for `s` but the events `s` sent itself: all of it, or
+/// (if its queue is full) the caller cuts it. On [`ws`] one entry for the lot.
+pub fn try_send_batch(s: &Socket, b: &Batch) -> Result<(), SendError> {
+    let own = Some(s.id);
+    match &s.out {
+        Out::Eio(_) => try_send_all(s, b.iter().filter(|(t, _)| *t != own).map(|(_, p)| p))
+            .map(|_| ())
+            .map_err(|(_, e)| e),
+        Out::Ws(q) => q.push_batch(b, s.id),
     }
 }
 
@@ -296,7 +330,7 @@ pub fn cut(s: &Socket, why: Why) {
     let device = s.data.device.get().map(|d| d.device_id.clone());
     match why {
         Why::Shutdown => {}
-        Why::QueueFull | Why::CatchUpStalled => tracing::warn!(
+        Why::QueueFull | Why::CatchUpStalled | Why::WriteStalled => tracing::warn!(
             sid = %s.id,
             device = %device.as_deref().unwrap_or("-"),
             reason = why.as_str(),

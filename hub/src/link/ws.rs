@@ -5,9 +5,13 @@
 //!
 //! Our own code instead of engineioxide's WebSocket transport: engineioxide copies
 //! every packet into a new string per socket and hands packets one by one through a
-//! channel. Here a socket's whole batch goes into its queue under one lock, its
-//! writer wakes once, writes the shared bytes of each packet (no copy, no allocation
-//! per delivery) and flushes once. The frames themselves are tungstenite's.
+//! channel. Here a commit's whole fan-out goes into a socket's queue as ONE shared
+//! [`Batch`] (one reference count per socket, not one per event), its writer wakes
+//! once, frames every packet into one buffer and hands it to the stream in one
+//! write (one run of TLS records, one syscall). Reading, with its control
+//! frames, is tungstenite's; writing is ours, because server frames are only a
+//! length header before the bytes (RFC 6455 5.2, never masked), and tungstenite's
+//! Sink costs a lock and a frame object per message.
 //!
 //! One connection is two tasks: the reader (device -> handler, in arrival order,
 //! never waiting on a write) and the writer (queue -> socket, and Engine.IO's
@@ -19,14 +23,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{DisconnectReason, Packet, SendError, Sock, Socket};
+use super::{Batch, DisconnectReason, Packet, SendError, Sid, Sock, Socket};
+
+
 
 /// What the layer above does with a connection's traffic.
 pub trait Handler: Send + Sync + 'static {
@@ -63,8 +73,20 @@ pub struct Queue {
 
 #[derive(Default)]
 struct State {
-    q: VecDeque<Packet>,
+    q: VecDeque<Item>,
+    /// Packets in `q` (a batch counts all of its packets).
+    len: usize,
+    /// Control frames tungstenite wrote while reading (pongs), written first.
+    ctl: Vec<u8>,
     closing: Option<DisconnectReason>,
+}
+
+/// What a device's queue holds.
+enum Item {
+    One(Packet),
+    /// A commit's fan-out, shared by every socket: all of it but the events the
+    /// device itself sent (tagged with its id).
+    Batch(Batch, Sid),
 }
 
 impl Queue {
@@ -77,11 +99,14 @@ impl Queue {
         }
     }
 
-    /// Queues packets in order, as many as fit; wakes the writer once.
+    /// Queues packets in order, as many as fit below `limit` (at most the queue's
+    /// own size); wakes the writer once.
     pub fn push_all<'a>(
         &self,
         msgs: impl Iterator<Item = &'a Packet>,
+        limit: usize,
     ) -> Result<usize, (usize, SendError)> {
+        let limit = limit.min(self.cap);
         let mut st = self.st.lock();
         if st.closing.is_some() {
             return Err((0, SendError::Closed));
@@ -89,11 +114,12 @@ impl Queue {
         let mut n = 0;
         let mut full = false;
         for m in msgs {
-            if st.q.len() >= self.cap {
+            if st.len >= limit {
                 full = true;
                 break;
             }
-            st.q.push_back(m.clone());
+            st.q.push_back(Item::One(m.clone()));
+            st.len += 1;
             n += 1;
         }
         drop(st);
@@ -105,6 +131,29 @@ impl Queue {
         } else {
             Ok(n)
         }
+    }
+
+    /// Queues a shared batch, all of it or (if it does not fit) nothing; `own` is
+    /// the device's id, whose own events it skips.
+    pub fn push_batch(&self, b: &Batch, own: Sid) -> Result<(), SendError> {
+        let mut st = self.st.lock();
+        if st.closing.is_some() {
+            return Err(SendError::Closed);
+        }
+        if st.len + b.len() > self.cap {
+            return Err(SendError::Full);
+        }
+        st.q.push_back(Item::Batch(b.clone(), own));
+        st.len += b.len();
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Bytes tungstenite writes while reading (whole control frames).
+    fn push_ctl(&self, bytes: &[u8]) {
+        self.st.lock().ctl.extend_from_slice(bytes);
+        self.wake.notify_one();
     }
 
     /// Stops taking packets; the writer writes what is queued, then closes.
@@ -181,14 +230,7 @@ pub fn serve<H: Handler>(
     drop(req);
     tokio::spawn(async move {
         let Ok(upgraded) = on.await else { return };
-        let cfg = WebSocketConfig::default()
-            .read_buffer_size(limits.read_buffer)
-            .write_buffer_size(16 << 10)
-            .max_message_size(Some(limits.max_message))
-            .max_frame_size(Some(limits.max_message));
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await;
-        run(h, ws, cut, limits).await;
+        run(h, TokioIo::new(upgraded), cut, limits).await;
     });
     let mut r = Response::new(axum::body::Body::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -211,24 +253,31 @@ fn open_packet(sid: &str, l: &Limits) -> String {
     )
 }
 
-async fn run<H: Handler, S>(
-    h: Arc<H>,
-    ws: WebSocketStream<S>,
-    cut: Option<Arc<crate::conn::Cut>>,
-    l: Limits,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+async fn run<H: Handler, S>(h: Arc<H>, io: S, cut: Option<Arc<crate::conn::Cut>>, l: Limits)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let queue = Arc::new(Queue::new(l.queue));
     let sock = Socket::of_ws(queue.clone());
     if let Some(c) = cut {
         sock.data.set_cut(c);
     }
-    let (sink, mut stream) = ws.split();
+    let (rd, wr) = tokio::io::split(io);
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(l.read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(l.max_message))
+        .max_frame_size(Some(l.max_message));
+    let side = ReadSide {
+        rd,
+        queue: queue.clone(),
+    };
+    let mut stream = WebSocketStream::from_raw_socket(side, Role::Server, Some(cfg)).await;
     let awaiting_pong = Arc::new(AtomicBool::new(false));
     let open = open_packet(&sock.id.to_string(), &l);
     let writer = tokio::spawn(write_loop(
-        sink,
+        wr,
+        sock.clone(),
         queue.clone(),
         awaiting_pong.clone(),
         open,
@@ -267,18 +316,76 @@ async fn run<H: Handler, S>(
     queue.phase.send_replace(2);
 }
 
-async fn write_loop<S>(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+/// The stream tungstenite reads from: the connection's read half. What tungstenite
+/// writes while reading (pongs) goes to the writer, which owns the write half.
+struct ReadSide<R> {
+    rd: R,
+    queue: Arc<Queue>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReadSide<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for ReadSide<R> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.queue.push_ctl(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Appends one unmasked, unfragmented text frame (RFC 6455 5.2) holding `payload`.
+fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let n = payload.len();
+    out.push(0x81); // FIN, text
+    if n < 126 {
+        out.push(n as u8);
+    } else if n <= 0xFFFF {
+        out.push(126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// A close frame with status 1000 (normal closure).
+const CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
+
+async fn write_loop<W>(
+    mut wr: W,
+    sock: Sock,
     queue: Arc<Queue>,
     awaiting_pong: Arc<AtomicBool>,
     open: String,
     l: Limits,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
-    if sink.send(Message::Text(open.into())).await.is_err() {
+    let mut first = Vec::with_capacity(open.len() + 4);
+    frame(&mut first, open.as_bytes());
+    if wr.write_all(&first).await.is_err() || wr.flush().await.is_err() {
         return queue.close(DisconnectReason::TransportError);
     }
+    drop(first);
+    let mut out = Vec::new();
     // Engine.IO's heartbeat on one timer: the next ping, or the pong's deadline.
     let hb = tokio::time::sleep(l.ping_interval);
     tokio::pin!(hb);
@@ -309,38 +416,77 @@ async fn write_loop<S>(
         let closing = {
             let mut st = queue.st.lock();
             std::mem::swap(&mut st.q, &mut batch);
+            st.len = 0;
+            out.extend_from_slice(&st.ctl); // whole frames, first
+            st.ctl.clear();
             st.closing.clone()
         };
-        let mut ok = true;
-        for p in batch.drain(..) {
-            // SAFETY: a Packet is built from a String (UTF-8) and never changed.
-            let text = unsafe { Utf8Bytes::from_bytes_unchecked(p.into_bytes()) };
-            if sink.feed(Message::Text(text)).await.is_err() {
-                ok = false;
-                break;
-            }
-        }
+        let r = write_items(&mut wr, &mut out, &batch, send_ping).await;
+        batch.clear();
         if batch.capacity() > 256 {
-            batch = VecDeque::new(); // a burst's buffer is not kept by an idle device
+            batch = VecDeque::new(); // a burst's queue is not kept by an idle device
         }
-        if ok && send_ping {
-            ok = sink
-                .feed(Message::Text(Utf8Bytes::from_static("2")))
-                .await
-                .is_ok();
+        if out.capacity() > 2 * WRITE_CHUNK {
+            out = Vec::new(); // nor a burst's buffer
         }
-        if ok {
-            ok = sink.flush().await.is_ok();
-        }
-        if !ok {
+        if let Err(e) = r {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                // The connection cut it: the device took no byte for a while.
+                super::cut(&sock, super::Why::WriteStalled);
+            }
             queue.close(DisconnectReason::TransportError);
             return;
         }
         if closing.is_some() {
-            let _ = sink.close().await;
+            let _ = wr.write_all(&CLOSE_FRAME).await;
+            let _ = wr.shutdown().await;
             return;
         }
     }
+}
+
+/// The writer hands its buffer to the stream once it holds this much.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// Writes what `out` holds (whole frames: control replies), then `items` and a
+/// ping, framed into `out` and handed to the stream [`WRITE_CHUNK`] at a time, then
+/// flushes. One copy of ours (TLS would copy small writes anyway, and one big write
+/// is one run of records and one syscall).
+async fn write_items<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    items: &VecDeque<Item>,
+    ping: bool,
+) -> std::io::Result<()> {
+    for item in items {
+        match item {
+            Item::One(p) => frame(out, p.as_bytes()),
+            Item::Batch(b, own) => {
+                for (tag, p) in b.iter() {
+                    if *tag == Some(*own) {
+                        continue;
+                    }
+                    frame(out, p.as_bytes());
+                    if out.len() >= WRITE_CHUNK {
+                        wr.write_all(out).await?;
+                        out.clear();
+                    }
+                }
+            }
+        }
+        if out.len() >= WRITE_CHUNK {
+            wr.write_all(out).await?;
+            out.clear();
+        }
+    }
+    if ping {
+        frame(out, b"2");
+    }
+    if !out.is_empty() {
+        wr.write_all(out).await?;
+        out.clear();
+    }
+    wr.flush().await
 }
 
 #[cfg(test)]
@@ -388,9 +534,60 @@ mod tests {
         let q = Queue::new(3);
         let p = crate::link::str_of(crate::link::sio::event("event", "{}"));
         let four = [p.clone(), p.clone(), p.clone(), p.clone()];
-        assert_eq!(q.push_all(four[..2].iter()), Ok(2));
-        assert_eq!(q.push_all(four.iter()), Err((1, SendError::Full)));
+        assert_eq!(q.push_all(four[..1].iter(), 1), Ok(1));
+        assert_eq!(q.push_all(four[..1].iter(), 1), Err((0, SendError::Full)));
+        assert_eq!(q.push_all(four[..1].iter(), usize::MAX), Ok(1));
+        assert_eq!(q.push_all(four.iter(), usize::MAX), Err((1, SendError::Full)));
+        let b: Batch = vec![(None, p.clone()), (None, p.clone())].into();
+        assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Full));
         q.close(DisconnectReason::ClosingServer);
-        assert_eq!(q.push_all(four[..1].iter()), Err((0, SendError::Closed)));
+        assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
+        assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn frames_carry_their_length_as_rfc_6455_says() {
+        for (n, head) in [
+            (0usize, vec![0x81, 0]),
+            (125, vec![0x81, 125]),
+            (126, vec![0x81, 126, 0, 126]),
+            (65535, vec![0x81, 126, 0xFF, 0xFF]),
+            (65536, vec![0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let payload = vec![b'x'; n];
+            let mut out = Vec::new();
+            frame(&mut out, &payload);
+            assert_eq!(&out[..head.len()], &head[..], "length {n}");
+            assert_eq!(out.len(), head.len() + n);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_skips_the_devices_own_events_and_keeps_order() {
+        let me = Sid::new();
+        let other = Sid::new();
+        let pk = |s: &str| crate::link::str_of(format!("4{s}"));
+        let b: Batch = vec![
+            (Some(other), pk("a")),
+            (Some(me), pk("b")),
+            (None, pk("c")),
+        ]
+        .into();
+        let mut sink = Vec::new();
+        let mut out = b"pong".to_vec();
+        let items = VecDeque::from([Item::One(pk("0")), Item::Batch(b, me)]);
+        assert!(write_items(&mut sink, &mut out, &items, true).await.is_ok());
+        assert!(out.is_empty());
+        assert_eq!(
+            sink,
+            [
+                &b"pong"[..],
+                &[0x81, 2, b'4', b'0'],
+                &[0x81, 2, b'4', b'a'],
+                &[0x81, 2, b'4', b'c'],
+                &[0x81, 1, b'2'],
+            ]
+            .concat()
+        );
     }
 }

@@ -80,13 +80,17 @@ impl Tls {
         let resolver = Arc::new(Resolver {
             current: RwLock::new(current),
         });
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = preferred_suites(aes_in_hardware());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| CaError::LeafKey(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // The hub's order, not the device's: the cipher costs the hub once per byte
+        // it sends to every device.
+        config.ignore_client_order = true;
         Ok(Arc::new(Tls {
             ca_pem: ca.cert_pem.clone(),
             fingerprint: ca.fingerprint(),
@@ -287,4 +291,73 @@ fn plain_refusal<B>(req: &Request<B>) -> Response<Body> {
             "this hub serves HTTPS/WSS on this port; fetch /ca.crt to trust its CA\n",
         ))
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (AES-GCM in
+/// hardware): a Pi 5 and x86 do, a Pi 4 does not.
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// rustls's cipher suites, cheapest first for this CPU: AES-128-GCM where AES is
+/// in hardware (fewer rounds than AES-256), ChaCha20-Poly1305 where it is not
+/// (several times faster than AES in software on a Pi 4's cores).
+fn preferred_suites(aes_hw: bool) -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::CipherSuite as C;
+    let rank = |s: &rustls::SupportedCipherSuite| {
+        let aead = match s.suite() {
+            C::TLS13_AES_128_GCM_SHA256
+            | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => u8::from(!aes_hw),
+            C::TLS13_CHACHA20_POLY1305_SHA256
+            | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 2 * u8::from(aes_hw),
+            _ => 1 + u8::from(!aes_hw), // AES-256-GCM
+        };
+        // TLS 1.3 before 1.2, then the cheaper AEAD (the sort is stable).
+        (matches!(s, rustls::SupportedCipherSuite::Tls12(_)), aead)
+    };
+    let mut v = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
+    v.sort_by_key(rank);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite as C;
+
+    #[test]
+    fn the_cheapest_cipher_for_the_cpu_comes_first_and_none_is_lost() {
+        let all = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.len();
+        let hw = preferred_suites(true);
+        let sw = preferred_suites(false);
+        assert_eq!((hw.len(), sw.len()), (all, all));
+        assert_eq!(hw[0].suite(), C::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(hw[2].suite(), C::TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(sw[0].suite(), C::TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(sw[1].suite(), C::TLS13_AES_128_GCM_SHA256);
+        for v in [&hw, &sw] {
+            let first12 = v
+                .iter()
+                .position(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+                .unwrap_or(all);
+            assert!(v[first12..]
+                .iter()
+                .all(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_))));
+        }
+    }
 }

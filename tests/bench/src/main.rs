@@ -400,26 +400,65 @@ async fn next_frame(
     rx: &mut futures_util::stream::SplitStream<Ws>,
     wait: Duration,
 ) -> Frame {
-    let m = match tokio::time::timeout(wait, rx.next()).await {
+    let f = match tokio::time::timeout(wait, rx.next()).await {
         Err(_) => return Frame::Idle,
         Ok(None) | Ok(Some(Err(_))) => return Frame::Closed,
-        Ok(Some(Ok(m))) => m,
+        Ok(Some(Ok(m))) => sort_frame(m),
     };
+    if let Frame::Ping = f {
+        let _ = tx.send(Message::text("3")).await;
+    }
+    f
+}
+
+/// [`next_frame`] for a device that reads and writes in one task: no split (and
+/// its lock per frame), and one timer re-armed only when it must fire sooner
+/// (waking early is harmless: the caller just looks again). The load generator
+/// shares the hub's cores, so every microsecond it spends per frame is taken from
+/// the hub being measured.
+async fn next_frame_on(
+    ws: &mut Ws,
+    timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    armed: &mut Option<tokio::time::Instant>,
+    wait: Duration,
+) -> Frame {
+    let due = tokio::time::Instant::now() + wait;
+    if armed.is_none_or(|a| a > due + Duration::from_micros(200)) {
+        timer.as_mut().reset(due);
+        *armed = Some(due);
+    }
+    let f = tokio::select! {
+        biased;
+        m = ws.next() => match m {
+            None | Some(Err(_)) => return Frame::Closed,
+            Some(Ok(m)) => sort_frame(m),
+        },
+        _ = timer.as_mut() => {
+            *armed = None;
+            return Frame::Idle;
+        }
+    };
+    if let Frame::Ping = f {
+        let _ = ws.send(Message::text("3")).await;
+    }
+    f
+}
+
+/// Sorts one message of the hub.
+fn sort_frame(m: Message) -> Frame {
     let Message::Text(t) = m else {
         return Frame::Idle;
     };
     if let Some(rest) = t.strip_prefix("43") {
-        let id: u64 = rest
-            .chars()
+        let id = rest
+            .bytes()
             .take_while(|c| c.is_ascii_digit())
-            .collect::<String>()
-            .parse()
+            .try_fold(0u64, |n, c| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
             .unwrap_or(u64::MAX);
         Frame::Ack(id, t)
     } else if t.starts_with("42[\"event\"") {
         Frame::Event(t)
     } else if t == "2" {
-        let _ = tx.send(Message::text("3")).await;
         Frame::Ping
     } else {
         Frame::Other
@@ -468,8 +507,10 @@ async fn run_device(
     t0: Instant,
     run: u64,
 ) -> DevResult {
-    let (ws, _, _) = connect(port, &token, None).await;
-    let (mut tx, mut rx) = ws.split();
+    let (mut ws, _, _) = connect(port, &token, None).await;
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed = None;
     let pad = "x".repeat(100);
     let mut r = DevResult {
         acked: 0,
@@ -495,24 +536,30 @@ async fn run_device(
             break; // lost acks are reported
         }
         // Send what the window or the pace allows.
+        let mut fed = false;
         while sending && sent_at.len() < window && (rate.is_none() || Instant::now() >= next_send) {
             let id = format!("b{run}-{dev}-{}", r.sent);
             let f = event_frame(r.sent, &id, t0.elapsed().as_nanos(), &pad);
             sent_at.insert(r.sent, Instant::now());
             r.sent += 1;
-            if tx.send(Message::text(f)).await.is_err() {
+            if ws.feed(Message::text(f)).await.is_err() {
                 return r;
             }
+            fed = true;
             if let Some(rate) = rate {
                 next_send += Duration::from_secs_f64(1.0 / rate);
             }
+        }
+        if fed && ws.flush().await.is_err() {
+            return r;
         }
         let wait = if rate.is_some() && sending {
             next_send.saturating_duration_since(Instant::now())
         } else {
             Duration::from_millis(200)
         };
-        match next_frame(&mut tx, &mut rx, wait.max(Duration::from_micros(50))).await {
+        let wait = wait.max(Duration::from_micros(50));
+        match next_frame_on(&mut ws, &mut timer, &mut armed, wait).await {
             Frame::Closed => break,
             Frame::Ack(id, ack) => {
                 if let Some(at) = sent_at.remove(&id) {
@@ -530,7 +577,7 @@ async fn run_device(
             Frame::Idle | Frame::Ping | Frame::Other => {}
         }
     }
-    let _ = tx.close().await;
+    let _ = ws.close(None).await;
     r
 }
 
