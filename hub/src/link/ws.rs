@@ -36,8 +36,6 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::{Batch, DisconnectReason, Packet, SendError, Sid, Sock, Socket};
 
-
-
 /// What the layer above does with a connection's traffic.
 pub trait Handler: Send + Sync + 'static {
     /// A connection opened (before anything is read from it).
@@ -76,6 +74,13 @@ struct State {
     q: VecDeque<Item>,
     /// Packets in `q` (a batch counts all of its packets).
     len: usize,
+    /// Packets were queued without waking the writer since it last took the queue.
+    unwoken: bool,
+    /// Something was queued with a wake since the writer last took the queue. A
+    /// writer that wakes without it (an earlier wake's permit) finds only packets
+    /// whose wake is still to come, and waits for it: they leave in one write with
+    /// whatever comes with that wake.
+    woken: bool,
     /// Control frames tungstenite wrote while reading (pongs), written first.
     ctl: Vec<u8>,
     closing: Option<DisconnectReason>,
@@ -122,6 +127,7 @@ impl Queue {
             st.len += 1;
             n += 1;
         }
+        st.woken |= n > 0;
         drop(st);
         if n > 0 {
             self.wake.notify_one();
@@ -145,14 +151,40 @@ impl Queue {
         }
         st.q.push_back(Item::Batch(b.clone(), own));
         st.len += b.len();
+        st.woken = true;
         drop(st);
         self.wake.notify_one();
         Ok(())
     }
 
+    /// Queues one packet without waking the writer. Returns whether the caller
+    /// must [`Queue::wake`] it (false if an earlier such packet is still waiting
+    /// for its wake, which covers this one).
+    pub fn push_unwoken(&self, p: &Packet) -> Result<bool, SendError> {
+        let mut st = self.st.lock();
+        if st.closing.is_some() {
+            return Err(SendError::Closed);
+        }
+        if st.len >= self.cap {
+            return Err(SendError::Full);
+        }
+        st.q.push_back(Item::One(p.clone()));
+        st.len += 1;
+        Ok(!std::mem::replace(&mut st.unwoken, true))
+    }
+
+    /// Wakes the writer (after [`Queue::push_unwoken`]).
+    pub fn wake(&self) {
+        self.st.lock().woken = true;
+        self.wake.notify_one();
+    }
+
     /// Bytes tungstenite writes while reading (whole control frames).
     fn push_ctl(&self, bytes: &[u8]) {
-        self.st.lock().ctl.extend_from_slice(bytes);
+        let mut st = self.st.lock();
+        st.ctl.extend_from_slice(bytes);
+        st.woken = true;
+        drop(st);
         self.wake.notify_one();
     }
 
@@ -415,8 +447,13 @@ async fn write_loop<W>(
         }
         let closing = {
             let mut st = queue.st.lock();
+            if !st.woken && st.closing.is_none() && !send_ping {
+                continue; // only packets whose wake is still to come
+            }
             std::mem::swap(&mut st.q, &mut batch);
             st.len = 0;
+            st.unwoken = false;
+            st.woken = false;
             out.extend_from_slice(&st.ctl); // whole frames, first
             st.ctl.clear();
             st.closing.clone()
@@ -537,12 +574,35 @@ mod tests {
         assert_eq!(q.push_all(four[..1].iter(), 1), Ok(1));
         assert_eq!(q.push_all(four[..1].iter(), 1), Err((0, SendError::Full)));
         assert_eq!(q.push_all(four[..1].iter(), usize::MAX), Ok(1));
-        assert_eq!(q.push_all(four.iter(), usize::MAX), Err((1, SendError::Full)));
+        assert_eq!(
+            q.push_all(four.iter(), usize::MAX),
+            Err((1, SendError::Full))
+        );
         let b: Batch = vec![(None, p.clone()), (None, p.clone())].into();
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Full));
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn an_unwoken_packet_asks_for_one_wake_until_the_writer_takes_the_queue() {
+        let q = Queue::new(2);
+        let p = crate::link::str_of(crate::link::sio::event("event", "{}"));
+        assert_eq!(q.push_unwoken(&p), Ok(true));
+        assert_eq!(q.push_unwoken(&p), Ok(false));
+        assert_eq!(q.push_unwoken(&p), Err(SendError::Full));
+        assert!(!q.st.lock().woken, "nothing asked the writer to write yet");
+        q.wake();
+        {
+            let mut st = q.st.lock();
+            assert!(st.woken);
+            st.q.clear();
+            st.len = 0;
+            st.unwoken = false;
+            st.woken = false;
+        }
+        assert_eq!(q.push_unwoken(&p), Ok(true));
     }
 
     #[test]
@@ -567,12 +627,7 @@ mod tests {
         let me = Sid::new();
         let other = Sid::new();
         let pk = |s: &str| crate::link::str_of(format!("4{s}"));
-        let b: Batch = vec![
-            (Some(other), pk("a")),
-            (Some(me), pk("b")),
-            (None, pk("c")),
-        ]
-        .into();
+        let b: Batch = vec![(Some(other), pk("a")), (Some(me), pk("b")), (None, pk("c"))].into();
         let mut sink = Vec::new();
         let mut out = b"pong".to_vec();
         let items = VecDeque::from([Item::One(pk("0")), Item::Batch(b, me)]);
