@@ -453,7 +453,9 @@ fn sort_frame(m: Message) -> Frame {
         let id = rest
             .bytes()
             .take_while(|c| c.is_ascii_digit())
-            .try_fold(0u64, |n, c| n.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+            .try_fold(0u64, |n, c| {
+                n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+            })
             .unwrap_or(u64::MAX);
         Frame::Ack(id, t)
     } else if t.starts_with("42[\"event\"") {
