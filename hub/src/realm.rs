@@ -110,49 +110,7 @@ impl AckReply {
     }
 }
 
-thread_local! {
-    /// Set on the log writer's thread while it answers a committed batch: acks are
-    /// queued without waking their sockets, which are woken once each at the end,
-    /// or not at all if the batch's fan-out (which reaches every live socket right
-    /// after) wakes them: a socket's acks and fan-out leave in one write.
-    static DEFERRED: std::cell::RefCell<Option<Vec<Sock>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Sends an ack, deferring its wake inside a batch (see [`DEFERRED`]); a full
-/// queue cuts the device.
-fn send_ack(sock: Sock, packet: Packet) {
-    let deferred = DEFERRED.with_borrow_mut(|d| match d {
-        Some(list) => {
-            match link::try_send_unwoken(&sock, packet.clone()) {
-                Ok(true) => list.push(sock.clone()),
-                Ok(false) | Err(link::SendError::Closed) => {}
-                Err(link::SendError::Full) => link::cut(&sock, Why::QueueFull),
-            }
-            true
-        }
-        None => false,
-    });
-    if !deferred {
-        link::send_or_cut(&sock, packet);
-    }
-}
-
 impl Reply for AckReply {
-    fn batch_begin() {
-        DEFERRED.with_borrow_mut(|d| *d = Some(Vec::new()));
-    }
-    fn batch_end(fanned: bool) {
-        let Some(list) = DEFERRED.with_borrow_mut(|d| d.take()) else {
-            return;
-        };
-        for sock in list {
-            // A live socket is in the fan-out's set, which queues this batch for
-            // it after these acks and wakes it.
-            if !(fanned && sock.data.live.load(Ordering::Acquire)) {
-                link::wake(&sock);
-            }
-        }
-    }
     fn one(self, o: &Outcome) {
         match self {
             AckReply::Socket { sock, id, at } => {
@@ -160,7 +118,7 @@ impl Reply for AckReply {
                 sio::ack_start(&mut out, id);
                 push_outcome(&mut out, o);
                 sio::ack_end(&mut out);
-                send_ack(sock, link::str_of(out));
+                link::send_or_cut(&sock, link::str_of(out));
                 crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
             }
             AckReply::Channel(tx) => {
@@ -183,7 +141,7 @@ impl Reply for AckReply {
                 }
                 out.push_str("]}");
                 sio::ack_end(&mut out);
-                send_ack(sock, link::str_of(out));
+                link::send_or_cut(&sock, link::str_of(out));
                 crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
             }
             AckReply::Channel(tx) => {

@@ -309,23 +309,6 @@ pub fn try_send_batch(s: &Socket, b: &Batch) -> Result<(), SendError> {
     }
 }
 
-/// Queues one packet without waking the writer where the transport allows it (on
-/// [`ws`]): returns whether the caller must [`wake`] the socket afterwards. The
-/// writer thread queues a batch's acks so, and the fan-out's wake carries them.
-pub fn try_send_unwoken(s: &Socket, msg: Packet) -> Result<bool, SendError> {
-    match &s.out {
-        Out::Eio(_) => try_send(s, msg).map(|()| false),
-        Out::Ws(q) => q.push_unwoken(&msg),
-    }
-}
-
-/// Wakes the socket's writer (after [`try_send_unwoken`]).
-pub fn wake(s: &Socket) {
-    if let Out::Ws(q) = &s.out {
-        q.wake();
-    }
-}
-
 /// Sends or cuts: a packet that cannot be queued ends the connection.
 pub fn send_or_cut(s: &Socket, msg: Packet) {
     if let Err(SendError::Full) = try_send(s, msg) {

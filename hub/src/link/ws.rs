@@ -74,13 +74,6 @@ struct State {
     q: VecDeque<Item>,
     /// Packets in `q` (a batch counts all of its packets).
     len: usize,
-    /// Packets were queued without waking the writer since it last took the queue.
-    unwoken: bool,
-    /// Something was queued with a wake since the writer last took the queue. A
-    /// writer that wakes without it (an earlier wake's permit) finds only packets
-    /// whose wake is still to come, and waits for it: they leave in one write with
-    /// whatever comes with that wake.
-    woken: bool,
     /// Control frames tungstenite wrote while reading (pongs), written first.
     ctl: Vec<u8>,
     closing: Option<DisconnectReason>,
@@ -127,7 +120,6 @@ impl Queue {
             st.len += 1;
             n += 1;
         }
-        st.woken |= n > 0;
         drop(st);
         if n > 0 {
             self.wake.notify_one();
@@ -151,40 +143,14 @@ impl Queue {
         }
         st.q.push_back(Item::Batch(b.clone(), own));
         st.len += b.len();
-        st.woken = true;
         drop(st);
         self.wake.notify_one();
         Ok(())
     }
 
-    /// Queues one packet without waking the writer. Returns whether the caller
-    /// must [`Queue::wake`] it (false if an earlier such packet is still waiting
-    /// for its wake, which covers this one).
-    pub fn push_unwoken(&self, p: &Packet) -> Result<bool, SendError> {
-        let mut st = self.st.lock();
-        if st.closing.is_some() {
-            return Err(SendError::Closed);
-        }
-        if st.len >= self.cap {
-            return Err(SendError::Full);
-        }
-        st.q.push_back(Item::One(p.clone()));
-        st.len += 1;
-        Ok(!std::mem::replace(&mut st.unwoken, true))
-    }
-
-    /// Wakes the writer (after [`Queue::push_unwoken`]).
-    pub fn wake(&self) {
-        self.st.lock().woken = true;
-        self.wake.notify_one();
-    }
-
     /// Bytes tungstenite writes while reading (whole control frames).
     fn push_ctl(&self, bytes: &[u8]) {
-        let mut st = self.st.lock();
-        st.ctl.extend_from_slice(bytes);
-        st.woken = true;
-        drop(st);
+        self.st.lock().ctl.extend_from_slice(bytes);
         self.wake.notify_one();
     }
 
@@ -447,13 +413,8 @@ async fn write_loop<W>(
         }
         let closing = {
             let mut st = queue.st.lock();
-            if !st.woken && st.closing.is_none() && !send_ping {
-                continue; // only packets whose wake is still to come
-            }
             std::mem::swap(&mut st.q, &mut batch);
             st.len = 0;
-            st.unwoken = false;
-            st.woken = false;
             out.extend_from_slice(&st.ctl); // whole frames, first
             st.ctl.clear();
             st.closing.clone()
@@ -583,26 +544,6 @@ mod tests {
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
-    }
-
-    #[test]
-    fn an_unwoken_packet_asks_for_one_wake_until_the_writer_takes_the_queue() {
-        let q = Queue::new(2);
-        let p = crate::link::str_of(crate::link::sio::event("event", "{}"));
-        assert_eq!(q.push_unwoken(&p), Ok(true));
-        assert_eq!(q.push_unwoken(&p), Ok(false));
-        assert_eq!(q.push_unwoken(&p), Err(SendError::Full));
-        assert!(!q.st.lock().woken, "nothing asked the writer to write yet");
-        q.wake();
-        {
-            let mut st = q.st.lock();
-            assert!(st.woken);
-            st.q.clear();
-            st.len = 0;
-            st.unwoken = false;
-            st.woken = false;
-        }
-        assert_eq!(q.push_unwoken(&p), Ok(true));
     }
 
     #[test]

@@ -30,12 +30,6 @@ pub enum Outcome {
 pub trait Reply: Send + 'static {
     fn one(self, outcome: &Outcome);
     fn many(self, outcomes: &[Outcome]);
-    /// Called on the writer's thread before it answers a committed batch's
-    /// requests (the answers may then be queued without waking their receivers).
-    fn batch_begin() {}
-    /// Called after the answers and after the batch went to the fan-out
-    /// (`fanned`: it held new events): whatever `batch_begin` deferred is done now.
-    fn batch_end(_fanned: bool) {}
 }
 
 /// What to append: one event (the common case, no extra allocation) or a batch
@@ -584,7 +578,6 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                 {
                     self.writable_again();
                 }
-                R::batch_begin();
                 for p in pending {
                     let o = &outcomes[p.start..p.start + p.n];
                     if p.many {
@@ -604,11 +597,9 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                         Ordering::Relaxed,
                     );
                 }
-                let fanned = !committed.is_empty();
-                if fanned {
+                if !committed.is_empty() {
                     (self.out)(committed);
                 }
-                R::batch_end(fanned);
             }
             Some(e) => {
                 self.store.rollback();
