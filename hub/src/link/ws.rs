@@ -132,17 +132,21 @@ impl Queue {
     }
 
     /// Queues a shared batch, all of it or (if it does not fit) nothing; `own` is
-    /// the device's id, whose own events it skips.
+    /// the device's id, whose own events it skips (and does not count).
     pub fn push_batch(&self, b: &Batch, own: Sid) -> Result<(), SendError> {
+        let n = b.iter().filter(|(tag, _)| *tag != Some(own)).count();
         let mut st = self.st.lock();
         if st.closing.is_some() {
             return Err(SendError::Closed);
         }
-        if st.len + b.len() > self.cap {
+        if n == 0 {
+            return Ok(()); // all of it is the device's own
+        }
+        if st.len + n > self.cap {
             return Err(SendError::Full);
         }
         st.q.push_back(Item::Batch(b.clone(), own));
-        st.len += b.len();
+        st.len += n;
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -541,6 +545,15 @@ mod tests {
         );
         let b: Batch = vec![(None, p.clone()), (None, p.clone())].into();
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Full));
+        // A device's own events do not count: a batch of them never fills its queue.
+        let q2 = Queue::new(1);
+        let me = Sid::new();
+        let mine: Batch = vec![(Some(me), p.clone()); 10].into();
+        assert_eq!(q2.push_batch(&mine, me), Ok(()));
+        let mixed: Batch = vec![(Some(me), p.clone()), (None, p.clone())].into();
+        assert_eq!(q2.push_batch(&mixed, me), Ok(()));
+        assert_eq!(q2.st.lock().len, 1);
+        assert_eq!(q2.push_batch(&mixed, me), Err(SendError::Full));
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
