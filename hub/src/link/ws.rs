@@ -152,10 +152,19 @@ impl Queue {
         Ok(())
     }
 
-    /// Bytes tungstenite writes while reading (whole control frames).
-    fn push_ctl(&self, bytes: &[u8]) {
-        self.st.lock().ctl.extend_from_slice(bytes);
+    /// Bytes tungstenite writes while reading (whole control frames). Refused once
+    /// [`CTL_MAX`] bytes wait: the device sends pings faster than it reads pongs.
+    fn push_ctl(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut st = self.st.lock();
+        if st.ctl.len() + bytes.len() > CTL_MAX {
+            return Err(std::io::Error::other(
+                "the device sends WebSocket pings faster than it reads the pongs",
+            ));
+        }
+        st.ctl.extend_from_slice(bytes);
+        drop(st);
         self.wake.notify_one();
+        Ok(())
     }
 
     /// Stops taking packets; the writer writes what is queued, then closes.
@@ -341,8 +350,7 @@ impl<R: Unpin> AsyncWrite for ReadSide<R> {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.queue.push_ctl(buf);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(self.queue.push_ctl(buf).map(|()| buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -446,6 +454,10 @@ async fn write_loop<W>(
         }
     }
 }
+
+/// Control replies (pongs) that may wait for the writer; past this the connection
+/// ends, so a device that pings and never reads cannot grow the hub's memory.
+const CTL_MAX: usize = 64 << 10;
 
 /// The writer hands its buffer to the stream once it holds this much.
 const WRITE_CHUNK: usize = 64 << 10;
@@ -557,6 +569,22 @@ mod tests {
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn control_replies_that_pile_up_end_the_connection() {
+        let q = Queue::new(4);
+        let pong = [0x8A, 125]
+            .iter()
+            .chain(&[0u8; 125])
+            .copied()
+            .collect::<Vec<_>>();
+        let fit = CTL_MAX / pong.len();
+        for _ in 0..fit {
+            assert!(q.push_ctl(&pong).is_ok());
+        }
+        assert!(q.push_ctl(&pong).is_err());
+        assert_eq!(q.st.lock().ctl.len(), fit * pong.len());
     }
 
     #[test]
