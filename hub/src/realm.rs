@@ -629,29 +629,31 @@ impl FanOut {
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
         // Encode each event once, as the whole Socket.IO packet; every socket gets
         // the same bytes.
-        let packets: link::Batch = batch
-            .iter()
-            .map(|c| {
-                let e = &c.event;
-                let mut out = String::with_capacity(
-                    112 + e.id().len() + e.typ().len() + e.payload().len() + c.device.len(),
-                );
-                sio::event_start(&mut out, "event");
-                encode_stored_into(
-                    &mut out,
-                    c.seq,
-                    e.id(),
-                    e.typ(),
-                    e.payload(),
-                    &c.device,
-                    e.ts(),
-                    c.hub_ts,
-                    c.origin,
-                );
-                sio::event_end(&mut out);
-                (c.tag, link::str_of(out))
-            })
-            .collect();
+        let packets = link::Batch::new(
+            batch
+                .iter()
+                .map(|c| {
+                    let e = &c.event;
+                    let mut out = String::with_capacity(
+                        112 + e.id().len() + e.typ().len() + e.payload().len() + c.device.len(),
+                    );
+                    sio::event_start(&mut out, "event");
+                    encode_stored_into(
+                        &mut out,
+                        c.seq,
+                        e.id(),
+                        e.typ(),
+                        e.payload(),
+                        &c.device,
+                        e.ts(),
+                        c.hub_ts,
+                        c.origin,
+                    );
+                    sio::event_end(&mut out);
+                    (c.tag, link::str_of(out))
+                })
+                .collect(),
+        );
         // Socket by socket, the whole batch at once, shared: its writer wakes once
         // and writes the batch (but the socket's own events) in one go. A socket
         // whose queue is full is cut; the others never wait for it.

@@ -131,7 +131,36 @@ impl Packet {
 
 /// A commit's events for the fan-out, each tagged with the socket that sent it (so
 /// that socket is skipped), shared by every socket it goes to.
-pub type Batch = Arc<[(Option<Sid>, Packet)]>;
+#[derive(Clone)]
+pub struct Batch(Arc<BatchInner>);
+
+struct BatchInner {
+    packets: Vec<(Option<Sid>, Packet)>,
+    /// How many of the packets each sender sent (counted once, not per socket).
+    senders: Vec<(Sid, usize)>,
+}
+
+impl Batch {
+    pub fn new(packets: Vec<(Option<Sid>, Packet)>) -> Self {
+        let mut senders: Vec<(Sid, usize)> = Vec::new();
+        for sid in packets.iter().filter_map(|(t, _)| *t) {
+            match senders.iter_mut().find(|(s, _)| *s == sid) {
+                Some((_, n)) => *n += 1,
+                None => senders.push((sid, 1)),
+            }
+        }
+        Batch(Arc::new(BatchInner { packets, senders }))
+    }
+    /// The packets with their senders, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &(Option<Sid>, Packet)> {
+        self.0.packets.iter()
+    }
+    /// How many packets go to `sid` (all but its own).
+    pub fn len_for(&self, sid: Sid) -> usize {
+        let own = self.0.senders.iter().find(|(s, _)| *s == sid);
+        self.0.packets.len() - own.map_or(0, |(_, n)| *n)
+    }
+}
 
 /// Queue slots every send leaves free for Engine.IO's ping.
 pub const HEADROOM: usize = 2;

@@ -134,7 +134,7 @@ impl Queue {
     /// Queues a shared batch, all of it or (if it does not fit) nothing; `own` is
     /// the device's id, whose own events it skips (and does not count).
     pub fn push_batch(&self, b: &Batch, own: Sid) -> Result<(), SendError> {
-        let n = b.iter().filter(|(tag, _)| *tag != Some(own)).count();
+        let n = b.len_for(own);
         let mut st = self.st.lock();
         if st.closing.is_some() {
             return Err(SendError::Closed);
@@ -555,14 +555,14 @@ mod tests {
             q.push_all(four.iter(), usize::MAX),
             Err((1, SendError::Full))
         );
-        let b: Batch = vec![(None, p.clone()), (None, p.clone())].into();
+        let b = Batch::new(vec![(None, p.clone()), (None, p.clone())]);
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Full));
         // A device's own events do not count: a batch of them never fills its queue.
         let q2 = Queue::new(1);
         let me = Sid::new();
-        let mine: Batch = vec![(Some(me), p.clone()); 10].into();
+        let mine = Batch::new(vec![(Some(me), p.clone()); 10]);
         assert_eq!(q2.push_batch(&mine, me), Ok(()));
-        let mixed: Batch = vec![(Some(me), p.clone()), (None, p.clone())].into();
+        let mixed = Batch::new(vec![(Some(me), p.clone()), (None, p.clone())]);
         assert_eq!(q2.push_batch(&mixed, me), Ok(()));
         assert_eq!(q2.st.lock().len, 1);
         assert_eq!(q2.push_batch(&mixed, me), Err(SendError::Full));
@@ -609,7 +609,15 @@ mod tests {
         let me = Sid::new();
         let other = Sid::new();
         let pk = |s: &str| crate::link::str_of(format!("4{s}"));
-        let b: Batch = vec![(Some(other), pk("a")), (Some(me), pk("b")), (None, pk("c"))].into();
+        let b = Batch::new(vec![
+            (Some(other), pk("a")),
+            (Some(me), pk("b")),
+            (None, pk("c")),
+        ]);
+        assert_eq!(
+            (b.len_for(me), b.len_for(other), b.len_for(Sid::new())),
+            (2, 2, 3)
+        );
         let mut sink = Vec::new();
         let mut out = b"pong".to_vec();
         let items = VecDeque::from([Item::One(pk("0")), Item::Batch(b, me)]);
