@@ -13,8 +13,53 @@ export const NATS = process.env.NATS_SERVER_BIN || "nats-server";
 export const TOKEN = "nats-secret";
 const sc = StringCodec();
 
-/** Starts three JetStream nodes routed to each other; resolves when all answer. */
+/**
+ * Starts three JetStream nodes routed to each other; resolves once the cluster can place
+ * a stream on all three (a probe R3 stream is created and deleted). A meta leader can be
+ * elected by two nodes while the third never joins (its port taken between `freePort`
+ * and its start by another process's outgoing connection): then R3 placement fails
+ * forever ("no suitable peers for placement"). Such a start is thrown away and the
+ * cluster started again on new ports, up to three times, saying why.
+ */
 export async function startCluster({ token = TOKEN } = {}) {
+  let why;
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const c = await startClusterOnce({ token });
+    try {
+      await untilJs(c, 30000);
+      await probePlacement(c, 30000);
+      return c;
+    } catch (e) {
+      why = `${e.message}\n` + c.nodes.map((n) => `--- ${n.name} (${n.child?.exitCode !== null ? `exited ${n.child?.exitCode}` : "running"}):\n${(n.log || "").split("\n").slice(-15).join("\n")}`).join("\n");
+      console.error(`startCluster: attempt ${attempt} did not form a cluster of three; starting again on new ports.\n${why}`);
+      await c.stopAll("SIGKILL");
+    }
+  }
+  throw new Error(`a three-node JetStream cluster did not form in three attempts: ${why}`);
+}
+
+/** Creates and deletes an R3 stream: every node is a JetStream peer of the meta group. */
+async function probePlacement(c, ms) {
+  const end = Date.now() + ms;
+  let last;
+  while (Date.now() < end) {
+    const dead = c.nodes.find((n) => n.child.exitCode !== null || n.child.signalCode);
+    if (dead) throw new Error(`node ${dead.name} exited at start`);
+    try {
+      const nc = await c.client({ maxReconnectAttempts: 0, timeout: 1000 });
+      try {
+        const jsm = await nc.jetstreamManager({ timeout: 2000 });
+        await jsm.streams.add({ name: "PROBE", subjects: ["probe.placement"], num_replicas: 3 });
+        await jsm.streams.delete("PROBE");
+        return;
+      } finally { await nc.close(); }
+    } catch (e) { last = e; }
+    await sleep(300);
+  }
+  throw new Error(`an R3 stream could not be placed: ${last?.message ?? last}`);
+}
+
+async function startClusterOnce({ token }) {
   const dir = tmp("nats");
   const nodes = [];
   for (let i = 0; i < 3; i++) nodes.push({ name: `n${i + 1}`, port: await freePort(), cport: await freePort(), dir: path.join(dir, `n${i + 1}`) });
@@ -42,7 +87,6 @@ export async function startCluster({ token = TOKEN } = {}) {
     client: (opts = {}) => connect({ servers: nodes.map((n) => `127.0.0.1:${n.port}`), token, maxReconnectAttempts: -1, reconnectTimeWait: 200, ...opts }),
   };
   for (const n of nodes) startNode(n);
-  await untilJs(c, 30000);
   return c;
 }
 
