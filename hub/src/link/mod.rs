@@ -138,6 +138,16 @@ struct BatchInner {
     packets: Vec<(Option<Sid>, Packet)>,
     /// How many of the packets each sender sent (counted once, not per socket).
     senders: Vec<(Sid, usize)>,
+    /// The packets as WebSocket frames, made once by the first WebSocket writer that
+    /// needs them; every socket writes runs of the same bytes.
+    framed: std::sync::OnceLock<Framed>,
+}
+
+/// A batch's packets as consecutive WebSocket text frames.
+struct Framed {
+    buf: Vec<u8>,
+    /// Where each packet's frame ends in `buf`.
+    ends: Vec<usize>,
 }
 
 impl Batch {
@@ -149,7 +159,56 @@ impl Batch {
                 None => senders.push((sid, 1)),
             }
         }
-        Batch(Arc::new(BatchInner { packets, senders }))
+        Batch(Arc::new(BatchInner {
+            packets,
+            senders,
+            framed: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The batch's packets as consecutive WebSocket frames (made on first use).
+    pub fn framed_bytes(&self) -> &[u8] {
+        &self.framed().buf
+    }
+
+    /// Calls `f` with the byte range, in [`Self::framed_bytes`], of each run of
+    /// consecutive frames that go to `sid` (all but its own packets), in order: one
+    /// run unless `sid` sent some of the batch.
+    pub fn framed_runs(&self, sid: Sid, mut f: impl FnMut(std::ops::Range<usize>)) {
+        let fr = self.framed();
+        let mut start = 0;
+        if self.0.senders.iter().any(|(s, _)| *s == sid) {
+            for (i, (tag, _)) in self.0.packets.iter().enumerate() {
+                if *tag == Some(sid) {
+                    let own = if i == 0 { 0 } else { fr.ends[i - 1] };
+                    if own > start {
+                        f(start..own);
+                    }
+                    start = fr.ends[i];
+                }
+            }
+        }
+        if start < fr.buf.len() {
+            f(start..fr.buf.len());
+        }
+    }
+
+    fn framed(&self) -> &Framed {
+        self.0.framed.get_or_init(|| {
+            let bytes = self
+                .0
+                .packets
+                .iter()
+                .map(|(_, p)| p.as_bytes().len() + 10)
+                .sum();
+            let mut buf = Vec::with_capacity(bytes);
+            let mut ends = Vec::with_capacity(self.0.packets.len());
+            for (_, p) in &self.0.packets {
+                ws::frame(&mut buf, p.as_bytes());
+                ends.push(buf.len());
+            }
+            Framed { buf, ends }
+        })
     }
     /// The packets with their senders, in order.
     pub fn iter(&self) -> impl Iterator<Item = &(Option<Sid>, Packet)> {

@@ -361,7 +361,7 @@ impl<R: Unpin> AsyncWrite for ReadSide<R> {
 }
 
 /// Appends one unmasked, unfragmented text frame (RFC 6455 5.2) holding `payload`.
-fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+pub(super) fn frame(out: &mut Vec<u8>, payload: &[u8]) {
     let n = payload.len();
     out.push(0x81); // FIN, text
     if n < 126 {
@@ -401,6 +401,7 @@ async fn write_loop<W>(
     tokio::pin!(hb);
     let mut pinged_at: Option<tokio::time::Instant> = None;
     let mut batch = VecDeque::new();
+    let mut segs = Vec::new();
     loop {
         let mut send_ping = false;
         tokio::select! {
@@ -431,10 +432,13 @@ async fn write_loop<W>(
             st.ctl.clear();
             st.closing.clone()
         };
-        let r = write_items(&mut wr, &mut out, &batch, send_ping).await;
+        let r = write_items(&mut wr, &mut out, &mut segs, &batch, send_ping).await;
         batch.clear();
         if batch.capacity() > 256 {
             batch = VecDeque::new(); // a burst's queue is not kept by an idle device
+        }
+        if segs.capacity() > 4 * MAX_IOV {
+            segs = Vec::new();
         }
         if out.capacity() > 2 * WRITE_CHUNK {
             out = Vec::new(); // nor a burst's buffer
@@ -459,48 +463,118 @@ async fn write_loop<W>(
 /// ends, so a device that pings and never reads cannot grow the hub's memory.
 const CTL_MAX: usize = 64 << 10;
 
-/// The writer hands its buffer to the stream once it holds this much.
+/// The writer hands its own buffer (single packets: catch-up, acks, pings) to the
+/// stream once it holds this much.
 const WRITE_CHUNK: usize = 64 << 10;
 
+/// Slices handed to the stream in one vectored write (below any IOV_MAX).
+const MAX_IOV: usize = 64;
+
+/// Where a piece of a write comes from: `out` (a byte range of it), or a run of a
+/// shared batch's frames (the queued item at `item`, a byte range of its frames).
+#[derive(Clone, Copy)]
+struct Seg {
+    item: usize,
+    start: usize,
+    end: usize,
+}
+
+const OUT: usize = usize::MAX;
+
 /// Writes what `out` holds (whole frames: control replies), then `items` and a
-/// ping, framed into `out` and handed to the stream [`WRITE_CHUNK`] at a time, then
-/// flushes. One copy of ours (TLS would copy small writes anyway, and one big write
-/// is one run of records and one syscall).
+/// ping, then flushes. Single packets are framed into `out`; a shared batch's
+/// frames, made once for every socket, are written straight from its bytes (the
+/// runs that are not the device's own), so the only copy on the way is TLS's
+/// into its records. Everything goes out in vectored writes of up to [`MAX_IOV`]
+/// slices: one run of records and one syscall for each.
 async fn write_items<W: AsyncWrite + Unpin>(
     wr: &mut W,
     out: &mut Vec<u8>,
+    segs: &mut Vec<Seg>,
     items: &VecDeque<Item>,
     ping: bool,
 ) -> std::io::Result<()> {
-    for item in items {
+    segs.clear();
+    let mut mark = 0; // the start of what `out` holds that no segment covers yet
+    for (i, item) in items.iter().enumerate() {
         match item {
-            Item::One(p) => frame(out, p.as_bytes()),
-            Item::Batch(b, own) => {
-                for (tag, p) in b.iter() {
-                    if *tag == Some(*own) {
-                        continue;
-                    }
-                    frame(out, p.as_bytes());
-                    if out.len() >= WRITE_CHUNK {
-                        wr.write_all(out).await?;
-                        out.clear();
-                    }
+            Item::One(p) => {
+                frame(out, p.as_bytes());
+                if out.len() >= WRITE_CHUNK {
+                    segs.push(Seg {
+                        item: OUT,
+                        start: mark,
+                        end: out.len(),
+                    });
+                    write_segs(wr, out, segs, items).await?;
+                    out.clear();
+                    mark = 0;
                 }
             }
-        }
-        if out.len() >= WRITE_CHUNK {
-            wr.write_all(out).await?;
-            out.clear();
+            Item::Batch(b, own) => {
+                if out.len() > mark {
+                    segs.push(Seg {
+                        item: OUT,
+                        start: mark,
+                        end: out.len(),
+                    });
+                    mark = out.len();
+                }
+                b.framed_runs(*own, |run| {
+                    segs.push(Seg {
+                        item: i,
+                        start: run.start,
+                        end: run.end,
+                    });
+                });
+            }
         }
     }
     if ping {
         frame(out, b"2");
     }
-    if !out.is_empty() {
-        wr.write_all(out).await?;
-        out.clear();
+    if out.len() > mark {
+        segs.push(Seg {
+            item: OUT,
+            start: mark,
+            end: out.len(),
+        });
     }
+    write_segs(wr, out, segs, items).await?;
+    out.clear();
     wr.flush().await
+}
+
+/// Writes every segment, in order, in vectored writes; empties `segs`.
+async fn write_segs<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &[u8],
+    segs: &mut Vec<Seg>,
+    items: &VecDeque<Item>,
+) -> std::io::Result<()> {
+    let bytes = |s: &Seg| -> &[u8] {
+        match items.get(s.item) {
+            Some(Item::Batch(b, _)) => &b.framed_bytes()[s.start..s.end],
+            _ => &out[s.start..s.end],
+        }
+    };
+    for chunk in segs.chunks(MAX_IOV) {
+        let mut arr = [std::io::IoSlice::new(&[]); MAX_IOV];
+        for (slot, s) in arr.iter_mut().zip(chunk) {
+            *slot = std::io::IoSlice::new(bytes(s));
+        }
+        let mut bufs = &mut arr[..chunk.len()];
+        std::io::IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = wr.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut bufs, n);
+        }
+    }
+    segs.clear();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -571,6 +645,62 @@ mod tests {
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
     }
 
+    /// What the writer puts on the wire is every queued packet but the device's own,
+    /// framed, in order, whatever mix of single packets, shared batches (with the
+    /// device's own events between runs, more runs than one vectored write takes)
+    /// and catch-up pages larger than the writer's chunk.
+    #[tokio::test]
+    async fn the_writer_sends_every_packet_but_the_devices_own_in_order() {
+        let pkt = |i: usize| {
+            crate::link::str_of(crate::link::sio::event("event", &format!("{{\"i\":{i}}}")))
+        };
+        let me = Sid::new();
+        let other = Sid::new();
+        let mut items = VecDeque::new();
+        let mut want = Vec::new();
+        let mut n = 0;
+        let one = |items: &mut VecDeque<Item>, want: &mut Vec<u8>, n: &mut usize| {
+            let p = pkt(*n);
+            frame(want, p.as_bytes());
+            items.push_back(Item::One(p));
+            *n += 1;
+        };
+        one(&mut items, &mut want, &mut n);
+        // 300 packets, every third the device's own: 100 runs, more than MAX_IOV.
+        let mut b = Vec::new();
+        for i in 0..300 {
+            let p = pkt(n);
+            n += 1;
+            if i % 3 == 1 {
+                b.push((Some(me), p));
+            } else {
+                frame(&mut want, p.as_bytes());
+                b.push((if i % 3 == 0 { Some(other) } else { None }, p));
+            }
+        }
+        items.push_back(Item::Batch(Batch::new(b), me));
+        // A catch-up page larger than WRITE_CHUNK, then a batch all of others'.
+        for _ in 0..(2 * WRITE_CHUNK / 16) {
+            one(&mut items, &mut want, &mut n);
+        }
+        let p = pkt(n);
+        frame(&mut want, p.as_bytes());
+        items.push_back(Item::Batch(Batch::new(vec![(Some(other), p)]), me));
+        frame(&mut want, b"2");
+        let mut out = b"ctl".to_vec();
+        let mut wire: Vec<u8> = Vec::new();
+        let mut segs = Vec::new();
+        write_items(&mut wire, &mut out, &mut segs, &items, true)
+            .await
+            .unwrap();
+        assert_eq!(&wire[..3], b"ctl", "control replies first");
+        assert!(
+            wire[3..] == want[..],
+            "every packet but the device's own, in order"
+        );
+        assert!(out.is_empty() && segs.is_empty());
+    }
+
     #[test]
     fn control_replies_that_pile_up_end_the_connection() {
         let q = Queue::new(4);
@@ -621,7 +751,11 @@ mod tests {
         let mut sink = Vec::new();
         let mut out = b"pong".to_vec();
         let items = VecDeque::from([Item::One(pk("0")), Item::Batch(b, me)]);
-        assert!(write_items(&mut sink, &mut out, &items, true).await.is_ok());
+        assert!(
+            write_items(&mut sink, &mut out, &mut Vec::new(), &items, true)
+                .await
+                .is_ok()
+        );
         assert!(out.is_empty());
         assert_eq!(
             sink,
