@@ -205,8 +205,10 @@ struct Checkpointer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How often the checkpointer looks at the WAL.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the checkpointer looks at the WAL. Small, frequent checkpoints disturb the
+/// writer's fsync less than large ones (ack p99 at 1,000 ev/s 1.26-1.48 ms against
+/// 1.49-2.16 ms at 500 ms; 5 s was worse still).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Checkpointer {
     fn start(path: &std::path::Path, stats: Arc<LogStats>, retention: Retention) -> Self {

@@ -622,6 +622,7 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
     let n = if a.quick { 10 } else { a.devices };
     let t0 = Instant::now();
     let allocs0 = hub.metric("poshub_heap_allocations_total").await;
+    let commits0 = hub.metric("poshub_commit_batch_events_count").await;
     let cpu0 = hub.cpu_us();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -656,6 +657,7 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
     let secs = start.elapsed().as_secs_f64();
     let cpu = hub.cpu_us() - cpu0;
     let allocs1 = hub.metric("poshub_heap_allocations_total").await;
+    let commits1 = hub.metric("poshub_commit_batch_events_count").await;
     let eps = total.acked as f64 / secs;
     let cpu_per = cpu as f64 / total.acked.max(1) as f64;
     report.push((
@@ -672,6 +674,13 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
                 n - 1
             ),
             format!("{:.1}", (a1 - a0) / total.acked.max(1) as f64),
+        ));
+    }
+    if let (Some(c0), Some(c1)) = (commits0, commits1) {
+        let commits = (c1 - c0).max(1.0);
+        report.push((
+            "commits/s (one fsync each) / events per commit".into(),
+            format!("{:.0} / {:.1}", commits / secs, total.acked as f64 / commits),
         ));
     }
     report.push((
