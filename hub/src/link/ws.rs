@@ -481,6 +481,20 @@ struct Seg {
 
 const OUT: usize = usize::MAX;
 
+impl Seg {
+    /// Covers what `out` gained since `mark` (if anything) with a segment.
+    fn push_out(segs: &mut Vec<Seg>, mark: &mut usize, out_len: usize) {
+        if out_len > *mark {
+            segs.push(Seg {
+                item: OUT,
+                start: *mark,
+                end: out_len,
+            });
+            *mark = out_len;
+        }
+    }
+}
+
 /// Writes what `out` holds (whole frames: control replies), then `items` and a
 /// ping, then flushes. Single packets are framed into `out`; a shared batch's
 /// frames, made once for every socket, are written straight from its bytes (the
@@ -501,25 +515,14 @@ async fn write_items<W: AsyncWrite + Unpin>(
             Item::One(p) => {
                 frame(out, p.as_bytes());
                 if out.len() >= WRITE_CHUNK {
-                    segs.push(Seg {
-                        item: OUT,
-                        start: mark,
-                        end: out.len(),
-                    });
+                    Seg::push_out(segs, &mut mark, out.len());
                     write_segs(wr, out, segs, items).await?;
                     out.clear();
                     mark = 0;
                 }
             }
             Item::Batch(b, own) => {
-                if out.len() > mark {
-                    segs.push(Seg {
-                        item: OUT,
-                        start: mark,
-                        end: out.len(),
-                    });
-                    mark = out.len();
-                }
+                Seg::push_out(segs, &mut mark, out.len());
                 b.framed_runs(*own, |run| {
                     segs.push(Seg {
                         item: i,
@@ -533,13 +536,7 @@ async fn write_items<W: AsyncWrite + Unpin>(
     if ping {
         frame(out, b"2");
     }
-    if out.len() > mark {
-        segs.push(Seg {
-            item: OUT,
-            start: mark,
-            end: out.len(),
-        });
-    }
+    Seg::push_out(segs, &mut mark, out.len());
     write_segs(wr, out, segs, items).await?;
     out.clear();
     wr.flush().await

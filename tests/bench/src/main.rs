@@ -680,7 +680,11 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
         let commits = (c1 - c0).max(1.0);
         report.push((
             "commits/s (one fsync each) / events per commit".into(),
-            format!("{:.0} / {:.1}", commits / secs, total.acked as f64 / commits),
+            format!(
+                "{:.0} / {:.1}",
+                commits / secs,
+                total.acked as f64 / commits
+            ),
         ));
     }
     report.push((
