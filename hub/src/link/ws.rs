@@ -6,9 +6,10 @@
 //! Our own code instead of engineioxide's WebSocket transport: engineioxide copies
 //! every packet into a new string per socket and hands packets one by one through a
 //! channel. Here a commit's whole fan-out goes into a socket's queue as ONE shared
-//! [`Batch`] (one reference count per socket, not one per event), its writer wakes
-//! once, frames every packet into one buffer and hands it to the stream in one
-//! write (one run of TLS records, one syscall). Reading, with its control
+//! [`Batch`] (one reference count per socket, not one per event), framed as WebSocket
+//! frames once for every socket; its writer wakes once and hands the runs of those
+//! shared bytes that are not the device's own to the stream in vectored writes (one
+//! run of TLS records and one syscall each, no copy of ours). Reading, with its control
 //! frames, is tungstenite's; writing is ours, because server frames are only a
 //! length header before the bytes (RFC 6455 5.2, never masked), and tungstenite's
 //! Sink costs a lock and a frame object per message.
