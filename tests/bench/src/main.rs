@@ -430,31 +430,27 @@ async fn next_frame_on(
     // A frame already read (the common case under load) is taken without reading
     // the clock or touching the timer: two clock reads per frame had been a tenth
     // of the load generator's CPU.
-    if let Some(m) = futures_util::FutureExt::now_or_never(ws.next()) {
-        let f = match m {
-            None | Some(Err(_)) => return Frame::Closed,
-            Some(Ok(m)) => sort_frame(m),
-        };
-        if let Frame::Ping = f {
-            let _ = ws.send(Message::text("3")).await;
+    let m = match futures_util::FutureExt::now_or_never(ws.next()) {
+        Some(m) => m,
+        None => {
+            let due = tokio::time::Instant::now() + wait;
+            if armed.is_none_or(|a| a > due + Duration::from_micros(200)) {
+                timer.as_mut().reset(due);
+                *armed = Some(due);
+            }
+            tokio::select! {
+                biased;
+                m = ws.next() => m,
+                _ = timer.as_mut() => {
+                    *armed = None;
+                    return Frame::Idle;
+                }
+            }
         }
-        return f;
-    }
-    let due = tokio::time::Instant::now() + wait;
-    if armed.is_none_or(|a| a > due + Duration::from_micros(200)) {
-        timer.as_mut().reset(due);
-        *armed = Some(due);
-    }
-    let f = tokio::select! {
-        biased;
-        m = ws.next() => match m {
-            None | Some(Err(_)) => return Frame::Closed,
-            Some(Ok(m)) => sort_frame(m),
-        },
-        _ = timer.as_mut() => {
-            *armed = None;
-            return Frame::Idle;
-        }
+    };
+    let f = match m {
+        None | Some(Err(_)) => return Frame::Closed,
+        Some(Ok(m)) => sort_frame(m),
     };
     if let Frame::Ping = f {
         let _ = ws.send(Message::text("3")).await;
