@@ -20,7 +20,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 mod nats;
+mod rawws;
 mod soak;
+
+use rawws::{In, RawWs};
 
 #[derive(Parser, Clone)]
 #[command(about = "Load generator for pos-hub")]
@@ -416,48 +419,6 @@ async fn next_frame(
     f
 }
 
-/// [`next_frame`] for a device that reads and writes in one task: no split (and
-/// its lock per frame), and one timer re-armed only when it must fire sooner
-/// (waking early is harmless: the caller just looks again). The load generator
-/// shares the hub's cores, so every microsecond it spends per frame is taken from
-/// the hub being measured.
-async fn next_frame_on(
-    ws: &mut Ws,
-    timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
-    armed: &mut Option<tokio::time::Instant>,
-    wait: Duration,
-) -> Frame {
-    // A frame already read (the common case under load) is taken without reading
-    // the clock or touching the timer: two clock reads per frame had been a tenth
-    // of the load generator's CPU.
-    let m = match futures_util::FutureExt::now_or_never(ws.next()) {
-        Some(m) => m,
-        None => {
-            let due = tokio::time::Instant::now() + wait;
-            if armed.is_none_or(|a| a > due + Duration::from_micros(200)) {
-                timer.as_mut().reset(due);
-                *armed = Some(due);
-            }
-            tokio::select! {
-                biased;
-                m = ws.next() => m,
-                _ = timer.as_mut() => {
-                    *armed = None;
-                    return Frame::Idle;
-                }
-            }
-        }
-    };
-    let f = match m {
-        None | Some(Err(_)) => return Frame::Closed,
-        Some(Ok(m)) => sort_frame(m),
-    };
-    if let Frame::Ping = f {
-        let _ = ws.send(Message::text("3")).await;
-    }
-    f
-}
-
 /// Sorts one message of the hub.
 fn sort_frame(m: Message) -> Frame {
     let Message::Text(t) = m else {
@@ -479,6 +440,135 @@ fn sort_frame(m: Message) -> Frame {
     } else {
         Frame::Other
     }
+}
+
+/// [`connect`] with the generator's own client ([`RawWs`]), for devices that carry load.
+async fn connect_raw(port: u16, token: &str) -> RawWs {
+    let host = format!("localhost:{port}");
+    let mut ws = tokio::time::timeout(Duration::from_secs(20), async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        RawWs::open(
+            tcp,
+            tls_for(port),
+            &host,
+            "/socket.io/?EIO=4&transport=websocket",
+        )
+        .await
+    })
+    .await
+    .expect("connect timeout")
+    .expect("connect");
+    let auth = format!("40{{\"token\":\"{token}\"}}");
+    let mut sent_auth = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = match ws.buffered().expect("a WebSocket frame") {
+            Some(In::Text(r)) => r,
+            Some(In::Closed) => panic!("connection closed during handshake"),
+            None => {
+                let n = tokio::time::timeout_at(deadline.into(), ws.read_more())
+                    .await
+                    .expect("handshake timeout")
+                    .expect("read");
+                assert!(n > 0, "connection closed during handshake");
+                continue;
+            }
+        };
+        let t = ws.bytes(r);
+        if t.starts_with(b"44") {
+            panic!("refused: {}", String::from_utf8_lossy(t));
+        } else if t.starts_with(b"42[\"synced\",") {
+            return ws;
+        } else if t.starts_with(b"0") && !sent_auth {
+            ws.text(auth.as_bytes());
+            sent_auth = true;
+        } else if t == b"2" {
+            ws.text(b"3");
+        } else {
+            continue;
+        }
+        ws.flush().await.expect("send");
+    }
+}
+
+/// What a device on [`RawWs`] reads next: [`Frame`] with ranges of `ws.bytes`
+/// (valid until its next read) instead of owned frames.
+enum Got {
+    Idle,
+    Closed,
+    Ack(u64, std::ops::Range<usize>),
+    Event(std::ops::Range<usize>),
+    Other,
+}
+
+/// Waits up to `wait` for the next frame on `ws` and sorts it; answers pings. For a
+/// device that reads and writes in one task: one timer re-armed only when it must fire
+/// sooner (waking early is harmless: the caller just looks again), and a frame already
+/// read is sorted in place, with no clock read, timer, allocation or copy. The load
+/// generator shares the hub's cores, so every microsecond it spends per frame is taken
+/// from the hub being measured.
+async fn next_frame_raw(
+    ws: &mut RawWs,
+    timer: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    armed: &mut Option<tokio::time::Instant>,
+    wait: Duration,
+) -> Got {
+    loop {
+        match ws.buffered() {
+            Err(_) | Ok(Some(In::Closed)) => return Got::Closed,
+            Ok(Some(In::Text(r))) => {
+                let t = ws.bytes(r.clone());
+                if let Some(rest) = t.strip_prefix(b"43") {
+                    let id = rest
+                        .iter()
+                        .take_while(|c| c.is_ascii_digit())
+                        .try_fold(0u64, |n, c| {
+                            n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+                        })
+                        .unwrap_or(u64::MAX);
+                    return Got::Ack(id, r);
+                } else if t.starts_with(b"42[\"event\"") {
+                    return Got::Event(r);
+                } else if t == b"2" {
+                    ws.text(b"3");
+                    if ws.flush().await.is_err() {
+                        return Got::Closed;
+                    }
+                }
+                return Got::Other;
+            }
+            Ok(None) => {}
+        }
+        let read = match futures_util::FutureExt::now_or_never(ws.read_more()) {
+            Some(r) => r,
+            None => {
+                let due = tokio::time::Instant::now() + wait;
+                if armed.is_none_or(|a| a > due + Duration::from_micros(200)) {
+                    timer.as_mut().reset(due);
+                    *armed = Some(due);
+                }
+                tokio::select! {
+                    biased;
+                    r = ws.read_more() => r,
+                    _ = timer.as_mut() => {
+                        *armed = None;
+                        return Got::Idle;
+                    }
+                }
+            }
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            return Got::Closed;
+        }
+    }
+}
+
+/// [`num_after`] on bytes.
+fn num_after_b(s: &[u8], key: &[u8]) -> Option<u64> {
+    let i = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let d = &s[i..];
+    let n = d.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&d[..n]).ok()?.parse().ok()
 }
 
 fn num_after(s: &str, key: &str) -> Option<u64> {
@@ -523,7 +613,7 @@ async fn run_device(
     t0: Instant,
     run: u64,
 ) -> DevResult {
-    let (mut ws, _, _) = connect(port, &token, None).await;
+    let mut ws = connect_raw(port, &token).await;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let mut armed = None;
@@ -560,9 +650,7 @@ async fn run_device(
             let f = event_frame(r.sent, &id, t0.elapsed().as_nanos(), &pad);
             sent_at.insert(r.sent, Instant::now());
             r.sent += 1;
-            if ws.feed(Message::text(f)).await.is_err() {
-                return r;
-            }
+            ws.text(f.as_bytes());
             fed = true;
             if let Some(rate) = rate {
                 next_send += Duration::from_secs_f64(1.0 / rate);
@@ -577,19 +665,19 @@ async fn run_device(
             Duration::from_millis(200)
         };
         let wait = wait.max(Duration::from_micros(50));
-        let f = next_frame_on(&mut ws, &mut timer, &mut armed, wait).await;
+        let f = next_frame_raw(&mut ws, &mut timer, &mut armed, wait).await;
         frames += 1;
-        if frames >= 64 || !matches!(f, Frame::Event(_)) || rate.is_some() {
+        if frames >= 64 || !matches!(f, Got::Event(_)) || rate.is_some() {
             now = Instant::now();
             frames = 0;
         }
         match f {
-            Frame::Closed => break,
-            Frame::Ack(id, ack) => {
+            Got::Closed => break,
+            Got::Ack(id, ack) => {
                 if let Some(at) = sent_at.remove(&id) {
                     r.lat_ms.push(at.elapsed().as_secs_f64() * 1000.0);
                     r.acked += 1;
-                    if let Some(seq) = num_after(&ack, "\"seq\":") {
+                    if let Some(seq) = num_after_b(ws.bytes(ack), b"\"seq\":") {
                         if seq <= last_seq {
                             r.inversions += 1;
                         }
@@ -597,11 +685,11 @@ async fn run_device(
                     }
                 }
             }
-            Frame::Event(_) => r.fanout_in += 1,
-            Frame::Idle | Frame::Ping | Frame::Other => {}
+            Got::Event(_) => r.fanout_in += 1,
+            Got::Idle | Got::Other => {}
         }
     }
-    let _ = ws.close(None).await;
+    ws.close().await;
     r
 }
 
@@ -731,34 +819,32 @@ async fn fanout(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, fi
     let sender_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
     for d in 0..n - 1 {
-        let (ws, _, _) = connect(hub.port, &hub.token(&format!("kds-{d}")), None).await;
+        let mut ws = connect_raw(hub.port, &hub.token(&format!("kds-{d}"))).await;
         let samples = samples.clone();
         let got = got.clone();
         let sender_done = sender_done.clone();
         readers.push(tokio::spawn(async move {
-            let (mut tx, mut rx) = ws.split();
+            let timer = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(timer);
+            let mut armed = None;
             // Until the sender is done and then 3 s of quiet: connecting 199 devices
             // over TLS to a slow hub can take longer than any fixed idle timeout.
             loop {
-                let t = match tokio::time::timeout(Duration::from_secs(3), rx.next()).await {
-                    Err(_) if sender_done.load(Ordering::Relaxed) => break,
-                    Err(_) => continue,
-                    Ok(Some(Ok(Message::Text(t)))) => t,
-                    Ok(Some(Ok(_))) => continue,
-                    Ok(_) => break,
-                };
-                let t = t.as_str();
-                if t.starts_with("42[\"event\"") {
-                    if let Some(sent) = num_after(t, "\"t\":") {
-                        let now = t0.elapsed().as_nanos() as u64;
-                        samples
-                            .lock()
-                            .unwrap()
-                            .push((now.saturating_sub(sent)) as f64 / 1e6);
-                        got.fetch_add(1, Ordering::Relaxed);
+                let wait = Duration::from_secs(3);
+                match next_frame_raw(&mut ws, &mut timer, &mut armed, wait).await {
+                    Got::Idle if sender_done.load(Ordering::Relaxed) => break,
+                    Got::Closed => break,
+                    Got::Event(r) => {
+                        if let Some(sent) = num_after_b(ws.bytes(r), b"\"t\":") {
+                            let now = t0.elapsed().as_nanos() as u64;
+                            samples
+                                .lock()
+                                .unwrap()
+                                .push((now.saturating_sub(sent)) as f64 / 1e6);
+                            got.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                } else if t == "2" {
-                    let _ = tx.send(Message::text("3")).await;
+                    Got::Idle | Got::Ack(..) | Got::Other => {}
                 }
             }
         }));
