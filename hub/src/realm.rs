@@ -112,36 +112,47 @@ impl AckReply {
 
 impl Reply for AckReply {
     fn one(self, o: &Outcome) {
-        match self {
-            AckReply::Socket { sock, id, at } => {
-                let mut out = String::with_capacity(64);
-                sio::ack_start(&mut out, id);
-                push_outcome(&mut out, o);
-                sio::ack_end(&mut out);
-                link::send_or_cut(&sock, link::str_of(out));
-                crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
-            }
-            AckReply::Channel(tx) => {
-                let _ = tx.send(vec![o.clone()]);
-            }
-            AckReply::None => {}
-        }
+        self.answer(std::slice::from_ref(o), false);
     }
     fn many(self, os: &[Outcome]) {
+        self.answer(os, true);
+    }
+}
+
+thread_local! {
+    /// Where acks are written before they are copied into a packet of their exact
+    /// size: one allocation per ack (see [`link::str_copy`]).
+    static ACK_SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl AckReply {
+    /// Acks `os`: one event's outcome, or (`many`) a batch's.
+    fn answer(self, os: &[Outcome], many: bool) {
         match self {
             AckReply::Socket { sock, id, at } => {
-                let mut out = String::with_capacity(32 + 48 * os.len());
-                sio::ack_start(&mut out, id);
-                out.push_str("{\"ok\":true,\"results\":[");
-                for (i, o) in os.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
+                let packet = ACK_SCRATCH.with_borrow_mut(|out| {
+                    out.clear();
+                    sio::ack_start(out, id);
+                    if many {
+                        out.push_str("{\"ok\":true,\"results\":[");
+                        for (i, o) in os.iter().enumerate() {
+                            if i > 0 {
+                                out.push(',');
+                            }
+                            push_outcome(out, o);
+                        }
+                        out.push_str("]}");
+                    } else if let Some(o) = os.first() {
+                        push_outcome(out, o);
                     }
-                    push_outcome(&mut out, o);
-                }
-                out.push_str("]}");
-                sio::ack_end(&mut out);
-                link::send_or_cut(&sock, link::str_of(out));
+                    sio::ack_end(out);
+                    let packet = link::str_copy(out);
+                    if out.capacity() > 64 << 10 {
+                        *out = String::new(); // a huge batch's ack is not kept
+                    }
+                    packet
+                });
+                link::send_or_cut(&sock, packet);
                 crate::metrics::ACK_LATENCY.observe_duration(at.elapsed());
             }
             AckReply::Channel(tx) => {
@@ -629,29 +640,38 @@ impl FanOut {
     fn batch(&mut self, batch: Vec<Committed<Tag>>) {
         // Encode each event once, as the whole Socket.IO packet; every socket gets
         // the same bytes.
-        let packets = link::Batch::new(
+        let mut buf = String::with_capacity(
             batch
                 .iter()
                 .map(|c| {
                     let e = &c.event;
-                    let mut out = String::with_capacity(
-                        112 + e.id().len() + e.typ().len() + e.payload().len() + c.device.len(),
-                    );
-                    sio::event_start(&mut out, "event");
-                    encode_stored_into(
-                        &mut out,
-                        c.seq,
-                        e.id(),
-                        e.typ(),
-                        e.payload(),
-                        &c.device,
-                        e.ts(),
-                        c.hub_ts,
-                        c.origin,
-                    );
-                    sio::event_end(&mut out);
-                    (c.tag, link::str_of(out))
+                    112 + e.id().len() + e.typ().len() + e.payload().len() + c.device.len()
                 })
+                .sum(),
+        );
+        let mut ends = Vec::with_capacity(batch.len());
+        for c in &batch {
+            let e = &c.event;
+            sio::event_start(&mut buf, "event");
+            encode_stored_into(
+                &mut buf,
+                c.seq,
+                e.id(),
+                e.typ(),
+                e.payload(),
+                &c.device,
+                e.ts(),
+                c.hub_ts,
+                c.origin,
+            );
+            sio::event_end(&mut buf);
+            ends.push(buf.len());
+        }
+        let packets = link::Batch::new(
+            batch
+                .iter()
+                .map(|c| c.tag)
+                .zip(link::strs_of(buf, &ends))
                 .collect(),
         );
         // Socket by socket, the whole batch at once, shared: its writer wakes once

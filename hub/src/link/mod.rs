@@ -338,10 +338,7 @@ pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
             s.reserve().map_err(map)?.emit(msg.sio());
             Ok(())
         }
-        Out::Ws(q) => q
-            .push_all(std::iter::once(&msg), usize::MAX)
-            .map(|_| ())
-            .map_err(|(_, e)| e),
+        Out::Ws(q) => q.push_one(msg),
     }
 }
 
@@ -442,6 +439,36 @@ pub fn cut(s: &Socket, why: Why) {
         _ => DisconnectReason::TransportError,
     };
     s.close(reason);
+}
+
+/// A packet copied into an allocation of its exact size: one allocation, where
+/// [`str_of`] of a `String` with spare capacity makes two (`Bytes` boxes its
+/// bookkeeping beside a buffer it cannot take whole).
+pub fn str_copy(s: &str) -> Packet {
+    debug_assert!(
+        s.starts_with('4') && s.len() > 1,
+        "not an Engine.IO message: {s:?}"
+    );
+    Packet(Str::copy_from_slice(s))
+}
+
+/// Packets cut from one buffer that holds them back to back, `ends[i]` being where
+/// packet `i` ends: a commit's whole fan-out in one allocation, each packet a
+/// reference to its part.
+pub fn strs_of(s: String, ends: &[usize]) -> Vec<Packet> {
+    let all = Str::from(s);
+    let mut start = 0;
+    ends.iter()
+        .map(|&end| {
+            let p = Packet(all.slice(start..end));
+            debug_assert!(
+                p.as_bytes().first() == Some(&b'4') && end - start > 1,
+                "not an Engine.IO message"
+            );
+            start = end;
+            p
+        })
+        .collect()
 }
 
 /// Builds a [`Packet`] from an encoded one (no copy): `4` and a Socket.IO packet,

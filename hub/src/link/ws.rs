@@ -132,6 +132,23 @@ impl Queue {
         }
     }
 
+    /// Queues one packet, taking it (no reference count to add: a packet made for
+    /// one socket, like an ack, stays a buffer of its own); wakes the writer.
+    pub fn push_one(&self, msg: Packet) -> Result<(), SendError> {
+        let mut st = self.st.lock();
+        if st.closing.is_some() {
+            return Err(SendError::Closed);
+        }
+        if st.len >= self.cap {
+            return Err(SendError::Full);
+        }
+        st.q.push_back(Item::One(msg));
+        st.len += 1;
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Queues a shared batch, all of it or (if it does not fit) nothing; `own` is
     /// the device's id, whose own events it skips (and does not count).
     pub fn push_batch(&self, b: &Batch, own: Sid) -> Result<(), SendError> {
@@ -638,9 +655,13 @@ mod tests {
         assert_eq!(q2.push_batch(&mixed, me), Ok(()));
         assert_eq!(q2.st.lock().len, 1);
         assert_eq!(q2.push_batch(&mixed, me), Err(SendError::Full));
+        let q3 = Queue::new(1);
+        assert_eq!(q3.push_one(p.clone()), Ok(()));
+        assert_eq!(q3.push_one(p.clone()), Err(SendError::Full));
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
+        assert_eq!(q.push_one(p.clone()), Err(SendError::Closed));
     }
 
     /// What the writer puts on the wire is every queued packet but the device's own,

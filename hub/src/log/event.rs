@@ -90,14 +90,20 @@ impl EventError {
 #[derive(Deserialize)]
 struct EventIn<'a> {
     #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
+    id: Option<Text<'a>>,
     #[serde(rename = "type", borrow)]
-    typ: Option<Cow<'a, str>>,
+    typ: Option<Text<'a>>,
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     ts: Option<&'a RawValue>,
 }
+
+/// A JSON string, borrowed from the packet unless it has escapes. serde borrows a
+/// `Cow` only when it is the field's whole type: an `Option<Cow>` always allocated
+/// (two allocations per event, for id and type).
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Keeps an explicit `null` as `Some("null")` (only an absent field is `None`).
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -249,8 +255,11 @@ impl NewEvent {
             return Err(EventError::Invalid);
         }
         let e: EventIn = serde_json::from_str(raw).map_err(|_| EventError::Invalid)?;
-        let id = e.id.filter(|i| valid_id(i)).ok_or(EventError::BadId)?;
-        let typ = e.typ.ok_or(EventError::BadType)?;
+        let id =
+            e.id.map(|t| t.0)
+                .filter(|i| valid_id(i))
+                .ok_or(EventError::BadId)?;
+        let typ = e.typ.map(|t| t.0).ok_or(EventError::BadType)?;
         let payload = e.payload.ok_or(EventError::MissingPayload)?;
         Self::new(&id, &typ, payload.get(), e.ts.map(|t| t.get()))
     }
@@ -383,6 +392,23 @@ pub fn encode_stored_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_id_and_type_are_read_too() {
+        // Borrowed from the packet when plain, decoded into a copy when escaped.
+        let e = NewEvent::from_json(r#"{"id":"a\u002db","type":"x\"y","payload":1}"#).unwrap();
+        assert_eq!((e.id(), e.typ(), e.payload()), ("a-b", "x\"y", "1"));
+        let e = NewEvent::from_json(r#"{"id":"a-b","type":"t","payload":[]}"#).unwrap();
+        assert_eq!((e.id(), e.typ(), e.payload()), ("a-b", "t", "[]"));
+        assert_eq!(
+            NewEvent::from_json(r#"{"id":"a\u0020b","type":"t","payload":1}"#),
+            Err(EventError::BadId)
+        );
+        assert_eq!(
+            NewEvent::from_json(r#"{"id":7,"type":"t","payload":1}"#),
+            Err(EventError::Invalid)
+        );
+    }
 
     #[test]
     fn parses_and_checks() {
