@@ -425,14 +425,7 @@ fn sort_frame(m: Message) -> Frame {
         return Frame::Idle;
     };
     if let Some(rest) = t.strip_prefix("43") {
-        let id = rest
-            .bytes()
-            .take_while(|c| c.is_ascii_digit())
-            .try_fold(0u64, |n, c| {
-                n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-            })
-            .unwrap_or(u64::MAX);
-        Frame::Ack(id, t)
+        Frame::Ack(ack_id(rest.as_bytes()), t)
     } else if t.starts_with("42[\"event\"") {
         Frame::Event(t)
     } else if t == "2" {
@@ -519,14 +512,7 @@ async fn next_frame_raw(
             Ok(Some(In::Text(r))) => {
                 let t = ws.bytes(r.clone());
                 if let Some(rest) = t.strip_prefix(b"43") {
-                    let id = rest
-                        .iter()
-                        .take_while(|c| c.is_ascii_digit())
-                        .try_fold(0u64, |n, c| {
-                            n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-                        })
-                        .unwrap_or(u64::MAX);
-                    return Got::Ack(id, r);
+                    return Got::Ack(ack_id(rest), r);
                 } else if t.starts_with(b"42[\"event\"") {
                     return Got::Event(r);
                 } else if t == b"2" {
@@ -561,6 +547,16 @@ async fn next_frame_raw(
             return Got::Closed;
         }
     }
+}
+
+/// The ack id at the start of what follows `43` (`u64::MAX` if it has none).
+fn ack_id(rest: &[u8]) -> u64 {
+    rest.iter()
+        .take_while(|c| c.is_ascii_digit())
+        .try_fold(0u64, |n, c| {
+            n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// [`num_after`] on bytes.
