@@ -387,9 +387,18 @@ pub fn try_send_paced<'a>(
 pub fn try_send_batch(s: &Socket, b: &Batch) -> Result<(), SendError> {
     let own = Some(s.id);
     match &s.out {
-        Out::Eio(_) => try_send_all(s, b.iter().filter(|(t, _)| *t != own).map(|(_, p)| p))
-            .map(|_| ())
-            .map_err(|(_, e)| e),
+        Out::Eio(_) => {
+            // Copies: engineioxide keeps each packet until a poll takes it, and a slice
+            // would keep the commit's whole buffer ([`strs_of`]) for as long.
+            let copies: Vec<Packet> = b
+                .iter()
+                .filter(|(t, _)| *t != own)
+                .map(|(_, p)| Packet(Str::copy_from_slice(p.0.as_str())))
+                .collect();
+            try_send_all(s, copies.iter())
+                .map(|_| ())
+                .map_err(|(_, e)| e)
+        }
         Out::Ws(q) => q.push_batch(b, s.id),
     }
 }
