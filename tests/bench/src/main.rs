@@ -568,9 +568,7 @@ fn num_after_b(s: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 fn num_after(s: &str, key: &str) -> Option<u64> {
-    let i = s.find(key)? + key.len();
-    let digits: String = s[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
+    num_after_b(s.as_bytes(), key.as_bytes())
 }
 
 fn event_frame(ack: u64, id: &str, t_ns: u128, pad: &str) -> String {

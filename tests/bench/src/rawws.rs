@@ -18,6 +18,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 const BUF: usize = 64 << 10;
 /// Read only into at least this much free space (else move the unread bytes first).
 const MIN_READ: usize = 16 << 10;
+/// The largest frame taken (both hubs send a catch-up page of 1,000 events at most).
+const MAX_FRAME: usize = 16 << 20;
 
 /// One server frame, as a range of [`RawWs::bytes`].
 pub enum In {
@@ -123,6 +125,9 @@ impl RawWs {
                 126 | 127 => return Ok(None),
                 n => (2, n as usize),
             };
+            if len > MAX_FRAME {
+                return Err(bad("a frame larger than 16 MiB"));
+            }
             if b.len() < head + len {
                 return Ok(None);
             }
@@ -209,6 +214,32 @@ impl RawWs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame claiming a gigabyte is refused, not waited for with a growing buffer.
+    #[tokio::test]
+    async fn a_huge_frame_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+            head.extend_from_slice(&[0x81, 127, 0, 0, 0, 0, 0x40, 0, 0, 0]);
+            s.write_all(&head).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut ws = RawWs::open(tcp, None, "x", "/").await.unwrap();
+        loop {
+            match ws.buffered() {
+                Err(e) => break assert!(e.to_string().contains("16 MiB"), "{e}"),
+                Ok(Some(_)) => panic!("a frame from nothing"),
+                Ok(None) => assert!(ws.read_more().await.unwrap() > 0),
+            }
+        }
+    }
 
     /// Against a real server: tungstenite's, which unmasks with the client's key and
     /// checks the frames.
