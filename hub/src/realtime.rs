@@ -83,7 +83,11 @@ impl std::fmt::Debug for Hub {
 }
 
 /// Builds the Engine.IO layer for `/socket.io/` and the handle to stop it.
-pub fn build(gate: Arc<Gate>, socket_buffer: usize) -> (EngineIoLayer<Hub>, Hub) {
+pub fn build(
+    gate: Arc<Gate>,
+    socket_buffer: usize,
+    socket_buffer_bytes: usize,
+) -> (EngineIoLayer<Hub>, Hub) {
     let config = EngineIoConfig::builder()
         .req_path("/socket.io")
         .max_buffer_size(socket_buffer + link::HEADROOM)
@@ -102,6 +106,7 @@ pub fn build(gate: Arc<Gate>, socket_buffer: usize) -> (EngineIoLayer<Hub>, Hub)
             stopping: AtomicBool::new(false),
             limits: ws::Limits {
                 queue: socket_buffer,
+                queue_bytes: socket_buffer_bytes,
                 max_message: MAX_MESSAGE,
                 read_buffer: WS_READ_BUFFER,
                 ping_interval: PING_INTERVAL,

@@ -231,7 +231,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         grace_secs: cfg.token_offline_grace.as_secs() as i64,
         clock: clock.clone(),
     });
-    let (layer, io) = realtime::build(gate, cfg.socket_buffer);
+    let (layer, io) = realtime::build(gate, cfg.socket_buffer, cfg.socket_buffer_bytes);
     let tls = if cfg.tls {
         let dir = cfg.data_dir.clone();
         let extra = cfg.tls_extra_names.clone();

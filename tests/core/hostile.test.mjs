@@ -268,3 +268,58 @@ test("a device that stops reading is cut for real (TCP gone, state dropped, one 
     lazy.terminate(); flood.terminate(); good.close();
   } finally { assert.equal(await hub.stop(), 0); }
 });
+
+const rssKiB = (pid) => Number(/VmHWM:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1]);
+
+// A device that stops reading while large events flow, and itself writes most of every
+// commit: its queue holds few packets (its own events are skipped) yet each queued commit is
+// kept whole. The queue's packet count (SOCKET_BUFFER) would let it keep up to 32,768
+// commits until `write_stalled` after 20 s; the byte limit (SOCKET_BUFFER_MIB) cuts it as
+// soon as what the hub holds for it passes the limit.
+test("a non-reading device is cut by the bytes the hub holds for it, not left holding large commits", { timeout: 180000 }, async () => {
+  const hub = await startTlsHub({ SOCKET_BUFFER_MIB: "4" });
+  const big = (id) => ev(id, { n: 1, note: "x".repeat(16000) });
+  try {
+    const good = device(hub, "good");
+    await good.ready;
+    let acks = 0, writing = true;
+    const failures = [];
+    const writer = (async () => {
+      for (let i = 0; writing && failures.length === 0; i++) {
+        try {
+          const a = await good.timeout(10000).emitWithAck("event", ev(`good-${i}`));
+          if (a.ok) acks++; else failures.push(JSON.stringify(a));
+        } catch (e) { failures.push(String(e)); }
+        await sleep(20);
+      }
+    })();
+    const hog = raw(hub); await hog.opened;
+    hog.send(`40${JSON.stringify({ token: mint(hub, "hog") })}`);
+    await sleep(200); hog._socket.pause();
+    const t0 = Date.now();
+    // Large events from another device first (they fill the hog's socket buffers), then the
+    // hog's own, pipelined: 2,000 of 16 KB, with the good device's small ones between them.
+    const busy = device(hub, "busy");
+    await busy.ready;
+    for (let b = 0; b < 20; b++) await busy.timeout(20000).emitWithAck("events", Array.from({ length: 50 }, (_, i) => big(`busy-${b}-${i}`)));
+    for (let i = 0; i < 2000; i++) hog.send(`42${i}${JSON.stringify(["event", big(`hog-${i}`)])}`);
+    const port = hog._socket.localPort;
+    let gone = false;
+    while (!gone && Date.now() - t0 < 40000) {
+      await sleep(100);
+      gone = /device=hog .*device disconnected|device disconnected.*device=hog/.test(hub.log()) && established(hub.port, [port]).length === 0;
+    }
+    const secs = (Date.now() - t0) / 1000;
+    const line = hub.log().split("\n").filter((l) => l.includes("device=hog") && l.includes("device disconnected"));
+    console.log(`# the hog was cut after ${secs.toFixed(1)} s: ${line[0] ?? "(no line)"}; hub peak RSS ${rssKiB(hub.child.pid)} KiB`);
+    assert.ok(gone, "the hog is cut and its TCP connection gone");
+    assert.equal(line.length, 1, "one log line for it");
+    assert.match(line[0], /reason=queue_full/, "cut for what the hub held for it, not after the 20 s write stall");
+    await sleep(500);
+    writing = false; await writer;
+    assert.deepEqual(failures, [], "every ack of the good device arrived and was ok");
+    assert.ok(acks > 10, `the good device kept writing (${acks} acks)`);
+    assert.equal(good.drops + busy.drops, 0, "the readers were never disconnected");
+    hog.terminate(); good.close(); busy.close();
+  } finally { assert.equal(await hub.stop(), 0); }
+});

@@ -102,6 +102,10 @@ pub struct Config {
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
+    /// SOCKET_BUFFER_MIB: what the hub may hold for one WebSocket device, in bytes
+    /// (queued or being written, a shared commit counted whole); past it the device
+    /// is cut like one whose queue is full.
+    pub socket_buffer_bytes: usize,
     /// The cloud bridge's knobs (CLOUD_TIMEOUT, CLOUD_PUSH_BATCH, ...), for every realm.
     pub bridge: Tuning,
     /// LOG_RETENTION: events older than this (and pushed, when a cloud is configured)
@@ -222,7 +226,6 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// An on/off setting (`on|off|true|false|yes|no|1|0`); anything else is an error.
 /// A whole number from `min` to `max`, `default` when unset.
 pub(crate) fn number(
     s: &Settings,
@@ -241,6 +244,7 @@ pub(crate) fn number(
     }
 }
 
+/// An on/off setting (`on|off|true|false|yes|no|1|0`); anything else is an error.
 fn switch(s: &Settings, key: &str, default: bool) -> Result<bool, ConfigError> {
     match s.get(key).map(|v| v.to_ascii_lowercase()) {
         None => Ok(default),
@@ -588,6 +592,7 @@ impl Config {
         let clock_set = switch(s, "CLOCK_SET", false)?;
         let group_commit_max = num("GROUP_COMMIT_MAX", 4096, 1, 100_000)?;
         let socket_buffer = num("SOCKET_BUFFER", 32768, 64, 1_000_000)?;
+        let socket_buffer_bytes = num("SOCKET_BUFFER_MIB", 64, 1, 4096)? << 20;
         let bridge = Tuning::from_settings(s)?;
         let token_policy = Policy {
             issuer: s.get("TOKEN_ISSUER").map(String::from),
@@ -741,6 +746,7 @@ impl Config {
             log_prune_interval,
             group_commit_max,
             socket_buffer,
+            socket_buffer_bytes,
             bridge,
             tls,
             tls_extra_names,
@@ -837,6 +843,8 @@ mod tests {
             ("MDNS", "maybe"),
             ("CLOUD_BRIDGE_URL", "ftp://x"),
             ("GROUP_COMMIT_MAX", "0"),
+            ("SOCKET_BUFFER_MIB", "0"),
+            ("SOCKET_BUFFER_MIB", "64M"),
             ("TLS", "sometimes"),
             ("UPS_NUT", "nohost"),
             ("UPS_SHUTDOWN_AFTER", "soon"),

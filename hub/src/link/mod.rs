@@ -138,6 +138,8 @@ struct BatchInner {
     packets: Vec<(Option<Sid>, Packet)>,
     /// How many of the packets each sender sent (counted once, not per socket).
     senders: Vec<(Sid, usize)>,
+    /// The packets' bytes.
+    bytes: usize,
     /// The packets as WebSocket frames, made once by the first WebSocket writer that
     /// needs them; every socket writes runs of the same bytes.
     framed: std::sync::OnceLock<Framed>,
@@ -159,9 +161,11 @@ impl Batch {
                 None => senders.push((sid, 1)),
             }
         }
+        let bytes = packets.iter().map(|(_, p)| p.as_bytes().len()).sum();
         Batch(Arc::new(BatchInner {
             packets,
             senders,
+            bytes,
             framed: std::sync::OnceLock::new(),
         }))
     }
@@ -213,6 +217,11 @@ impl Batch {
     /// The packets with their senders, in order.
     pub fn iter(&self) -> impl Iterator<Item = &(Option<Sid>, Packet)> {
         self.0.packets.iter()
+    }
+    /// The bytes the batch keeps alive while any socket has it queued: its packets
+    /// and (once a WebSocket writer made them) their frames.
+    pub fn weight(&self) -> usize {
+        2 * self.0.bytes + self.0.packets.len() * (std::mem::size_of::<(Option<Sid>, Packet)>() + 8)
     }
     /// How many packets go to `sid` (all but its own).
     pub fn len_for(&self, sid: Sid) -> usize {

@@ -54,6 +54,9 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Limits {
     /// Packets queued for the device before a send fails with [`SendError::Full`].
     pub queue: usize,
+    /// Bytes the hub may hold for the device (queued or being written, a shared
+    /// batch counted whole) before a send fails with [`SendError::Full`].
+    pub queue_bytes: usize,
     pub max_message: usize,
     pub read_buffer: usize,
     pub ping_interval: Duration,
@@ -64,6 +67,7 @@ pub struct Limits {
 pub struct Queue {
     st: Mutex<State>,
     cap: usize,
+    cap_bytes: usize,
     /// Wakes the writer: packets were queued, or the connection is closing.
     wake: tokio::sync::Notify,
     /// 0 open, 1 closing, 2 ended.
@@ -75,6 +79,12 @@ struct State {
     q: VecDeque<Item>,
     /// Packets in `q` (a batch counts all of its packets).
     len: usize,
+    /// What the items in `q` keep in memory: a packet's bytes, or a shared batch's
+    /// whole [`Batch::weight`] (kept for as long as any device has it queued,
+    /// whatever share of it that device gets).
+    bytes: usize,
+    /// What the items the writer took and is still writing keep in memory.
+    writing: usize,
     /// Control frames tungstenite wrote while reading (pongs), written first.
     ctl: Vec<u8>,
     closing: Option<DisconnectReason>,
@@ -88,11 +98,21 @@ enum Item {
     Batch(Batch, Sid),
 }
 
+impl State {
+    /// Whether `w` more bytes may be held for the device. Something always fits in
+    /// an empty queue, so one commit larger than the limit still reaches a device
+    /// that reads.
+    fn fits(&self, w: usize, cap_bytes: usize) -> bool {
+        self.bytes == 0 || self.bytes + self.writing + w <= cap_bytes
+    }
+}
+
 impl Queue {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, cap_bytes: usize) -> Self {
         Self {
             st: Mutex::new(State::default()),
             cap,
+            cap_bytes,
             wake: tokio::sync::Notify::new(),
             phase: tokio::sync::watch::Sender::new(0),
         }
@@ -113,12 +133,14 @@ impl Queue {
         let mut n = 0;
         let mut full = false;
         for m in msgs {
-            if st.len >= limit {
+            let w = m.as_bytes().len();
+            if st.len >= limit || !st.fits(w, self.cap_bytes) {
                 full = true;
                 break;
             }
             st.q.push_back(Item::One(m.clone()));
             st.len += 1;
+            st.bytes += w;
             n += 1;
         }
         drop(st);
@@ -139,11 +161,13 @@ impl Queue {
         if st.closing.is_some() {
             return Err(SendError::Closed);
         }
-        if st.len >= self.cap {
+        let w = msg.as_bytes().len();
+        if st.len >= self.cap || !st.fits(w, self.cap_bytes) {
             return Err(SendError::Full);
         }
         st.q.push_back(Item::One(msg));
         st.len += 1;
+        st.bytes += w;
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -160,11 +184,13 @@ impl Queue {
         if n == 0 {
             return Ok(()); // all of it is the device's own
         }
-        if st.len + n > self.cap {
+        let w = b.weight();
+        if st.len + n > self.cap || !st.fits(w, self.cap_bytes) {
             return Err(SendError::Full);
         }
         st.q.push_back(Item::Batch(b.clone(), own));
         st.len += n;
+        st.bytes += w;
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -286,7 +312,7 @@ async fn run<H: Handler, S>(h: Arc<H>, io: S, cut: Option<Arc<crate::conn::Cut>>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let queue = Arc::new(Queue::new(l.queue));
+    let queue = Arc::new(Queue::new(l.queue, l.queue_bytes));
     let sock = Socket::of_ws(queue.clone());
     if let Some(c) = cut {
         sock.data.set_cut(c);
@@ -446,12 +472,14 @@ async fn write_loop<W>(
             let mut st = queue.st.lock();
             std::mem::swap(&mut st.q, &mut batch);
             st.len = 0;
+            st.writing = std::mem::take(&mut st.bytes);
             out.extend_from_slice(&st.ctl); // whole frames, first
             st.ctl.clear();
             st.closing.clone()
         };
         let r = write_items(&mut wr, &mut out, &mut segs, &batch, send_ping).await;
         batch.clear();
+        queue.st.lock().writing = 0;
         if batch.capacity() > 256 {
             batch = VecDeque::new(); // a burst's queue is not kept by an idle device
         }
@@ -634,7 +662,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_takes_what_fits_and_a_closed_one_nothing() {
-        let q = Queue::new(3);
+        let q = Queue::new(3, usize::MAX);
         let p = crate::link::str_of(crate::link::sio::event("event", "{}"));
         let four = [p.clone(), p.clone(), p.clone(), p.clone()];
         assert_eq!(q.push_all(four[..1].iter(), 1), Ok(1));
@@ -647,7 +675,7 @@ mod tests {
         let b = Batch::new(vec![(None, p.clone()), (None, p.clone())]);
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Full));
         // A device's own events do not count: a batch of them never fills its queue.
-        let q2 = Queue::new(1);
+        let q2 = Queue::new(1, usize::MAX);
         let me = Sid::new();
         let mine = Batch::new(vec![(Some(me), p.clone()); 10]);
         assert_eq!(q2.push_batch(&mine, me), Ok(()));
@@ -655,13 +683,63 @@ mod tests {
         assert_eq!(q2.push_batch(&mixed, me), Ok(()));
         assert_eq!(q2.st.lock().len, 1);
         assert_eq!(q2.push_batch(&mixed, me), Err(SendError::Full));
-        let q3 = Queue::new(1);
+        let q3 = Queue::new(1, usize::MAX);
         assert_eq!(q3.push_one(p.clone()), Ok(()));
         assert_eq!(q3.push_one(p.clone()), Err(SendError::Full));
         q.close(DisconnectReason::ClosingServer);
         assert_eq!(q.push_all(four[..1].iter(), 3), Err((0, SendError::Closed)));
         assert_eq!(q.push_batch(&b, Sid::new()), Err(SendError::Closed));
         assert_eq!(q.push_one(p.clone()), Err(SendError::Closed));
+    }
+
+    /// The byte limit counts what a queued item keeps alive: a shared batch whole, even
+    /// when the device gets one packet of it (its own events skipped). An empty queue
+    /// always takes one item, so a commit larger than the limit still goes out.
+    #[test]
+    fn the_byte_limit_counts_a_shared_batch_whole() {
+        let me = Sid::new();
+        let big = crate::link::str_of(format!("4{}", "x".repeat(10_000)));
+        let small = crate::link::str_of("4y".to_string());
+        // 10 of my events and one of someone else's: 1 packet for me, ~20 KB kept.
+        let mut v = vec![(Some(me), big.clone()); 10];
+        v.push((None, small.clone()));
+        let b = Batch::new(v);
+        assert_eq!(b.len_for(me), 1);
+        assert!(b.weight() > 2 * 10 * 10_000);
+        let q = Queue::new(1000, 3 * b.weight());
+        for _ in 0..3 {
+            assert_eq!(q.push_batch(&b, me), Ok(()));
+        }
+        assert_eq!(q.st.lock().len, 3, "only 3 packets are counted...");
+        assert_eq!(
+            q.push_batch(&b, me),
+            Err(SendError::Full),
+            "...but 3 batches fill it"
+        );
+        assert_eq!(q.push_one(big.clone()), Err(SendError::Full));
+        // What the writer still holds counts too, until it is written.
+        {
+            let mut st = q.st.lock();
+            st.q.clear();
+            st.len = 0;
+            st.writing = std::mem::take(&mut st.bytes);
+        }
+        assert_eq!(
+            q.push_batch(&b, me),
+            Ok(()),
+            "an empty queue takes one item"
+        );
+        assert_eq!(q.push_one(small.clone()), Err(SendError::Full));
+        q.st.lock().writing = 0;
+        assert_eq!(q.push_one(small.clone()), Ok(()));
+        // One item larger than the whole limit still reaches an empty queue.
+        let tiny = Queue::new(1000, 100);
+        assert_eq!(tiny.push_batch(&b, me), Ok(()));
+        assert_eq!(tiny.push_one(small.clone()), Err(SendError::Full));
+        assert_eq!(
+            tiny.push_all([small.clone()].iter(), 10),
+            Err((0, SendError::Full))
+        );
     }
 
     /// What the writer puts on the wire is every queued packet but the device's own,
@@ -722,7 +800,7 @@ mod tests {
 
     #[test]
     fn control_replies_that_pile_up_end_the_connection() {
-        let q = Queue::new(4);
+        let q = Queue::new(4, usize::MAX);
         let pong = [0x8A, 125]
             .iter()
             .chain(&[0u8; 125])

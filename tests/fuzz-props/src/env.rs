@@ -71,6 +71,7 @@ fn config(mut map: HashMap<String, String>) {
                 c.token_offline_grace.as_secs()
             );
             assert!(c.group_commit_max >= 1 && c.socket_buffer >= 1);
+            assert!(c.socket_buffer_bytes >= 1 << 20);
             assert!(!c.realms.is_empty() || c.claim.is_some() || c.dev);
             for r in &c.realms {
                 assert!(pos_hub::config::valid_realm_part(&r.tenant_id));
