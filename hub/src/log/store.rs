@@ -72,6 +72,44 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Inserts events inside the writer's open transaction ([`Store::inserter`]).
+pub struct Inserter<'a> {
+    st: rusqlite::CachedStatement<'a>,
+    conn: &'a Connection,
+}
+
+impl Inserter<'_> {
+    /// Inserts one event with `seq`. Returns `Ok(None)` if it was stored,
+    /// `Ok(Some(seq))` with the original seq if the id exists.
+    pub fn insert(
+        &mut self,
+        seq: u64,
+        ev: &NewEvent,
+        device_id: &str,
+        hub_ts: i64,
+        origin: Origin,
+    ) -> Result<Option<u64>, LogError> {
+        let n = self.st.execute(params![
+            seq as i64,
+            ev.id(),
+            ev.typ(),
+            ev.payload(),
+            device_id,
+            ev.ts(),
+            hub_ts,
+            origin as i64
+        ])?;
+        if n == 1 {
+            return Ok(None);
+        }
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
+        let orig: i64 = st.query_row([ev.id()], |r| r.get(0))?;
+        Ok(Some(orig as u64))
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events(
     seq       INTEGER PRIMARY KEY,
@@ -392,30 +430,19 @@ impl Store {
         hub_ts: i64,
         origin: Origin,
     ) -> Result<Option<u64>, LogError> {
-        let n = {
-            let mut st = self.conn.prepare_cached(
+        self.inserter()?.insert(seq, ev, device_id, hub_ts, origin)
+    }
+
+    /// The insert statement, taken once for a run of events: each `prepare_cached`
+    /// hashes the SQL and allocates its cache key, once per event otherwise.
+    pub fn inserter(&self) -> Result<Inserter<'_>, LogError> {
+        Ok(Inserter {
+            st: self.conn.prepare_cached(
                 "INSERT INTO events(seq, id, type, payload, device_id, ts, hub_ts, origin)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
-            )?;
-            st.execute(params![
-                seq as i64,
-                ev.id(),
-                ev.typ(),
-                ev.payload(),
-                device_id,
-                ev.ts(),
-                hub_ts,
-                origin as i64
-            ])?
-        };
-        if n == 1 {
-            return Ok(None);
-        }
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT seq FROM events WHERE id = ?1")?;
-        let orig: i64 = st.query_row([ev.id()], |r| r.get(0))?;
-        Ok(Some(orig as u64))
+            )?,
+            conn: &self.conn,
+        })
     }
 
     /// The seq of the event with `id`, if stored.

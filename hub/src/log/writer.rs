@@ -14,7 +14,7 @@ use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 
 use super::event::{EventError, NewEvent, Origin};
-use super::store::{LogError, Store};
+use super::store::{Inserter, LogError, Store};
 use crate::util::now_ms;
 
 /// The result for one event.
@@ -472,6 +472,9 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
         let mut lan_added = 0u64;
 
         let mut failed: Option<LogError> = self.store.begin().err();
+        // The insert statement, held across a run of appends (dropped before anything
+        // that needs the store to itself).
+        let mut ins: Option<Inserter<'_>> = None;
         for req in reqs.drain(..) {
             if failed.is_some() {
                 leftovers.push(req);
@@ -499,10 +502,11 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                             }
                             Ok(ev) => ev,
                         };
-                        match self
-                            .store
-                            .insert(self.next_seq, &ev, &device, hub_ts, origin)?
-                        {
+                        let ins = match &mut ins {
+                            Some(i) => i,
+                            None => ins.insert(self.store.inserter()?),
+                        };
+                        match ins.insert(self.next_seq, &ev, &device, hub_ts, origin)? {
                             Some(orig) => outcomes.push(Outcome::Duplicate(orig)),
                             None => {
                                 outcomes.push(Outcome::Stored(self.next_seq));
@@ -526,10 +530,13 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                         Appended::One(e) => step(Ok(e)),
                         Appended::Many(v) => v.into_iter().try_for_each(&mut step),
                     };
-                    let r = r.and_then(|_| match &meta {
-                        Some((k, v)) => self.store.meta_set(k, v),
-                        None => Ok(()),
-                    });
+                    let r = match (r, &meta) {
+                        (Ok(()), Some((k, v))) => {
+                            ins = None;
+                            self.store.meta_set(k, v)
+                        }
+                        (r, _) => r,
+                    };
                     if let Err(e) = r {
                         failed = Some(e);
                     }
@@ -545,20 +552,26 @@ impl<R: Reply, T: Clone + Send + 'static> Writer<R, T> {
                     role,
                     token_exp,
                 } => {
+                    ins = None;
                     failed = self
                         .store
                         .admit(&device_id, &role, token_exp, hub_ts / 1000)
                         .err()
                 }
-                WriteReq::Meta { key, value } => failed = self.store.meta_set(&key, &value).err(),
+                WriteReq::Meta { key, value } => {
+                    ins = None;
+                    failed = self.store.meta_set(&key, &value).err()
+                }
                 WriteReq::Check(tx) => checks.push(tx),
                 WriteReq::Apply { f, done } => {
+                    ins = None;
                     failed = f(&mut self.store).err();
                     checks.push(done);
                 }
                 WriteReq::Close => {}
             }
         }
+        drop(ins);
         if failed.is_none() {
             failed = self.store.commit().err();
         }
