@@ -30,9 +30,9 @@ use crate::auth::Policy;
 use crate::conn::Cut;
 use crate::link::sio::{self, EventArgs, Packet};
 use crate::link::{self, ws, Device, DisconnectReason, EioSocket, Sid, Sock, Socket, Why};
-use crate::log::event::{batch_from_arg, event_from_arg, push_json_str, EventError};
+use crate::log::event::{batch_from_arg, event_from_arg, push_json_str, EventError, NewEvent};
 use crate::log::{Appended, Origin, WriteReq};
-use crate::realm::{AckErr, AckReply, DeviceEntry, Realms, PAGE};
+use crate::realm::{AckErr, AckReply, DeviceEntry, Realm, Realms, PAGE};
 use crate::util::now_ms;
 
 /// What the Socket.IO side needs to admit devices.
@@ -367,34 +367,84 @@ impl Inner {
         let Some(realm) = self.gate.realms.at(dev.realm) else {
             return;
         };
-        let Some(args) = EventArgs::parse(data) else {
-            return link::cut(s, Why::BadPacket);
-        };
-        let reply = match id {
-            Some(id) => AckReply::Socket {
-                sock: s.clone(),
-                id,
-                at: std::time::Instant::now(),
-            },
-            None => AckReply::None,
-        };
-        let events = match &*args.name {
-            "event" => event_from_arg(args.arg).map(Appended::One),
-            "events" => batch_from_arg(args.arg).map(Appended::Many),
-            "sync" => return sync(realm.clone(), reply, args.arg),
-            _ => Err(EventError::UnknownEvent),
-        };
-        match events {
-            Ok(events) => realm.submit(WriteReq::Append {
-                events,
-                device: dev.device_id.clone(),
-                origin: Origin::Lan,
-                tag: Some(s.id),
-                reply,
-                meta: None,
-            }),
-            Err(e) => reply.send_json(&AckErr::json(&e)),
+        match request(data) {
+            Request::Append(events) => append(s, dev, realm, id, events),
+            Request::Sync(arg) => sync(realm.clone(), reply_to(s, id), arg),
+            Request::Bad => link::cut(s, Why::BadPacket),
         }
+    }
+}
+
+/// What a device's EVENT packet asks for.
+#[derive(Debug)]
+enum Request<'a> {
+    Append(Result<Appended, EventError>),
+    Sync(Option<&'a serde_json::value::RawValue>),
+    /// Not a JSON array with an event name first: the connection is cut.
+    Bad,
+}
+
+/// Reads an EVENT packet's `[name, arg, ..]`. The common packet, `["event",{..}]` as
+/// socket.io-client writes it, is read in one pass over the event; anything else,
+/// or an argument that is not one valid JSON object, takes [`request_general`],
+/// which answers the same (a test holds them to it).
+fn request(data: &str) -> Request<'_> {
+    if let Some(obj) = data
+        .strip_prefix("[\"event\",")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        match NewEvent::from_json(obj) {
+            Err(EventError::Invalid) => {}
+            r => return Request::Append(r.map(Appended::One)),
+        }
+    }
+    request_general(data)
+}
+
+/// [`request`] for any packet: the array first, then its argument.
+fn request_general(data: &str) -> Request<'_> {
+    let Some(args) = EventArgs::parse(data) else {
+        return Request::Bad;
+    };
+    Request::Append(match &*args.name {
+        "event" => event_from_arg(args.arg).map(Appended::One),
+        "events" => batch_from_arg(args.arg).map(Appended::Many),
+        "sync" => return Request::Sync(args.arg),
+        _ => Err(EventError::UnknownEvent),
+    })
+}
+
+/// How a device's packet with ack `id` is answered.
+fn reply_to(s: &Sock, id: Option<u64>) -> AckReply {
+    match id {
+        Some(id) => AckReply::Socket {
+            sock: s.clone(),
+            id,
+            at: std::time::Instant::now(),
+        },
+        None => AckReply::None,
+    }
+}
+
+/// Hands a device's events to its realm's writer, or answers why they were refused.
+fn append(
+    s: &Sock,
+    dev: &Device,
+    realm: &Realm,
+    id: Option<u64>,
+    events: Result<Appended, EventError>,
+) {
+    let reply = reply_to(s, id);
+    match events {
+        Ok(events) => realm.submit(WriteReq::Append {
+            events,
+            device: dev.device_id.clone(),
+            origin: Origin::Lan,
+            tag: Some(s.id),
+            reply,
+            meta: None,
+        }),
+        Err(e) => reply.send_json(&AckErr::json(&e)),
     }
 }
 
@@ -622,6 +672,57 @@ pub fn json_str(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// The one-pass read of `["event",{..}]` answers exactly what the general parse
+    /// does, for good events, bad ones, odd spacing, extra arguments and garbage.
+    #[test]
+    fn the_fast_event_read_answers_as_the_general_parse() {
+        let cases = [
+            r#"["event",{"id":"a-1","type":"order.created","payload":{"n":1,"l":[1,{"x":2}]}}]"#,
+            r#"["event",{"id":"a-1","type":"t","payload":{},"ts":1700000000000}]"#,
+            r#"["event",{"id":"a-1","type":"t","payload":null,"ts":"2026-12-07T10:00:00Z"}]"#,
+            r#"["event",{"id":"a\u002d1","type":"t\n","payload":"x"}]"#,
+            r#"["event", {"id":"a","type":"t","payload":1} ]"#,
+            r#"["event",{"id":"a","type":"t","payload":1} ]"#,
+            r#"["event",{"id":"a","type":"t","payload":1},{"more":1},2]"#,
+            r#"["event",{"id":"a","type":"t","payload":1}]]"#,
+            r#"["event",{"id":"a","type":"t","payload":1}"#,
+            r#"["event",{"id":"a","type":"t","payload":1},]"#,
+            r#"["event",{"id":"a","type":"t"}]"#,
+            r#"["event",{"id":"","type":"t","payload":1}]"#,
+            r#"["event",{"id":1,"type":"t","payload":1}]"#,
+            r#"["event",{"id":"a","id":"b","type":"t","payload":1}]"#,
+            r#"["event",{"id":"a","type":"t","payload":1e400}]"#,
+            r#"["event",{"id":"a","type":"t","payload":1,"ts":[1]}]"#,
+            r#"["event",[1,2]]"#,
+            r#"["event",1]"#,
+            r#"["event","{}"]"#,
+            r#"["event"]"#,
+            r#"["event",]"#,
+            r#"["event",{}]"#,
+            r#"["event",{"#,
+            r#"["event",{"id":"a","type":"t","payload":1}] "#,
+            r#"["ev\u0065nt",{"id":"a","type":"t","payload":1}]"#,
+            r#"["events",[{"id":"a","type":"t","payload":1},{"id":2}]]"#,
+            r#"["sync",{"since":3}]"#,
+            r#"["other",{}]"#,
+            r#"{"event":1}"#,
+            "",
+        ];
+        for c in cases {
+            assert_eq!(
+                format!("{:?}", request(c)),
+                format!("{:?}", request_general(c)),
+                "{c}"
+            );
+        }
+        // And the fast read is taken where it should be: one valid event is appended.
+        assert!(matches!(
+            request(cases[0]),
+            Request::Append(Ok(Appended::One(_)))
+        ));
+    }
+
     #[test]
     fn auth_is_an_object_only() {
         assert_eq!(

@@ -34,6 +34,7 @@ pub trait Reply: Send + 'static {
 
 /// What to append: one event (the common case, no extra allocation) or a batch
 /// whose entries may already have failed validation.
+#[derive(Debug)]
 pub enum Appended {
     One(NewEvent),
     Many(Vec<Result<NewEvent, EventError>>),
