@@ -377,7 +377,7 @@ impl Inner {
 
 /// What a device's EVENT packet asks for.
 #[derive(Debug)]
-enum Request<'a> {
+pub enum Request<'a> {
     Append(Result<Appended, EventError>),
     Sync(Option<&'a serde_json::value::RawValue>),
     /// Not a JSON array with an event name first: the connection is cut.
@@ -388,7 +388,7 @@ enum Request<'a> {
 /// socket.io-client writes it, is read in one pass over the event; anything else,
 /// or an argument that is not one valid JSON object, takes [`request_general`],
 /// which answers the same (a test holds them to it).
-fn request(data: &str) -> Request<'_> {
+pub fn request(data: &str) -> Request<'_> {
     if let Some(obj) = data
         .strip_prefix("[\"event\",")
         .and_then(|r| r.strip_suffix(']'))
@@ -402,7 +402,7 @@ fn request(data: &str) -> Request<'_> {
 }
 
 /// [`request`] for any packet: the array first, then its argument.
-fn request_general(data: &str) -> Request<'_> {
+pub fn request_general(data: &str) -> Request<'_> {
     let Some(args) = EventArgs::parse(data) else {
         return Request::Bad;
     };

@@ -16,6 +16,7 @@
 
 use pos_hub::link::sio::{self, EventArgs, Packet, MAX_ATTACHMENTS};
 use pos_hub::log::event::{batch_from_arg, event_from_arg, MAX_BATCH};
+use pos_hub::realtime;
 use serde_json::Value;
 
 use crate::event::{check_accepted, check_refused, PARSE_CODES};
@@ -144,6 +145,15 @@ fn check_packet(text: &str, p: &Packet) {
 
 /// What `Inner::event` does with an event packet's JSON array.
 fn check_event_data(data: &str) {
+    // Its one-pass read of `["event",{..}]` answers as the general parse, for the
+    // input as it is and as the argument of an `event` packet.
+    for d in [data.to_string(), format!("[\"event\",{data}]")] {
+        assert_eq!(
+            format!("{:?}", realtime::request(&d)),
+            format!("{:?}", realtime::request_general(&d)),
+            "the one-pass read of {d:?}"
+        );
+    }
     let args = EventArgs::parse(data);
     // EventArgs reads the array exactly as serde_json does (where serde_json can:
     // it refuses numbers out of f64 range that EventArgs only skips).
