@@ -530,7 +530,7 @@ impl EngineIoHandler for Hub {
     type Data = link::Slot;
 
     fn on_connect(self: Arc<Self>, eio: Arc<EioSocket>) {
-        let s = Socket::of_eio(&eio);
+        let s = Socket::of_eio(&eio, self.inner.limits.queue_bytes);
         if let Some(cut) = eio.req_parts.extensions.get::<Arc<Cut>>() {
             s.data.set_cut(cut.clone());
         }

@@ -323,3 +323,58 @@ test("a non-reading device is cut by the bytes the hub holds for it, not left ho
     hog.terminate(); good.close(); busy.close();
   } finally { assert.equal(await hub.stop(), 0); }
 });
+
+/** One HTTPS request to the hub, trusting its CA: { status, body }. */
+function httpsReq(hub, method, p, body) {
+  return new Promise((resolve, reject) => {
+    const req = https.request({ host: "localhost", port: hub.port, path: p, method, ca: hub.ca, timeout: 10000, agent: false,
+      headers: body === undefined ? {} : { "content-type": "text/plain;charset=UTF-8", "content-length": Buffer.byteLength(body) } }, (res) => {
+      let b = ""; res.on("data", (d) => (b += d)); res.on("end", () => resolve({ status: res.statusCode, body: b }));
+    });
+    req.on("error", reject); req.on("timeout", () => req.destroy(new Error("timeout")));
+    req.end(body);
+  });
+}
+
+// The same over Engine.IO long-polling (socket.io-client's default start): a device that
+// stops polling leaves its packets in engineioxide's queue, which counts packets only. The hub
+// counts the bytes of the copies it hands engineioxide and cuts the device past
+// SOCKET_BUFFER_MIB, long before the heartbeat would (25 s + 20 s).
+test("a long-polling device that stops polling is cut by the bytes held for it", { timeout: 180000 }, async () => {
+  const hub = await startTlsHub({ SOCKET_BUFFER_MIB: "4" });
+  const big = (id) => ev(id, { n: 1, note: "x".repeat(16000) });
+  try {
+    const good = device(hub, "good", { polling: true });
+    await good.ready;
+    // The lazy poller: handshake, CONNECT, one poll for the CONNECT's answer, then nothing.
+    const q = "/socket.io/?EIO=4&transport=polling";
+    const open = await httpsReq(hub, "GET", q);
+    const sid = JSON.parse(open.body.slice(1)).sid;
+    assert.equal((await httpsReq(hub, "POST", `${q}&sid=${sid}`, `40${JSON.stringify({ token: mint(hub, "poller") })}`)).status, 200);
+    assert.match((await httpsReq(hub, "GET", `${q}&sid=${sid}`)).body, /(^|\x1e)40\{/);
+    const t0 = Date.now();
+    const busy = device(hub, "busy");
+    await busy.ready;
+    let sent = 0;
+    const cutLine = () => hub.log().split("\n").filter((l) => l.includes("device=poller") && l.includes("device disconnected"));
+    // 16 KB events until the poller is cut (about 4 MiB of them), at most 24 MB.
+    for (let b = 0; b < 30 && cutLine().length === 0; b++) {
+      await busy.timeout(20000).emitWithAck("events", Array.from({ length: 50 }, (_, i) => big(`busy-${b}-${i}`)));
+      sent += 50;
+    }
+    await sleep(500);
+    const secs = (Date.now() - t0) / 1000;
+    const lines = cutLine();
+    console.log(`# the poller was cut after ${secs.toFixed(1)} s and ${sent} events of 16 KB: ${lines[0] ?? "(no line)"}`);
+    assert.equal(lines.length, 1, "one log line for the poller");
+    assert.match(lines[0], /reason=queue_full/);
+    const st = JSON.parse((await httpsGet(hub, "/status")).body);
+    assert.ok(!st.realms.flatMap((r) => r.devices.map((d) => d.deviceId)).includes("poller"), "the poller left /status");
+    // The polling reader got every event and was never disconnected.
+    const deadline = Date.now() + 20000;
+    while (good.got.length < sent && Date.now() < deadline) await sleep(100);
+    assert.equal(good.got.length, sent, "the polling device that reads got every event");
+    assert.equal(good.drops + busy.drops, 0, "the readers were never disconnected");
+    good.close(); busy.close();
+  } finally { assert.equal(await hub.stop(), 0); }
+});

@@ -102,9 +102,9 @@ pub struct Config {
     /// Per-socket outgoing queue, in packets; a device that falls this far behind is
     /// disconnected and resumes from its cursor.
     pub socket_buffer: usize,
-    /// SOCKET_BUFFER_MIB: what the hub may hold for one WebSocket device, in bytes
-    /// (queued or being written, a shared commit counted whole); past it the device
-    /// is cut like one whose queue is full.
+    /// SOCKET_BUFFER_MIB: what the hub may hold for one device, in bytes (queued or
+    /// being written, a shared commit counted whole); past it the device is cut like
+    /// one whose queue is full.
     pub socket_buffer_bytes: usize,
     /// The cloud bridge's knobs (CLOUD_TIMEOUT, CLOUD_PUSH_BATCH, ...), for every realm.
     pub bridge: Tuning,

@@ -13,8 +13,12 @@
 //!   The [`ws`] transport sends its pings beside the queue.
 //! * **Encode once.** A packet is a [`Packet`] (shared bytes, framed as an Engine.IO
 //!   message): the same buffer goes to every socket, a reference count each.
+//! * **A device's memory is bounded.** What the hub holds for one device is counted
+//!   in packets and in bytes (a shared commit counted whole on [`ws`]; on
+//!   engineioxide, copies that give their size back when it drops them: [`Held`]);
+//!   past either limit the device is cut.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 pub use engineioxide::socket::DisconnectReason;
@@ -38,8 +42,9 @@ pub type Sock = Arc<Socket>;
 
 /// The transport under a [`Socket`].
 enum Out {
-    /// Engine.IO long-polling, and the WebSocket it may upgrade to (engineioxide).
-    Eio(Weak<EioSocket>),
+    /// Engine.IO long-polling, and the WebSocket it may upgrade to (engineioxide),
+    /// with the bytes of the packets engineioxide holds for it.
+    Eio(Weak<EioSocket>, Arc<Held>),
     /// A device that opened a WebSocket straight away ([`ws`]).
     Ws(Arc<ws::Queue>),
 }
@@ -67,12 +72,17 @@ impl std::fmt::Debug for Socket {
 }
 
 impl Socket {
-    /// The [`Socket`] of a new engineioxide connection (kept in its [`Slot`]).
-    pub fn of_eio(eio: &Arc<EioSocket>) -> Sock {
+    /// The [`Socket`] of a new engineioxide connection (kept in its [`Slot`]); a send
+    /// fails with [`SendError::Full`] once engineioxide holds `max_bytes` of its packets.
+    pub fn of_eio(eio: &Arc<EioSocket>, max_bytes: usize) -> Sock {
+        let held = Arc::new(Held {
+            bytes: AtomicUsize::new(0),
+            cap: max_bytes,
+        });
         let s = Arc::new(Socket {
             id: eio.id,
             data: Session::default(),
-            out: Out::Eio(Arc::downgrade(eio)),
+            out: Out::Eio(Arc::downgrade(eio), held),
         });
         let _ = eio.data.0.set(s.clone());
         s
@@ -90,7 +100,7 @@ impl Socket {
     /// Closes the transport (queued packets are still written if it can).
     pub fn close(&self, reason: DisconnectReason) {
         match &self.out {
-            Out::Eio(w) => {
+            Out::Eio(w, _) => {
                 if let Some(s) = w.upgrade() {
                     s.close(reason);
                 }
@@ -102,7 +112,7 @@ impl Socket {
     /// Resolves once the connection is closed.
     pub async fn closed(&self) {
         match &self.out {
-            Out::Eio(w) => {
+            Out::Eio(w, _) => {
                 let s = w.upgrade();
                 if let Some(s) = s {
                     s.closed().await;
@@ -337,14 +347,67 @@ fn map(e: tokio::sync::mpsc::error::TrySendError<()>) -> SendError {
     }
 }
 
+/// The bytes engineioxide holds for one device: every packet handed to it is a copy
+/// that gives its size back when engineioxide drops it (written to the WebSocket, or
+/// taken by a poll, or the connection gone), so the count is exact without a hook
+/// into engineioxide's queue.
+pub struct Held {
+    bytes: AtomicUsize,
+    cap: usize,
+}
+
+impl Held {
+    /// A copy of `s` counted against the limit, or `None` if it does not fit. Something
+    /// always fits when nothing is held, so one packet larger than the limit still
+    /// reaches a device that reads.
+    fn copy(self: &Arc<Self>, s: &Str) -> Option<Str> {
+        let w = s.len();
+        let before = self.bytes.fetch_add(w, Ordering::AcqRel);
+        if before > 0 && before + w > self.cap {
+            self.bytes.fetch_sub(w, Ordering::AcqRel);
+            return None;
+        }
+        let owner = HeldCopy {
+            buf: s.as_bytes().into(),
+            held: self.clone(),
+        };
+        // SAFETY: the bytes are a copy of a `Str`'s, which are valid UTF-8.
+        Some(unsafe { Str::from_bytes_unchecked(bytes::Bytes::from_owner(owner)) })
+    }
+
+    /// The bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+/// One packet's copy for engineioxide; gives its size back to [`Held`] when dropped.
+struct HeldCopy {
+    buf: Box<[u8]>,
+    held: Arc<Held>,
+}
+
+impl AsRef<[u8]> for HeldCopy {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for HeldCopy {
+    fn drop(&mut self) {
+        self.held.bytes.fetch_sub(self.buf.len(), Ordering::AcqRel);
+    }
+}
+
 /// Queues one packet (on engineioxide keeping [`HEADROOM`] free).
 pub fn try_send(s: &Socket, msg: Packet) -> Result<(), SendError> {
     match &s.out {
-        Out::Eio(w) => {
+        Out::Eio(w, held) => {
             let s = w.upgrade().ok_or(SendError::Closed)?;
             let _h1 = s.reserve().map_err(map)?;
             let _h2 = s.reserve().map_err(map)?;
-            s.reserve().map_err(map)?.emit(msg.sio());
+            let p = s.reserve().map_err(map)?;
+            p.emit(held.copy(&msg.sio()).ok_or(SendError::Full)?);
             Ok(())
         }
         Out::Ws(q) => q.push_one(msg),
@@ -359,16 +422,14 @@ pub fn try_send_all<'a>(
     msgs: impl Iterator<Item = &'a Packet>,
 ) -> Result<usize, (usize, SendError)> {
     match &s.out {
-        Out::Eio(w) => {
+        Out::Eio(w, held) => {
             let s = w.upgrade().ok_or((0, SendError::Closed))?;
             let _h1 = s.reserve().map_err(|e| (0, map(e)))?;
             let _h2 = s.reserve().map_err(|e| (0, map(e)))?;
             let mut n = 0;
             for m in msgs {
-                match s.reserve() {
-                    Ok(p) => p.emit(m.sio()),
-                    Err(e) => return Err((n, map(e))),
-                }
+                let p = s.reserve().map_err(|e| (n, map(e)))?;
+                p.emit(held.copy(&m.sio()).ok_or((n, SendError::Full))?);
                 n += 1;
             }
             Ok(n)
@@ -386,7 +447,7 @@ pub fn try_send_paced<'a>(
     ahead: usize,
 ) -> Result<usize, (usize, SendError)> {
     match &s.out {
-        Out::Eio(_) => try_send_all(s, msgs),
+        Out::Eio(..) => try_send_all(s, msgs),
         Out::Ws(q) => q.push_all(msgs, ahead),
     }
 }
@@ -396,18 +457,11 @@ pub fn try_send_paced<'a>(
 pub fn try_send_batch(s: &Socket, b: &Batch) -> Result<(), SendError> {
     let own = Some(s.id);
     match &s.out {
-        Out::Eio(_) => {
-            // Copies: engineioxide keeps each packet until a poll takes it, and a slice
-            // would keep the commit's whole buffer ([`strs_of`]) for as long.
-            let copies: Vec<Packet> = b
-                .iter()
-                .filter(|(t, _)| *t != own)
-                .map(|(_, p)| Packet(Str::copy_from_slice(p.0.as_str())))
-                .collect();
-            try_send_all(s, copies.iter())
-                .map(|_| ())
-                .map_err(|(_, e)| e)
-        }
+        // Each packet is copied ([`Held::copy`]): engineioxide keeps it until a poll
+        // takes it, and a slice would keep the commit's whole buffer for as long.
+        Out::Eio(..) => try_send_all(s, b.iter().filter(|(t, _)| *t != own).map(|(_, p)| p))
+            .map(|_| ())
+            .map_err(|(_, e)| e),
         Out::Ws(q) => q.push_batch(b, s.id),
     }
 }
@@ -497,4 +551,40 @@ pub fn str_of(s: String) -> Packet {
         "not an Engine.IO message: {s:?}"
     );
     Packet(Str::from(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy counts its bytes while anything holds it and gives them back when the
+    /// last holder drops it; past the limit a copy is refused, unless nothing is held.
+    #[test]
+    fn held_copies_count_their_bytes_until_dropped() {
+        let held = Arc::new(Held {
+            bytes: AtomicUsize::new(0),
+            cap: 100,
+        });
+        let p = Str::from("x".repeat(60));
+        let a = held.copy(&p).expect("the first copy fits");
+        assert_eq!((a.as_str(), held.bytes()), (p.as_str(), 60));
+        assert!(
+            held.copy(&p).is_none(),
+            "120 bytes would pass the limit of 100"
+        );
+        assert_eq!(held.bytes(), 60, "a refused copy counts nothing");
+        let shared = a.clone();
+        drop(a);
+        assert_eq!(held.bytes(), 60, "a clone still holds the bytes");
+        drop(shared);
+        assert_eq!(held.bytes(), 0);
+        let big = Str::from("y".repeat(500));
+        let b = held
+            .copy(&big)
+            .expect("one packet larger than the limit still goes");
+        assert_eq!(held.bytes(), 500);
+        assert!(held.copy(&Str::from("z".to_string())).is_none());
+        drop(b);
+        assert_eq!(held.bytes(), 0);
+    }
 }
