@@ -189,6 +189,22 @@ test("hostile clients never stall a well-behaved device (every connect and ack w
   } finally { assert.equal(await hub.stop(), 0); }
 });
 
+/** A well-behaved device writing one event every 20 ms and checking each ack, until `stop()`. */
+function steadyWriter(dev, prefix = "good") {
+  let acks = 0, writing = true;
+  const failures = [];
+  const done = (async () => {
+    for (let i = 0; writing && failures.length === 0; i++) {
+      try {
+        const a = await dev.timeout(10000).emitWithAck("event", ev(`${prefix}-${i}`));
+        if (a.ok) acks++; else failures.push(JSON.stringify(a));
+      } catch (e) { failures.push(String(e)); }
+      await sleep(20);
+    }
+  })();
+  return { stop: async () => { writing = false; await done; return { acks, failures }; } };
+}
+
 /** Established TCP connections of the hub's port whose client end uses one of `ports`. */
 function established(hubPort, ports) {
   const r = spawnSync("ss", ["-Htn", "state", "established", `( sport = :${hubPort} )`], { encoding: "utf8" });
@@ -209,17 +225,7 @@ test("a device that stops reading is cut for real (TCP gone, state dropped, one 
     // A well-behaved device: reads everything, writes one event every 20 ms.
     const good = device(hub, "good");
     await good.ready;
-    let acks = 0, writing = true;
-    const failures = [];
-    const writer = (async () => {
-      for (let i = 0; writing && failures.length === 0; i++) {
-        try {
-          const a = await good.timeout(10000).emitWithAck("event", ev(`good-${i}`));
-          if (a.ok) acks++; else failures.push(JSON.stringify(a));
-        } catch (e) { failures.push(String(e)); }
-        await sleep(20);
-      }
-    })();
+    const writer = steadyWriter(good);
     // 1. Catches up from 0 and never reads.
     const lazy = raw(hub); await lazy.opened;
     lazy.send(`40${JSON.stringify({ token: mint(hub, "lazy"), since: 0 })}`);
@@ -253,7 +259,7 @@ test("a device that stops reading is cut for real (TCP gone, state dropped, one 
     console.log(`# both non-readers gone after ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     assert.deepEqual(left, { status: [], tcp: [] }, "both non-reading devices are gone from /status and from the kernel's connection table");
     await sleep(1000);
-    writing = false; await writer;
+    const { acks, failures } = await writer.stop();
     assert.deepEqual(failures, [], "every ack of the good device arrived and was ok");
     assert.ok(acks > 20, `the good device kept writing (${acks} acks)`);
     assert.equal(good.drops, 0, "the well-behaved device was never disconnected");
@@ -282,17 +288,7 @@ test("a non-reading device is cut by the bytes the hub holds for it, not left ho
   try {
     const good = device(hub, "good");
     await good.ready;
-    let acks = 0, writing = true;
-    const failures = [];
-    const writer = (async () => {
-      for (let i = 0; writing && failures.length === 0; i++) {
-        try {
-          const a = await good.timeout(10000).emitWithAck("event", ev(`good-${i}`));
-          if (a.ok) acks++; else failures.push(JSON.stringify(a));
-        } catch (e) { failures.push(String(e)); }
-        await sleep(20);
-      }
-    })();
+    const writer = steadyWriter(good);
     const hog = raw(hub); await hog.opened;
     hog.send(`40${JSON.stringify({ token: mint(hub, "hog") })}`);
     await sleep(200); hog._socket.pause();
@@ -316,7 +312,7 @@ test("a non-reading device is cut by the bytes the hub holds for it, not left ho
     assert.equal(line.length, 1, "one log line for it");
     assert.match(line[0], /reason=queue_full/, "cut for what the hub held for it, not after the 20 s write stall");
     await sleep(500);
-    writing = false; await writer;
+    const { acks, failures } = await writer.stop();
     assert.deepEqual(failures, [], "every ack of the good device arrived and was ok");
     assert.ok(acks > 10, `the good device kept writing (${acks} acks)`);
     assert.equal(good.drops + busy.drops, 0, "the readers were never disconnected");

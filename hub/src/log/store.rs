@@ -420,19 +420,6 @@ impl Store {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
 
-    /// Inserts one event inside the open transaction with `seq`. Returns `Ok(None)`
-    /// if it was stored, `Ok(Some(seq))` with the original seq if the id exists.
-    pub fn insert(
-        &mut self,
-        seq: u64,
-        ev: &NewEvent,
-        device_id: &str,
-        hub_ts: i64,
-        origin: Origin,
-    ) -> Result<Option<u64>, LogError> {
-        self.inserter()?.insert(seq, ev, device_id, hub_ts, origin)
-    }
-
     /// The insert statement, taken once for a run of events: each `prepare_cached`
     /// hashes the SQL and allocates its cache key, once per event otherwise.
     pub fn inserter(&self) -> Result<Inserter<'_>, LogError> {
@@ -687,7 +674,10 @@ mod tests {
         {
             let mut s = Store::open(&p).unwrap();
             s.begin().unwrap();
-            s.insert(1, &ev("a"), "d1", 10, Origin::Lan).unwrap();
+            s.inserter()
+                .unwrap()
+                .insert(1, &ev("a"), "d1", 10, Origin::Lan)
+                .unwrap();
             s.commit().unwrap();
         }
         {
@@ -698,7 +688,13 @@ mod tests {
         let mut s = Store::open(&p).unwrap();
         assert_eq!(s.schema_version().unwrap(), 7, "never lowered");
         s.begin().unwrap();
-        assert_eq!(s.insert(2, &ev("b"), "d1", 11, Origin::Lan).unwrap(), None);
+        assert_eq!(
+            s.inserter()
+                .unwrap()
+                .insert(2, &ev("b"), "d1", 11, Origin::Lan)
+                .unwrap(),
+            None
+        );
         s.commit().unwrap();
         let mut got = vec![];
         Store::open_reader(&p)
@@ -714,10 +710,25 @@ mod tests {
         let p = dir.path().join("r.db");
         let mut s = Store::open(&p).unwrap();
         s.begin().unwrap();
-        assert_eq!(s.insert(1, &ev("a"), "d1", 10, Origin::Lan).unwrap(), None);
-        assert_eq!(s.insert(2, &ev("b"), "d1", 10, Origin::Lan).unwrap(), None);
         assert_eq!(
-            s.insert(3, &ev("a"), "d2", 11, Origin::Lan).unwrap(),
+            s.inserter()
+                .unwrap()
+                .insert(1, &ev("a"), "d1", 10, Origin::Lan)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.inserter()
+                .unwrap()
+                .insert(2, &ev("b"), "d1", 10, Origin::Lan)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.inserter()
+                .unwrap()
+                .insert(3, &ev("a"), "d2", 11, Origin::Lan)
+                .unwrap(),
             Some(1)
         );
         s.commit().unwrap();
@@ -745,7 +756,10 @@ mod tests {
         {
             let mut s = Store::open(&p).unwrap();
             s.begin().unwrap();
-            s.insert(1, &ev("a"), "d", 1, Origin::Cloud).unwrap();
+            s.inserter()
+                .unwrap()
+                .insert(1, &ev("a"), "d", 1, Origin::Cloud)
+                .unwrap();
             s.commit().unwrap();
             s.meta_set("cloud_cursor", "abc").unwrap();
             s.admit("d", "till", 100, 5).unwrap();
@@ -775,7 +789,10 @@ mod tests {
             let ev = NewEvent::new(&format!("e{i}"), "t", &big, None).unwrap();
             // Events 1..=2000 are old (hub_ts 1000), the rest new (hub_ts 10_000).
             let ts = if i <= 2000 { 1000 } else { 10_000 };
-            s.insert(i, &ev, "d", ts, Origin::Lan).unwrap();
+            s.inserter()
+                .unwrap()
+                .insert(i, &ev, "d", ts, Origin::Lan)
+                .unwrap();
         }
         s.commit().unwrap();
         s.checkpoint().unwrap();
