@@ -1205,6 +1205,10 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
         let mut batch_start = 0;
         while batch_start < PER_DAY {
             let _ = store.begin();
+            let mut ins = match store.inserter() {
+                Ok(i) => i,
+                Err(e) => return println!("retention: cannot insert: {e}"),
+            };
             for i in batch_start..(batch_start + 50).min(PER_DAY) {
                 seq += 1;
                 let payload = format!(
@@ -1222,8 +1226,9 @@ fn retention_year(a: &Args, report: &mut Vec<(String, String)>) {
                 )
                 .expect("valid event");
                 let ts = t0 + day * DAY_MS + (i as i64 * DAY_MS / PER_DAY as i64);
-                let _ = store.insert(seq, &ev, "till-1", ts, Origin::Lan);
+                let _ = ins.insert(seq, &ev, "till-1", ts, Origin::Lan);
             }
+            drop(ins);
             let _ = store.commit();
             batch_start += 50;
         }
