@@ -189,6 +189,11 @@ pub struct DeviceEntry {
     pub role: String,
     pub connected_since: i64,
     pub in_grace: bool,
+    /// Bytes the hub holds for the device and has not written yet (at the time of
+    /// [`Realm::devices`]): a device that falls behind shows here before it is cut.
+    pub send_buffer_bytes: usize,
+    #[serde(skip)]
+    pub sock: std::sync::Weak<link::Socket>,
 }
 
 /// One realm's live state.
@@ -384,6 +389,9 @@ impl Realm {
 
     pub fn devices(&self) -> Vec<DeviceEntry> {
         let mut v: Vec<_> = self.devices.lock().values().cloned().collect();
+        for d in &mut v {
+            d.send_buffer_bytes = d.sock.upgrade().map_or(0, |s| s.held_bytes());
+        }
         v.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         v
     }

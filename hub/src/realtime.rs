@@ -348,6 +348,8 @@ impl Inner {
             role: admitted.device.role.to_string(),
             connected_since: now_ms(),
             in_grace: admitted.device.in_grace,
+            send_buffer_bytes: 0,
+            sock: Arc::downgrade(s),
         };
         let device_id = admitted.device.device_id.clone();
         if s.data.device.set(admitted.device).is_err() {

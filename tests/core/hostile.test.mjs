@@ -348,6 +348,15 @@ test("a long-polling device that stops polling is cut by the bytes held for it",
     const sid = JSON.parse(open.body.slice(1)).sid;
     assert.equal((await httpsReq(hub, "POST", `${q}&sid=${sid}`, `40${JSON.stringify({ token: mint(hub, "poller") })}`)).status, 200);
     assert.match((await httpsReq(hub, "GET", `${q}&sid=${sid}`)).body, /(^|\x1e)40\{/);
+    // What the hub holds for it shows in /status while it is connected.
+    const writer = device(hub, "writer");
+    await writer.ready;
+    await writer.timeout(20000).emitWithAck("events", Array.from({ length: 10 }, (_, i) => big(`first-${i}`)));
+    await sleep(300);
+    const held = (st) => st.realms.flatMap((r) => r.devices).find((d) => d.deviceId === "poller")?.sendBufferBytes;
+    const before = held(JSON.parse((await httpsGet(hub, "/status")).body));
+    assert.ok(before >= 160000 && before < 4 << 20, `/status shows the 10 events of 16 KB held for the poller (${before} bytes)`);
+    writer.close();
     const t0 = Date.now();
     const busy = device(hub, "busy");
     await busy.ready;
@@ -368,8 +377,8 @@ test("a long-polling device that stops polling is cut by the bytes held for it",
     assert.ok(!st.realms.flatMap((r) => r.devices.map((d) => d.deviceId)).includes("poller"), "the poller left /status");
     // The polling reader got every event and was never disconnected.
     const deadline = Date.now() + 20000;
-    while (good.got.length < sent && Date.now() < deadline) await sleep(100);
-    assert.equal(good.got.length, sent, "the polling device that reads got every event");
+    while (good.got.length < sent + 10 && Date.now() < deadline) await sleep(100);
+    assert.equal(good.got.length, sent + 10, "the polling device that reads got every event");
     assert.equal(good.drops + busy.drops, 0, "the readers were never disconnected");
     good.close(); busy.close();
   } finally { assert.equal(await hub.stop(), 0); }

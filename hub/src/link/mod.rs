@@ -109,6 +109,14 @@ impl Socket {
         }
     }
 
+    /// The bytes the hub holds for this device and has not written yet.
+    pub fn held_bytes(&self) -> usize {
+        match &self.out {
+            Out::Eio(_, held) => held.bytes(),
+            Out::Ws(q) => q.held_bytes(),
+        }
+    }
+
     /// Resolves once the connection is closed.
     pub async fn closed(&self) {
         match &self.out {

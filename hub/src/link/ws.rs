@@ -196,6 +196,13 @@ impl Queue {
         Ok(())
     }
 
+    /// The bytes held for the device: queued, or taken by the writer and not yet
+    /// written (what [`Limits::queue_bytes`] bounds).
+    pub fn held_bytes(&self) -> usize {
+        let st = self.st.lock();
+        st.bytes + st.writing
+    }
+
     /// Bytes tungstenite writes while reading (whole control frames). Refused once
     /// [`CTL_MAX`] bytes wait: the device sends pings faster than it reads pongs.
     fn push_ctl(&self, bytes: &[u8]) -> std::io::Result<()> {
