@@ -285,7 +285,9 @@ fn used_options_only(p: &[u8]) -> Option<Vec<u8>> {
 pub fn parse_reply(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Reply> {
     let p = used_options_only(p)?;
     let m = Message::decode(&mut Decoder::new(&p)).ok()?;
-    if m.opcode() != Opcode::BootReply || m.xid() != xid || m.chaddr().get(..6)? != mac {
+    // An Ethernet reply carries our 6-byte address; `hlen` is checked first because
+    // dhcproto's `chaddr()` panics on a length over 16 (found by the `dhcp` fuzz target).
+    if m.opcode() != Opcode::BootReply || m.xid() != xid || m.hlen() != 6 || m.chaddr() != mac {
         return None;
     }
     let opts = m.opts();
