@@ -214,6 +214,8 @@ pub struct Realm {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Woken after every commit of new events (the cloud bridge's push waits on it).
     pub committed: Arc<tokio::sync::Notify>,
+    /// This log's identity ([`Store::ensure_log_id`]), told to devices in `synced`.
+    pub log_id: Option<Arc<str>>,
 }
 
 /// The largest page a replay or `sync` reads at once.
@@ -235,7 +237,16 @@ impl Realm {
             .join("realms")
             .join(&cfg.tenant_id)
             .join(format!("{}.db", cfg.store_id));
-        let store = Store::open(&db_path)?;
+        let mut store = Store::open(&db_path)?;
+        // Without an id that survives a restart, devices are not told one at all (a new
+        // id each start would make every device replay the whole log).
+        let log_id = match store.ensure_log_id() {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(path = %db_path.display(), error = %e, "no log id (devices cannot tell this log from another until it has one)");
+                None
+            }
+        };
         let admitted: HashSet<String> = store.admitted()?.into_iter().collect();
         let lan = store.count_lan_after(0)?;
         let reader = Store::open_reader(&db_path)?;
@@ -273,12 +284,15 @@ impl Realm {
             drop(store);
         })?);
         let fs = fanned_seq.clone();
+        let log_id: Option<Arc<str>> = log_id.map(Arc::from);
+        let fan_log_id = log_id.clone();
         threads.push(spawn_named(&format!("fan-{}", cfg.store_id), move || {
             let _ctx = rt2.as_ref().map(|h| h.enter());
             FanOut {
                 reader,
                 live: Vec::new(),
                 fanned: fs,
+                log_id: fan_log_id,
             }
             .run(fan_rx)
         })?);
@@ -296,6 +310,7 @@ impl Realm {
             shutting_down: AtomicBool::new(false),
             threads: Mutex::new(threads),
             committed,
+            log_id,
         }))
     }
 
@@ -621,6 +636,8 @@ struct FanOut {
     reader: Store,
     live: Vec<Live>,
     fanned: Arc<AtomicU64>,
+    /// Sent in every `synced`.
+    log_id: Option<Arc<str>>,
 }
 
 impl FanOut {
@@ -743,6 +760,12 @@ impl FanOut {
         sio::event_start(&mut synced, "synced");
         synced.push_str("{\"seq\":");
         sio::push_u64(&mut synced, head);
+        if let Some(id) = &self.log_id {
+            // 32 hex digits: nothing to escape.
+            synced.push_str(",\"logId\":\"");
+            synced.push_str(id);
+            synced.push('"');
+        }
         synced.push('}');
         sio::event_end(&mut synced);
         match link::try_send(&sock, link::str_of(synced)) {

@@ -210,6 +210,9 @@ struct AuthIn {
     token: Option<serde_json::Value>,
     #[serde(default)]
     since: Option<serde_json::Value>,
+    /// The log the device's cursor belongs to (the `logId` of an earlier `synced`).
+    #[serde(default, rename = "logId")]
+    log_id: Option<serde_json::Value>,
 }
 
 /// A refused connection; its Display is the stable code devices see.
@@ -322,18 +325,31 @@ impl Inner {
         let auth = auth.map(auth_in).unwrap_or_default();
         let admitted = match self.authenticate(s.id, &auth) {
             Ok(a) => a,
-            Err(Refused(code)) => {
-                crate::metrics::device_refused(code);
-                send(s, sio::connect_error("/", code));
-                if s.data.refused.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REFUSED {
-                    link::cut(s, Why::NoHandshake);
-                }
-                return;
-            }
+            Err(Refused(code)) => return refuse(s, code, sio::connect_error("/", code)),
         };
         let Some(realm) = self.gate.realms.at(admitted.device.realm).cloned() else {
             return;
         };
+        match (&auth.log_id, &realm.log_id) {
+            (None | Some(serde_json::Value::Null), _) => {}
+            (Some(serde_json::Value::String(theirs)), Some(ours)) if **theirs != **ours => {
+                // The device's cursor numbers another log (this hub was reset or
+                // replaced): refuse rather than replay from a seq of that other log; it
+                // starts this one from 0. This log's id and last seq go in `data`.
+                tracing::info!(sid = %s.id, realm = %realm.key(), since = ?admitted.since, "a device's cursor belongs to another log; it is told to start this one from 0");
+                let mut p = String::from("44{\"message\":\"log_changed\",\"data\":{\"logId\":\"");
+                p.push_str(ours);
+                p.push_str("\",\"lastSeq\":");
+                sio::push_u64(&mut p, realm.fanned_seq());
+                p.push_str("}}");
+                return refuse(s, "log_changed", p);
+            }
+            (Some(serde_json::Value::String(_)), _) => {}
+            (Some(_), _) => {
+                let code = "invalid_log_id";
+                return refuse(s, code, sio::connect_error("/", code));
+            }
+        }
         if let Some(oldest) = admitted.since.and_then(|n| realm.cursor_expired(n)) {
             // Retention deleted events after this cursor: refuse rather than replay with
             // a gap; the oldest seq still kept goes in the CONNECT_ERROR's `data`.
@@ -341,7 +357,7 @@ impl Inner {
             let mut p = String::from("44{\"message\":\"cursor_expired\",\"data\":{\"oldestSeq\":");
             sio::push_u64(&mut p, oldest);
             p.push_str("}}");
-            return send(s, p);
+            return refuse(s, "cursor_expired", p);
         }
         let entry = DeviceEntry {
             device_id: admitted.device.device_id.to_string(),
@@ -374,6 +390,15 @@ impl Inner {
             Request::Sync(arg) => sync(realm.clone(), reply_to(s, id), arg),
             Request::Bad => link::cut(s, Why::BadPacket),
         }
+    }
+}
+
+/// Sends a CONNECT_ERROR; a socket refused [`MAX_REFUSED`] times is cut.
+fn refuse(s: &Sock, code: &'static str, packet: String) {
+    crate::metrics::device_refused(code);
+    send(s, packet);
+    if s.data.refused.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REFUSED {
+        link::cut(s, Why::NoHandshake);
     }
 }
 

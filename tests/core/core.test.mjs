@@ -330,6 +330,49 @@ test("events survive a restart; SIGTERM exits 0 after acking what was sent", asy
   } finally { assert.equal(await again.stop(), 0); }
 });
 
+test("each log has an id: synced carries it across restarts; a cursor of another log is refused with log_changed", async () => {
+  const hub = await startHub({ env: PLAIN });
+  const a = connect(hub.port, { token: mint(devKey(hub), { device: "till-l" }), since: 0 });
+  const first = await a.ready;
+  assert.match(first.logId, /^[0-9a-f]{32}$/);
+  assert.equal((await a.timeout(5000).emitWithAck("event", ev("l-1"))).seq, 1);
+  a.close();
+  assert.equal(await hub.stop(), 0);
+  const again = await startHub({ dataDir: hub.dataDir, port: hub.port, env: PLAIN });
+  const other = await startHub({ env: PLAIN });
+  try {
+    const token = mint(devKey(again), { device: "till-l" });
+    const b = connect(again.port, { token, since: 0, logId: first.logId });
+    assert.deepEqual(await b.ready, { seq: 1, logId: first.logId }, "the same log after a restart");
+    assert.deepEqual(b.got.map((e) => e.id), ["l-1"]);
+    b.close();
+    // A cursor of another log (a reset or replaced hub): refused, with this log's id and
+    // last seq, before any event of this log is sent under the other log's numbers.
+    const c = io(`http://127.0.0.1:${again.port}`, { transports: ["websocket"], auth: { token, since: 5, logId: "0".repeat(32) }, reconnection: false, timeout: 5000 });
+    let events = 0;
+    c.on("event", () => events++);
+    const err = await new Promise((res, rej) => {
+      c.on("connect_error", res);
+      c.on("connect", () => rej(new Error("connected with another log's cursor")));
+      setTimeout(() => rej(new Error("no answer")), 8000);
+    });
+    c.close();
+    assert.equal(err.message, "log_changed");
+    assert.deepEqual(err.data, { logId: first.logId, lastSeq: 1 });
+    assert.equal(events, 0);
+    assert.equal(await refused(again.port, { token, logId: 7 }), "invalid_log_id");
+    // Another hub's log has another id.
+    const d = connect(other.port, { token: mint(devKey(other), { device: "till-l" }), since: 0 });
+    const theirs = await d.ready;
+    d.close();
+    assert.match(theirs.logId, /^[0-9a-f]{32}$/);
+    assert.notEqual(theirs.logId, first.logId);
+  } finally {
+    assert.equal(await again.stop(), 0);
+    assert.equal(await other.stop(), 0);
+  }
+});
+
 test("a bad setting stops start-up with one message naming the key", async () => {
   const bad = [
     [{ PORT: "99999" }, /PORT/],

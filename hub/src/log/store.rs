@@ -110,6 +110,9 @@ impl Inserter<'_> {
     }
 }
 
+/// The `meta` key of [`Store::ensure_log_id`].
+pub const LOG_ID_KEY: &str = "log_id";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events(
     seq       INTEGER PRIMARY KEY,
@@ -548,6 +551,27 @@ impl Store {
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
+    }
+
+    /// The identity of this log: 32 hex digits drawn when the database got its first
+    /// writer, kept in `meta` for its life. A factory reset or a new box starts a new
+    /// log (seqs from 1 again) with a new id; devices compare it with the one their
+    /// cursor belongs to.
+    pub fn ensure_log_id(&mut self) -> Result<String, LogError> {
+        if let Some(id) = self.meta_get(LOG_ID_KEY)? {
+            return Ok(id);
+        }
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 16];
+        ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| {
+            LogError::Thread("no randomness for the log id (getrandom failed)".into())
+        })?;
+        let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?1, ?2)",
+            [LOG_ID_KEY, &id],
+        )?;
+        Ok(self.meta_get(LOG_ID_KEY)?.unwrap_or(id))
     }
 
     pub fn meta_set(&mut self, key: &str, value: &str) -> Result<(), LogError> {
