@@ -31,7 +31,9 @@ for (const transport of ["websocket", "polling"]) {
       assert.equal(out.batch.results[1].error.code, "invalid_id");
       assert.deepEqual(out.sync.events.map((e) => e.id), ["py-1", "py-2"]);
       assert.equal(out.sync.lastSeq, 2);
-      assert.deepEqual(out.b_synced, { seq: 0 });
+      assert.equal(out.b_synced.seq, 0);
+      assert.match(out.b_synced.logId, /^[0-9a-f]{32}$/);
+      assert.deepEqual(Object.keys(out.b_synced).sort(), ["logId", "seq"]);
       assert.equal(out.b_got_fanout, true);
       assert.deepEqual(out.b_ids, ["py-1", "py-2"]);
       assert.match(JSON.stringify(out.refused), /malformed_token/, "connect_error carries the stable code");

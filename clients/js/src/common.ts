@@ -47,6 +47,23 @@ export interface Gap {
   oldestSeq: number;
 }
 
+/**
+ * The hub keeps another log than the one this device's cursor belongs to (it was factory
+ * reset, or replaced by a new box, and numbers its events from 1 again). Told to `log_changed`
+ * handlers after every event of the old log was handled and before any of the new one; the
+ * device then follows the new log from its start, so events may come again under new seqs.
+ */
+export interface LogChange {
+  /** The log the cursor belonged to (null: not known, this storage predates log ids). */
+  previousLogId: string | null;
+  /** The cursor in that log. */
+  previousCursor: number;
+  /** The hub's log, followed from seq 1 from now on. */
+  logId: string;
+  /** The last seq of the hub's log when it said so (null: not said). */
+  hubSeq: number | null;
+}
+
 export interface Status {
   /** hub: connected to a hub; cloud: no hub answered, the outbox goes to the cloud; offline: neither. */
   state: "hub" | "cloud" | "offline";

@@ -5,7 +5,7 @@
 // Platform (node.ts, browser.ts).
 import { io, Socket } from "socket.io-client";
 import {
-  Claims, Emitter, Gap, HubClientError, HubClientOptions, HubEvent, RecordOptions, RejectedEvent, Status,
+  Claims, Emitter, Gap, HubClientError, HubClientOptions, HubEvent, LogChange, RecordOptions, RejectedEvent, Status,
   REJECT_CODES, TOKEN_CODES, decodeToken, validateEvent,
 } from "./common.js";
 import { Entry, Store } from "./store.js";
@@ -281,9 +281,15 @@ export class HubClientCore extends Emitter {
     const timeout = this.opts.timeout ?? 10000;
     let since = 0;
     let ahead: Status["lastError"] = null;
+    // The log this device's cursor belongs to, as the hub said in an earlier `synced`.
+    const knownLog = typeof this.meta.logId === "string" ? this.meta.logId : undefined;
+    // Set when `synced` shows the hub keeps another log: this connection ends, the device
+    // switches to that log (see switchLog) and connects again.
+    let relog: { logId: string; hubSeq: number } | null = null;
+    let connected = false;
     const s = io(c.url, {
       transports: ["websocket"], reconnection: false, forceNew: true, timeout,
-      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: (since = Math.max(this.cursor, this.rxTop)) }),
+      auth: (cb: (a: object) => void) => cb({ token: this.opts.token, since: (since = Math.max(this.cursor, this.rxTop)), logId: knownLog }),
       ...extra,
     });
     // Listen before the handshake completes: socket.io-client emits events that arrived with
@@ -294,9 +300,21 @@ export class HubClientCore extends Emitter {
       if (typeof e?.seq === "number" && e.seq > this.rxTop) this.rxTop = e.seq;
       this.queue(e);
     });
-    s.on("synced", (m: { seq?: unknown }) => {
-      // A log that ends before the cursor is not the one this device followed (the hub was
-      // reset or replaced, its seqs start again): said, not repaired (see the README).
+    s.on("synced", (m: { seq?: unknown; logId?: unknown }) => {
+      if (live && typeof m?.logId === "string" && typeof m.seq === "number") {
+        // A hub that names its log. Refused already if it is not the known one; without a
+        // known one (a storage from before log ids), a log that ends before the cursor is
+        // not the one the cursor counts in: switch to it. Otherwise it is this device's log.
+        if ((knownLog !== undefined && m.logId !== knownLog) || (knownLog === undefined && m.seq < since)) {
+          relog = { logId: m.logId, hubSeq: m.seq };
+          live = false;
+          if (connected) s.disconnect();
+          return;
+        }
+        if (knownLog === undefined) void this.setMeta("logId", m.logId);
+      }
+      // A hub that does not name its log (an older one), whose log ends before the cursor:
+      // not the log this device followed (reset or replaced): said, not repaired.
       if (live && typeof m?.seq === "number" && m.seq < since) {
         this.fail("cursor_ahead", `${c.url}'s log ends at seq ${m.seq}, before this device's cursor ${since}: it is not the log this device followed (the hub was reset or replaced); its events up to seq ${since} are not delivered here`, { cursor: since, hubSeq: m.seq });
         ahead = this.lastError;
@@ -309,7 +327,7 @@ export class HubClientCore extends Emitter {
       s.once("connect_error", (err: Error & { data?: any }) => {
         clearTimeout(t);
         const code = err.message;
-        if (TOKEN_CODES.has(code) || code === "cursor_expired" || code === "invalid_since" || code === "shutting_down") {
+        if (TOKEN_CODES.has(code) || code === "cursor_expired" || code === "log_changed" || code === "invalid_since" || code === "shutting_down") {
           resolve(new HubClientError(code, `${c.url} refused the connection: ${code}`, err.data));
         } else {
           resolve(new HubClientError("hub_unreachable", `${c.url}: ${err.message}`));
@@ -320,6 +338,13 @@ export class HubClientCore extends Emitter {
       live = false;
       s.close();
       this.hub = c.url;
+      if (outcome.code === "log_changed") {
+        const d = outcome.data as { logId?: unknown; lastSeq?: unknown } | undefined;
+        if (typeof d?.logId === "string") {
+          await this.switchLog(c.url, d.logId, typeof d.lastSeq === "number" ? d.lastSeq : null);
+          return "again";
+        }
+      }
       if (outcome.code === "cursor_expired") {
         const oldest = Number((outcome.data as { oldestSeq?: unknown } | undefined)?.oldestSeq);
         const from = Math.max(this.cursor, this.rxTop) + 1;
@@ -344,6 +369,15 @@ export class HubClientCore extends Emitter {
       }
       return "failed";
     }
+    connected = true;
+    if (relog) {
+      // `synced` came with the CONNECT: nothing of this connection was delivered.
+      s.close();
+      this.hub = c.url;
+      const r: { logId: string; hubSeq: number } = relog;
+      await this.switchLog(c.url, r.logId, r.hubSeq);
+      return "again";
+    }
     // Connected.
     const conn = ++this.conn;
     this.socket = s;
@@ -365,7 +399,34 @@ export class HubClientCore extends Emitter {
     if (this.socket === s) this.socket = null;
     s.close();
     if (!this.stopped) this.setState("offline");
+    if (relog && !this.stopped) {
+      const r: { logId: string; hubSeq: number } = relog;
+      await this.switchLog(c.url, r.logId, r.hubSeq);
+      return "again";
+    }
     return "served";
+  }
+
+  /**
+   * The hub keeps another log than the cursor's (reset or replaced): once every event of the
+   * old log already received was handled, the `log_changed` handlers run (awaited), then the
+   * cursor goes to 0 and the new log's id is stored, in that order, so a crash in between
+   * tells the app again. The caller connects again at once, from seq 0 of the new log.
+   */
+  private async switchLog(url: string, logId: string, hubSeq: number | null) {
+    while ((this.delivering || this.rx.length) && !this.stopped) await new Promise((r) => setTimeout(r, 20));
+    if (this.stopped) return;
+    const change: LogChange = {
+      previousLogId: typeof this.meta.logId === "string" ? this.meta.logId : null,
+      previousCursor: this.cursor, logId, hubSeq,
+    };
+    this.fail("log_changed", `${url} keeps another log (${logId}) than the one this device followed up to seq ${change.previousCursor}: the hub was reset or replaced; this device now follows its log from seq 1 (events may come again under new seqs)`, change);
+    await this.handle("log_changed", change, `the change to log ${logId}`);
+    this.cursor = 0;
+    this.rxTop = 0;
+    await this.store!.resetCursor(0).catch((err) => this.fail("storage_error", `resetting the cursor: ${err.message}`));
+    await this.setMeta("logId", logId);
+    this.emitStatus(true);
   }
 
   private setMeta(key: string, value: unknown) {
@@ -473,13 +534,13 @@ export class HubClientCore extends Emitter {
   }
 
   /** Runs the `event` (or `gap`) handlers of one item, one after another, awaiting promises. */
-  private async handle(name: "event" | "gap", arg: HubEvent | Gap, what: string) {
+  private async handle(name: "event" | "gap" | "log_changed", arg: HubEvent | Gap | LogChange, what: string) {
     for (const fn of this.listenerList(name)) {
       try {
         const r = fn(arg) as any;
         if (r && typeof r.then === "function") await r;
       } catch (err) {
-        this.fail("handler_error", `${name === "event" ? "an event" : "a gap"} handler threw on ${what}: ${(err as Error)?.message ?? err}`, name === "gap" ? arg : { seq: (arg as HubEvent).seq });
+        this.fail("handler_error", `${name === "event" ? "an event" : name === "gap" ? "a gap" : "a log_changed"} handler threw on ${what}: ${(err as Error)?.message ?? err}`, name === "event" ? { seq: (arg as HubEvent).seq } : arg);
       }
     }
   }

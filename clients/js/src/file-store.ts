@@ -234,6 +234,10 @@ export class FileStore implements Store {
     return this.cursor.save(cursor);
   }
 
+  resetCursor(cursor: number): Promise<void> {
+    return this.cursor.reset(cursor);
+  }
+
   setMeta(key: string, value: unknown): Promise<void> {
     this.meta[key] = value;
     const text = JSON.stringify(this.meta);

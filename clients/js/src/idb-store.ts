@@ -179,6 +179,10 @@ export class IdbStore implements Store {
     return this.cursor.save(cursor);
   }
 
+  resetCursor(cursor: number): Promise<void> {
+    return this.cursor.reset(cursor);
+  }
+
   setMeta(key: string, value: unknown) {
     return this.put({ [key]: value }).catch(() => {});
   }

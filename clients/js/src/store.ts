@@ -38,6 +38,8 @@ export interface Store {
   dismiss(ns: number[]): Promise<void>;
   /** Persists the receive cursor (coalesced; resolves when durable). */
   saveCursor(cursor: number): Promise<void>;
+  /** Sets the cursor to `cursor`, even below the saved one (a new log); resolves when durable. */
+  resetCursor(cursor: number): Promise<void>;
   setMeta(key: string, value: unknown): Promise<void>;
   close(): Promise<void>;
 }
@@ -78,6 +80,13 @@ export class CursorWriter {
       })();
     }
     return this.writing;
+  }
+
+  /** Writes `cursor` even if lower (the device follows a new log); resolves when durable. */
+  async reset(cursor: number): Promise<void> {
+    await this.idle();
+    await this.write(cursor);
+    this.want = this.saved = cursor;
   }
 
   /** Resolves when no write is in flight (errors are the save() caller's). */

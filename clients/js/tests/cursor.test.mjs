@@ -5,7 +5,7 @@
 // till reconnects at once, receives every kept event and later live ones, and its outbox
 // reaches the hub exactly once, in record order. The outbox is sent while a `gap` handler
 // still runs, and a till killed inside its `gap` handler is told the same gap again. And a hub
-// whose log ends before the cursor (reset or replaced) is reported as cursor_ahead.
+// that keeps another log (reset or replaced) is followed from its start, told as log_changed.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
@@ -139,33 +139,102 @@ test("cursor_expired: the gap is reported in seq position, the cursor moves past
   await hub.stop();
 });
 
-test("a hub whose log ends before the cursor (reset or replaced) is reported as cursor_ahead", async () => {
+/** The meta.json files under a client's storage dir. */
+function metaFiles(dir) {
+  return fs.readdirSync(dir, { recursive: true }).filter((f) => path.basename(String(f)) === "meta.json").map((f) => path.join(dir, String(f)));
+}
+
+test("a reset or replaced hub (another log) is followed from its start: log_changed, in order, then every event of the new log", async () => {
   const hub = await startHub({ env: { TLS: "off" } });
   const url = `http://127.0.0.1:${hub.port}`;
-  const opts = { token: mint(hub.dataDir, "till-ahead"), hubs: [url], storage: { dir: path.join(tmp("sdk-ahead"), "s") }, timeout: 3000, backoffMax: 500 };
+  const dir = path.join(tmp("sdk-relog"), "s");
+  const opts = { token: mint(hub.dataDir, "till-relog"), hubs: [url], storage: { dir }, timeout: 3000, backoffMax: 500 };
+  const watch = (c) => {
+    clients.add(c);
+    const w = { log: [], errors: [] };
+    c.on("event", (e) => { w.log.push(e.id); });
+    // Awaited before any event of the new log.
+    c.on("log_changed", async (x) => { w.log.push(x); await sleep(100); });
+    c.on("error", (e) => w.errors.push(e));
+    return w;
+  };
   let c = new HubClient(opts);
-  clients.add(c);
+  let w = watch(c);
   await c.start();
-  const kitchen = await writer(url, mint(hub.dataDir, "kitchen"));
+  let kitchen = await writer(url, mint(hub.dataDir, "kitchen"));
   const seqs = await kitchen.write("a", 3);
   await until(() => c.status().cursor === seqs.at(-1), 10000, "received");
   kitchen.close();
   await c.stop();
   await hub.stop();
-  // Another hub at the same address with the same dev key, and an empty log.
-  const fresh = tmp("data");
-  fs.cpSync(path.join(hub.dataDir, "dev"), path.join(fresh, "dev"), { recursive: true });
-  const hub2 = await startHub({ dataDir: fresh, port: hub.port, env: { TLS: "off" } });
+  const logA = JSON.parse(fs.readFileSync(metaFiles(dir)[0], "utf8")).logId;
+  assert.match(logA, /^[0-9a-f]{32}$/, "the log id was stored with the cursor");
+
+  // 1. Another hub at the same address, same dev key, whose log is already LONGER than the
+  //    cursor: before log ids its events 1-3 were skipped without a word.
+  const dataB = tmp("data");
+  fs.cpSync(path.join(hub.dataDir, "dev"), path.join(dataB, "dev"), { recursive: true });
+  let hubB = await startHub({ dataDir: dataB, port: hub.port, env: { TLS: "off" } });
+  kitchen = await writer(url, mint(dataB, "kitchen"));
+  await kitchen.write("b", 5);
   c = new HubClient(opts);
-  clients.add(c);
-  const errors = [];
-  c.on("error", (e) => errors.push(e));
+  w = watch(c);
   await c.start();
-  const err = await until(() => errors.find((e) => e.code === "cursor_ahead"), 10000, "cursor_ahead reported");
-  assert.deepEqual(err.data, { cursor: seqs.at(-1), hubSeq: 0 });
-  assert.match(err.message, /reset or replaced/);
-  assert.equal(c.status().lastError?.code, "cursor_ahead");
+  await until(() => w.log.filter((x) => typeof x === "string").length === 5, 10000, "the new log from seq 1");
+  const change = w.log[0];
+  assert.equal(typeof change, "object", JSON.stringify(w.log));
+  assert.equal(change.previousLogId, logA);
+  assert.equal(change.previousCursor, seqs.at(-1));
+  assert.match(change.logId, /^[0-9a-f]{32}$/);
+  assert.notEqual(change.logId, logA);
+  assert.equal(change.hubSeq, 5);
+  assert.deepEqual(w.log.slice(1), ["b-0", "b-1", "b-2", "b-3", "b-4"]);
+  assert.deepEqual(w.errors.map((e) => e.code), ["log_changed"]);
+  assert.deepEqual(w.errors[0].data, change);
+  await kitchen.write("c", 1);
+  await until(() => w.log.at(-1) === "c-0", 10000, "live events after");
+  assert.equal(c.status().cursor, 6);
   assert.equal(c.status().state, "hub");
+  const logB = change.logId;
   await c.stop();
-  await hub2.stop();
+  // A restart on the same log: nothing again.
+  c = new HubClient(opts);
+  w = watch(c);
+  await c.start();
+  await kitchen.write("d", 1);
+  await until(() => w.log.at(-1) === "d-0", 10000, "live after a restart");
+  assert.deepEqual(w.log, ["d-0"]);
+  await c.stop();
+  kitchen.close();
+  await hubB.stop();
+
+  // 2. A storage from before log ids (no logId kept) meets a hub whose log ends before its
+  //    cursor: it switches too, told by `synced` (before this, only cursor_ahead was said).
+  for (const f of metaFiles(dir)) {
+    const m = JSON.parse(fs.readFileSync(f, "utf8"));
+    delete m.logId;
+    fs.writeFileSync(f, JSON.stringify(m));
+  }
+  const dataC = tmp("data");
+  fs.cpSync(path.join(hub.dataDir, "dev"), path.join(dataC, "dev"), { recursive: true });
+  const hubC = await startHub({ dataDir: dataC, port: hub.port, env: { TLS: "off" } });
+  c = new HubClient(opts);
+  w = watch(c);
+  await c.start();
+  await until(() => w.errors.some((e) => e.code === "log_changed"), 10000, "log_changed told");
+  const change2 = w.log[0];
+  assert.equal(change2.previousLogId, null);
+  assert.equal(change2.previousCursor, 7);
+  assert.notEqual(change2.logId, logB);
+  assert.equal(change2.hubSeq, 0);
+  kitchen = await writer(url, mint(dataC, "kitchen"));
+  await kitchen.write("e", 2);
+  await until(() => w.log.filter((x) => typeof x === "string").length === 2, 10000, "the new log's events");
+  assert.deepEqual(w.log.slice(1), ["e-0", "e-1"]);
+  assert.equal(c.status().cursor, 2);
+  assert.equal(JSON.parse(fs.readFileSync(metaFiles(dir)[0], "utf8")).logId, change2.logId);
+  assert.equal(w.errors.filter((e) => e.code === "cursor_ahead").length, 0);
+  kitchen.close();
+  await c.stop();
+  await hubC.stop();
 });

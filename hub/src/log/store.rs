@@ -859,6 +859,23 @@ mod tests {
     }
 
     #[test]
+    fn the_log_id_is_drawn_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let id = Store::open(&path).unwrap().ensure_log_id().unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        let mut again = Store::open(&path).unwrap();
+        assert_eq!(again.ensure_log_id().unwrap(), id);
+        assert_eq!(again.ensure_log_id().unwrap(), id);
+        let other = Store::open(&dir.path().join("other.db"))
+            .unwrap()
+            .ensure_log_id()
+            .unwrap();
+        assert_ne!(other, id);
+    }
+
+    #[test]
     fn corrupt_file_is_reported_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.db");
