@@ -480,6 +480,9 @@ struct Status {
 struct RealmStatus {
     tenant_id: String,
     store_id: String,
+    /// The log's identity (devices get it in `synced`); new after a factory reset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_id: Option<String>,
     last_seq: u64,
     outbox_depth: u64,
     pushed_cursor: u64,
@@ -548,6 +551,7 @@ fn build_status(web: &Web, all: bool, one: Option<&str>) -> Status {
             RealmStatus {
                 tenant_id: r.cfg.tenant_id.clone(),
                 store_id: r.cfg.store_id.clone(),
+                log_id: r.log_id.as_deref().map(str::to_string),
                 last_seq: r.stats.last_seq.load(Ordering::Relaxed),
                 outbox_depth: r.stats.lan_events.load(Ordering::Relaxed).saturating_sub(
                     web.bridge(r).map(|b| b.pushed_lan.load(Ordering::Relaxed)).unwrap_or(0),

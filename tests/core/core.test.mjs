@@ -359,6 +359,8 @@ test("each log has an id: synced carries it across restarts; a cursor of another
     c.close();
     assert.equal(err.message, "log_changed");
     assert.deepEqual(err.data, { logId: first.logId, lastSeq: 1 });
+    const st = JSON.parse((await httpGet(again.port, "/status")).body);
+    assert.equal(st.realms[0].logId, first.logId, "/status names the log too");
     assert.equal(events, 0);
     assert.equal(await refused(again.port, { token, logId: 7 }), "invalid_log_id");
     // Another hub's log has another id.
