@@ -761,10 +761,8 @@ impl FanOut {
         synced.push_str("{\"seq\":");
         sio::push_u64(&mut synced, head);
         if let Some(id) = &self.log_id {
-            // 32 hex digits: nothing to escape.
-            synced.push_str(",\"logId\":\"");
-            synced.push_str(id);
-            synced.push('"');
+            synced.push_str(",\"logId\":");
+            crate::log::event::push_json_str(&mut synced, id);
         }
         synced.push('}');
         sio::event_end(&mut synced);

@@ -337,9 +337,9 @@ impl Inner {
                 // replaced): refuse rather than replay from a seq of that other log; it
                 // starts this one from 0. This log's id and last seq go in `data`.
                 tracing::info!(sid = %s.id, realm = %realm.key(), since = ?admitted.since, "a device's cursor belongs to another log; it is told to start this one from 0");
-                let mut p = String::from("44{\"message\":\"log_changed\",\"data\":{\"logId\":\"");
-                p.push_str(ours);
-                p.push_str("\",\"lastSeq\":");
+                let mut p = String::from("44{\"message\":\"log_changed\",\"data\":{\"logId\":");
+                push_json_str(&mut p, ours);
+                p.push_str(",\"lastSeq\":");
                 sio::push_u64(&mut p, realm.fanned_seq());
                 p.push_str("}}");
                 return refuse(s, "log_changed", p);
