@@ -645,7 +645,7 @@ fn sync_req(json: &str) -> Result<SyncReq, EventError> {
     serde_json::from_str(json).map_err(|_| EventError::Invalid)
 }
 
-/// `sync {since, limit}` -> `{ok, events:[..], lastSeq}`: one page on request.
+/// `sync {since, limit}` -> `{ok, events:[..], lastSeq, logId}`: one page on request.
 fn sync(
     realm: Arc<crate::realm::Realm>,
     reply: AckReply,
@@ -685,6 +685,10 @@ fn sync(
         }
         out.push_str("],\"lastSeq\":");
         sio::push_u64(&mut out, realm.fanned_seq());
+        if let Some(id) = &realm.log_id {
+            out.push_str(",\"logId\":");
+            push_json_str(&mut out, id);
+        }
         out.push('}');
         reply.send_json(&out);
     });

@@ -31,6 +31,7 @@ for (const transport of ["websocket", "polling"]) {
       assert.equal(out.batch.results[1].error.code, "invalid_id");
       assert.deepEqual(out.sync.events.map((e) => e.id), ["py-1", "py-2"]);
       assert.equal(out.sync.lastSeq, 2);
+      assert.equal(out.sync.logId, out.b_synced.logId, "sync names the same log as synced");
       assert.equal(out.b_synced.seq, 0);
       assert.match(out.b_synced.logId, /^[0-9a-f]{32}$/);
       assert.deepEqual(Object.keys(out.b_synced).sort(), ["logId", "seq"]);
