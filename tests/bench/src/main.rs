@@ -738,7 +738,7 @@ async fn throughput(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = hub.cpu_us() - cpu0;
+    let cpu = hub.cpu_us().saturating_sub(cpu0);
     let allocs1 = hub.metric("poshub_heap_allocations_total").await;
     let commits1 = hub.metric("poshub_commit_batch_events_count").await;
     let eps = total.acked as f64 / secs;
@@ -866,7 +866,10 @@ async fn fanout(a: &Args, spec: &HubSpec, report: &mut Vec<(String, String)>, fi
     for r in readers {
         let _ = r.await;
     }
-    let (hub_cpu, gen_cpu) = (hub.cpu_us() - hub0, proc_cpu_us("self") - gen0);
+    let (hub_cpu, gen_cpu) = (
+        hub.cpu_us().saturating_sub(hub0),
+        proc_cpu_us("self").saturating_sub(gen0),
+    );
     let mut s = samples.lock().unwrap().clone();
     let expected = count * (n as u64 - 1);
     let p99 = pct(&mut s, 99.0);
